@@ -1,0 +1,164 @@
+"""Inference on whole CT volumes, and the MLflow pyfunc that carries a model with its preprocessing.
+
+The model metadata (`liverseg.json` beside the weights) holds everything inference needs: encoder,
+input channels, HU window, standardisation mean/std, input size, classes, orientation.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from liverseg.lits import from_canonical, to_canonical, to_hu_int16
+from liverseg.metrics import largest_component
+from liverseg.model import build_model
+from liverseg.transforms import standardise, window01
+
+META_FILE = "liverseg.json"
+WEIGHTS_FILE = "weights.pt"
+META_VERSION = 1
+
+
+@dataclass
+class LoadedModel:
+    net: torch.nn.Module
+    meta: dict[str, Any]
+    device: torch.device
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device: '{name}' is not a device; valid: auto, cpu, cuda, cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device here; use auto or cpu")
+    return dev
+
+
+def load_local(model_dir: str | Path, device: str = "auto") -> LoadedModel:
+    """Load weights + metadata written by `save_local` (weights_only: no pickled code is run)."""
+    model_dir = Path(model_dir)
+    meta = json.loads((model_dir / META_FILE).read_text())
+    net = build_model(meta["encoder"], "none", meta["in_channels"])
+    net.load_state_dict(torch.load(model_dir / WEIGHTS_FILE, map_location="cpu", weights_only=True))
+    dev = resolve_device(device)
+    return LoadedModel(net.to(dev).eval(), meta, dev)
+
+
+def save_local(model_dir: str | Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, model_dir / WEIGHTS_FILE)
+    (model_dir / META_FILE).write_text(json.dumps({"meta_version": META_VERSION, **meta}, indent=2))
+
+
+def model_inputs(image_zhw: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
+    """(Z, H, W) HU at model size -> (Z, C, H, W) standardised float, neighbours as channels if C=3."""
+    x = standardise(window01(image_zhw, meta["window"]), meta["mean"], meta["std"])
+    if meta["in_channels"] == 3:
+        z = x.shape[0]
+        idx = torch.arange(z, device=x.device)
+        x = torch.stack([x[(idx - 1).clamp(0, z - 1)], x, x[(idx + 1).clamp(max=z - 1)]], 1)
+    else:
+        x = x[:, None]
+    return x
+
+
+@torch.no_grad()
+def liver_probability(lm: LoadedModel, image_zhw: np.ndarray | torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """Liver probability per slice: (Z, H, W) int16 HU at model size -> (Z, H, W) float32 on lm.device."""
+    img = torch.as_tensor(image_zhw).to(lm.device)
+    x = model_inputs(img, lm.meta)
+    use_bf16 = lm.device.type == "cuda"
+    out = []
+    for i in range(0, x.shape[0], batch):
+        xb = x[i : i + batch].contiguous(memory_format=torch.channels_last)
+        with torch.autocast(lm.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            logits = lm.net(xb)
+        out.append(logits.float().softmax(1)[:, 1])
+    return torch.cat(out) if out else torch.zeros((0, *img.shape[1:]), device=lm.device)
+
+
+def segment_canonical(lm: LoadedModel, image_zyx: np.ndarray, lcc: bool = True, batch: int = 64) -> np.ndarray:
+    """(Z, Y, X) int16 HU in canonical orientation, any in-plane size -> (Z, Y, X) uint8 liver mask."""
+    from liverseg.ingest import resize_slices
+
+    size = tuple(lm.meta["size"])
+    small = resize_slices(image_zyx, size, is_mask=False)
+    prob = liver_probability(lm, small, batch)
+    if prob.shape[1:] != image_zyx.shape[1:]:  # probabilities, not labels, are resampled back
+        prob = F.interpolate(prob[:, None], size=image_zyx.shape[1:], mode="bilinear", align_corners=False)[:, 0]
+    mask = (prob > 0.5).cpu().numpy()
+    if lcc and mask.any():
+        mask = largest_component(mask)
+    return mask.astype(np.uint8)
+
+
+def segment_volume(lm: LoadedModel, volume: np.ndarray, affine: np.ndarray, lcc: bool = True, batch: int = 64) -> np.ndarray:
+    """A CT volume on its own grid, any orientation: (X, Y, Z) HU + 4x4 affine -> (X, Y, Z) uint8 mask."""
+    if volume.ndim != 3:
+        raise ValueError(f"volume must be 3-D, got shape {volume.shape}")
+    image, _ = to_canonical(to_hu_int16(np.asarray(volume)), np.asarray(affine, dtype=np.float64))
+    return from_canonical(segment_canonical(lm, image, lcc, batch), affine)
+
+
+class LiverSegPyfunc:
+    """MLflow pyfunc: predict({"volume": (X, Y, Z) HU, "affine": (4, 4)}) -> (X, Y, Z) uint8 mask."""
+
+    def load_context(self, context: Any) -> None:
+        self.lm = load_local(Path(context.artifacts["model_dir"]))
+
+    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> np.ndarray:
+        if isinstance(model_input, dict):
+            volume, affine = model_input["volume"], model_input.get("affine", np.eye(4))
+        else:  # a bare array: identity affine
+            volume, affine = np.asarray(model_input), np.eye(4)
+        lcc = bool((params or {}).get("lcc", True))
+        return segment_volume(self.lm, np.asarray(volume, dtype=np.float32), np.asarray(affine, dtype=np.float64), lcc)
+
+
+def log_pyfunc(model_dir: str | Path, name: str = "model") -> Any:
+    """Log a saved model directory as an MLflow pyfunc in the active run; returns mlflow's ModelInfo."""
+    import mlflow
+    import mlflow.pyfunc
+    from mlflow.models import ModelSignature
+    from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
+
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1), "volume"), TensorSpec(np.dtype(np.float64), (4, 4), "affine")]),
+        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]),
+        params=ParamSchema([ParamSpec("lcc", "boolean", True)]),
+    )
+    example = {"volume": np.full((16, 16, 2), -100.0, np.float32), "affine": np.eye(4)}
+    return mlflow.pyfunc.log_model(
+        name=name,
+        python_model=LiverSegPythonModel(),
+        artifacts={"model_dir": str(model_dir)},
+        signature=signature,
+        input_example=example,
+        code_paths=[str(Path(__file__).parent)],
+        pip_requirements=_requirements(),
+    )
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    pkgs = ["torch", "segmentation-models-pytorch", "timm", "numpy", "scipy", "nibabel", "mlflow", "zarr"]
+    return [f"{p}=={version(p)}" for p in pkgs]
+
+
+import mlflow.pyfunc  # noqa: E402  (module-level class: pickled by reference, loaded from code_paths)
+
+
+class LiverSegPythonModel(LiverSegPyfunc, mlflow.pyfunc.PythonModel):
+    pass

@@ -1,0 +1,217 @@
+"""Ingest: LiTS NIfTI folder -> Zarr v3 slice store, parallel over volumes, incremental, atomic per case.
+
+A case is written into a hidden temporary group and renamed into `cases/<id>` only when complete, so
+an interrupted ingest (Ctrl-C, SIGKILL) leaves no half-written case; the next run finishes the job.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import uuid
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import zarr
+from tqdm import tqdm
+from zarr.codecs import BloscCodec
+
+from liverseg import __version__
+from liverseg.config import IngestConfig
+from liverseg.lits import CasePaths, InputError, discover, read_case, sha256_file
+from liverseg.store import FORMAT, FORMAT_VERSION, SliceStore, StoreError, array_sha256, split_cases
+
+TMP_PREFIX = ".tmp-"
+COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")  # ~3x on CT, fast to decode
+
+
+@dataclass
+class IngestReport:
+    store: str
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # case id (or file) -> one-line reason
+    splits: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def resize_slices(vol: np.ndarray, size: tuple[int, int], is_mask: bool) -> np.ndarray:
+    """Resize (Z, H, W) in-plane to (Z, *size): antialiased bilinear for HU, nearest for labels."""
+    import torch
+    import torch.nn.functional as F
+
+    if vol.shape[1:] == tuple(size):
+        return vol
+    t = torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32))[:, None]
+    if is_mask:
+        out = F.interpolate(t, size=size, mode="nearest-exact")
+        return out[:, 0].to(torch.uint8).numpy()
+    out = F.interpolate(t, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return out[:, 0].round().clamp(-32768, 32767).to(torch.int16).numpy()
+
+
+def _write_array(group: zarr.Group, name: str, data: np.ndarray, shard_slices: int) -> None:
+    z, h, w = data.shape
+    group.create_array(
+        name,
+        shape=data.shape,
+        dtype=data.dtype,
+        chunks=(1, h, w),
+        shards=(min(shard_slices, z), h, w),
+        compressors=COMPRESSOR,
+        dimension_names=("z", "y", "x"),
+        fill_value=0,
+    )[:] = data
+
+
+def ingest_case(case: CasePaths, cases_dir: str, size: tuple[int, int], shard_slices: int) -> tuple[str, int]:
+    """Read, validate, resize and atomically write one case. Returns (case id, slices)."""
+    import torch
+
+    torch.set_num_threads(1)  # one process per volume already fills the cores
+    vol = read_case(case)
+    image = resize_slices(vol.image, size, is_mask=False)
+    mask = resize_slices(vol.mask, size, is_mask=True)
+    final = Path(cases_dir) / case.case_id
+    tmp = Path(cases_dir) / f"{TMP_PREFIX}{case.case_id}-{uuid.uuid4().hex[:8]}"
+    try:
+        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        _write_array(group, "image", image, shard_slices)
+        _write_array(group, "mask", mask, shard_slices)
+        zoom = [vol.image.shape[1] / size[0], vol.image.shape[2] / size[1]]
+        group.attrs.update(
+            {
+                "case_id": case.case_id,
+                "source_volume": case.volume.name,
+                "source_segmentation": case.segmentation.name,
+                "volume_sha256": vol.sha256,
+                "segmentation_sha256": vol.mask_sha256,
+                "size": list(size),
+                "original_shape": list(vol.shape),
+                "canonical_shape_zyx": list(vol.image.shape),
+                "spacing_mm": list(vol.spacing),
+                "stored_spacing_mm_zyx": [vol.spacing[2], vol.spacing[1] * zoom[0], vol.spacing[0] * zoom[1]],
+                "affine": vol.affine.tolist(),
+                "canonical_affine": vol.canonical_affine.tolist(),
+                "liver_voxels": int((mask >= 1).sum()),
+                "image_sha256": array_sha256(image),
+                "mask_sha256": array_sha256(mask),
+            }
+        )
+        trash = None
+        if final.exists():
+            trash = final.with_name(f"{TMP_PREFIX}old-{case.case_id}-{uuid.uuid4().hex[:8]}")
+            os.rename(final, trash)
+        os.rename(tmp, final)
+        if trash:
+            shutil.rmtree(trash, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return case.case_id, int(image.shape[0])
+
+
+def _is_current(root: zarr.Group, case: CasePaths, size: tuple[int, int]) -> bool:
+    """True when the stored case was built from these exact files at this size."""
+    try:
+        attrs = root[f"cases/{case.case_id}"].attrs
+    except (KeyError, FileNotFoundError):
+        return False
+    return (
+        attrs.get("size") == list(size)
+        and attrs.get("volume_sha256") == sha256_file(case.volume)
+        and case.segmentation is not None
+        and attrs.get("segmentation_sha256") == sha256_file(case.segmentation)
+    )
+
+
+def ingest(raw: str | Path, store: str | Path, cfg: IngestConfig, progress: bool = True) -> IngestReport:
+    """Convert every valid case of a LiTS folder into the store; bad cases are reported, not fatal.
+
+    The store must be a local path (shards are renamed into place); copy it to object storage after.
+    """
+    store_path = Path(store)
+    report = IngestReport(store=str(store_path))
+    cases, errors = discover(raw)
+    for line in errors:
+        report.failed[line.split(":")[0]] = line
+    root = zarr.open_group(str(store_path), mode="a", zarr_format=3)
+    if root.attrs.get("format", FORMAT) != FORMAT:
+        raise StoreError(f"{store_path}: exists and is not a {FORMAT} store")
+    cases_dir = store_path / "cases"
+    root.require_group("cases")
+    for leftover in cases_dir.glob(f"{TMP_PREFIX}*"):  # from an interrupted run
+        shutil.rmtree(leftover, ignore_errors=True)
+
+    slices: dict[str, int] = dict(root.attrs.get("case_slices", {}))
+    todo = []
+    for case in cases:
+        if case.segmentation is None:
+            report.failed[case.case_id] = f"{case.volume.name}: missing segmentation-{case.case_id}.nii[.gz]"
+        elif case.case_id in slices and _is_current(root, case, cfg.size):
+            report.skipped.append(case.case_id)
+        else:
+            todo.append(case)
+
+    done: dict[str, int] = {cid: slices[cid] for cid in report.skipped}
+    if todo:
+        ctx = mp.get_context("spawn")  # fork after torch/zarr threads exist can deadlock
+        with ProcessPoolExecutor(max_workers=min(cfg.workers, len(todo)), mp_context=ctx) as pool:
+            futures = {
+                pool.submit(ingest_case, c, str(cases_dir), cfg.size, cfg.shard_slices): c for c in todo
+            }
+            bar = tqdm(total=len(todo), desc="ingest", unit="vol", disable=not progress, file=sys.stderr)
+            try:
+                for fut in as_completed(futures):
+                    case = futures[fut]
+                    try:
+                        cid, z = fut.result()
+                        done[cid] = z
+                        report.written.append(cid)
+                    except InputError as e:
+                        report.failed[case.case_id] = str(e)
+                    except Exception as e:  # one bad volume never loses the good ones
+                        report.failed[case.case_id] = f"{case.volume.name}: {type(e).__name__}: {e}"
+                    bar.update()
+            except KeyboardInterrupt:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+            finally:
+                bar.close()
+
+    present = {c.case_id for c in cases}
+    for stale in set(slices) - present:  # source removed: the store follows the raw folder
+        shutil.rmtree(cases_dir / stale, ignore_errors=True)
+    ordered = sorted(done, key=lambda c: (len(c), c))
+    report.splits = split_cases(ordered, cfg.split.fractions, cfg.split.seed)
+    report.written.sort(key=lambda c: (len(c), c))
+    root.attrs.update(
+        {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "size": list(cfg.size),
+            "cases": ordered,
+            "case_slices": {c: done[c] for c in ordered},
+            "splits": report.splits,
+            "split_seed": cfg.split.seed,
+            "split_fractions": list(cfg.split.fractions),
+            "orientation": "RAS",
+            "axes": ["z", "y", "x"],
+            "units": "HU",
+            "labels": {"0": "background", "1": "liver", "2": "tumour"},
+            "liverseg_version": __version__,
+        }
+    )
+    return report
+
+
+def verify(store: str) -> dict[str, str]:
+    """Check every case of a store against its recorded hashes; {case: problem} (empty when sound)."""
+    return SliceStore(store).verify()

@@ -1,0 +1,193 @@
+"""LiTS reader: discover `volume-N` / `segmentation-N` NIfTI pairs, validate them, reorient to RAS.
+
+Canonical orientation is RAS+ (nibabel's closest canonical): array axes (x, y, z) increase towards
+world +R, +A, +S. Arrays are then held as (Z, Y, X), so Z is
+the axial axis (inferior -> superior) and each slice is (H=Y, W=X). The file's own affine is kept so
+that masks can be written back on the input's grid.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import re
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
+
+NAME = re.compile(r"^(volume|segmentation)-(\w+)\.nii(\.gz)?$")
+RAS = axcodes2ornt(("R", "A", "S"))
+AFFINE_TOL = 1e-3  # mm; scanners write affines with float32 rounding
+
+
+class InputError(ValueError):
+    """A NIfTI file is unusable; the message is one line naming the file and the reason."""
+
+
+@dataclass
+class CasePaths:
+    case_id: str
+    volume: Path
+    segmentation: Path | None
+
+
+@dataclass
+class CTVolume:
+    """A CT volume in canonical orientation.
+
+    image: (Z, Y, X) int16 HU; affine: the file's own 4x4 (mm); canonical_affine: RAS+ 4x4 of the
+    (X, Y, Z) canonical array; shape: the file's own 3-D shape; spacing: canonical (x, y, z) mm.
+    """
+
+    image: np.ndarray
+    affine: np.ndarray
+    canonical_affine: np.ndarray
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    sha256: str
+    mask: np.ndarray | None = None  # (Z, Y, X) uint8 {0,1,2}
+    mask_sha256: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def discover(raw_dir: str | Path) -> tuple[list[CasePaths], list[str]]:
+    """Find LiTS pairs in a folder. Returns (cases sorted by id, one error line per bad case)."""
+    raw = Path(raw_dir)
+    if not raw.is_dir():
+        raise InputError(f"{raw}: not a folder")
+    found: dict[str, dict[str, list[Path]]] = {}
+    for p in sorted(raw.iterdir()):
+        m = NAME.match(p.name)
+        if m:
+            found.setdefault(m.group(2), {}).setdefault(m.group(1), []).append(p)
+    cases, errors = [], []
+    for cid in sorted(found, key=lambda c: (len(c), c)):
+        kinds = found[cid]
+        dup = [ps for ps in kinds.values() if len(ps) > 1]
+        if dup:
+            errors.append(f"{dup[0][0].name}: duplicate case id {cid} ({', '.join(p.name for p in dup[0])})")
+            continue
+        if "volume" not in kinds:
+            errors.append(f"{kinds['segmentation'][0].name}: segmentation without volume-{cid}")
+            continue
+        seg = kinds.get("segmentation", [None])[0]
+        cases.append(CasePaths(cid, kinds["volume"][0], seg))
+    return cases, errors
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_nifti(path: Path | str, data: bytes | None = None) -> nib.Nifti1Image:
+    """Open a NIfTI-1/2 file (or its bytes) and check it is a usable 3-D image, squeezing trailing 1s."""
+    name = Path(path).name
+    try:
+        if data is None:
+            if Path(path).stat().st_size == 0:
+                raise InputError(f"{name}: empty file")
+            img = nib.load(str(path))
+        else:
+            if not data:
+                raise InputError(f"{name}: empty file")
+            raw = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+            img = nib.Nifti1Image.from_bytes(raw)
+    except InputError:
+        raise
+    except (EOFError, OSError, zlib.error, gzip.BadGzipFile) as e:
+        raise InputError(f"{name}: cannot decode ({type(e).__name__}: {e})") from None
+    except Exception as e:  # nibabel raises several types for non-NIfTI input
+        raise InputError(f"{name}: not a NIfTI file ({e})") from None
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise InputError(f"{name}: not a NIfTI file ({type(img).__name__})")
+    shape = img.shape
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) == 4:
+        raise InputError(f"{name}: 4-D image holding {shape[3]} volumes; expected one 3-D volume")
+    if len(shape) != 3:
+        raise InputError(f"{name}: {len(shape)}-D image of shape {tuple(shape)}; expected 3-D")
+    if min(shape) < 1:
+        raise InputError(f"{name}: empty shape {tuple(shape)}")
+    return img
+
+
+def _array(img: nib.Nifti1Image, name: str, integer_dtype: bool) -> np.ndarray:
+    """Read voxels with scl_slope/scl_inter applied; int16 HU for images, raw values for labels."""
+    proxy = img.dataobj
+    slope, inter = getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0)
+    try:
+        if integer_dtype and slope == 1 and inter == 0 and np.issubdtype(img.get_data_dtype(), np.integer):
+            arr = np.asanyarray(proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else proxy)
+        else:
+            arr = np.asarray(img.get_fdata(dtype=np.float32))
+    except (EOFError, OSError, zlib.error, ValueError) as e:
+        raise InputError(f"{name}: cannot decode voxel data ({type(e).__name__}: {e})") from None
+    arr = arr.reshape(arr.shape[:3])
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise InputError(f"{name}: {int((~np.isfinite(arr)).sum())} non-finite voxels (NaN/inf)")
+    return arr
+
+
+def to_canonical(arr: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(X, Y, Z) array in the file's orientation -> ((Z, Y, X) RAS+ array, RAS+ affine of (X, Y, Z))."""
+    t = ornt_transform(io_orientation(affine), RAS)
+    canon = apply_orientation(arr, t)
+    canon_affine = affine @ inv_ornt_aff(t, arr.shape)
+    return np.ascontiguousarray(canon.transpose(2, 1, 0)), canon_affine
+
+
+def from_canonical(arr_zyx: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Inverse of `to_canonical`: (Z, Y, X) RAS+ array -> array on the grid of the file with `affine`."""
+    t = ornt_transform(RAS, io_orientation(affine))
+    return np.ascontiguousarray(apply_orientation(arr_zyx.transpose(2, 1, 0), t))
+
+
+def to_hu_int16(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype == np.int16:
+        return arr
+    return np.clip(np.rint(arr), -32768, 32767).astype(np.int16)
+
+
+def read_volume(path: Path | str, data: bytes | None = None) -> CTVolume:
+    """Read one CT volume (file or bytes) into canonical int16 HU."""
+    path = Path(path)
+    img = load_nifti(path, data)
+    arr = _array(img, path.name, integer_dtype=True)
+    affine = img.affine.astype(np.float64)
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise InputError(f"{path.name}: affine is singular or not finite")
+    image, canon_affine = to_canonical(to_hu_int16(arr), affine)
+    spacing = tuple(float(s) for s in np.sqrt((canon_affine[:3, :3] ** 2).sum(0)))
+    digest = hashlib.sha256(data).hexdigest() if data is not None else sha256_file(path)
+    return CTVolume(image, affine, canon_affine, tuple(int(s) for s in arr.shape), spacing, digest)
+
+
+def read_case(case: CasePaths) -> CTVolume:
+    """Read and validate a volume with its segmentation (labels {0,1,2}, same grid)."""
+    if case.segmentation is None:
+        raise InputError(f"{case.volume.name}: missing segmentation-{case.case_id}.nii[.gz]")
+    vol = read_volume(case.volume)
+    seg_name = case.segmentation.name
+    seg_img = load_nifti(case.segmentation)
+    seg = _array(seg_img, seg_name, integer_dtype=False)
+    if tuple(seg.shape) != vol.shape:
+        raise InputError(f"{seg_name}: shape {tuple(seg.shape)} differs from {case.volume.name} {vol.shape}")
+    if not np.allclose(seg_img.affine, vol.affine, atol=AFFINE_TOL):
+        diff = float(np.abs(seg_img.affine - vol.affine).max())
+        raise InputError(f"{seg_name}: affine differs from {case.volume.name} by {diff:.3g} mm (> {AFFINE_TOL})")
+    labels = np.unique(seg)
+    bad = [int(v) if float(v).is_integer() else v for v in labels.tolist() if v not in (0, 1, 2)]
+    if bad:
+        raise InputError(f"{seg_name}: labels {bad[:5]} outside {{0, 1, 2}}")
+    vol.mask, _ = to_canonical(seg.astype(np.uint8), vol.affine)
+    vol.mask_sha256 = sha256_file(case.segmentation)
+    return vol

@@ -1,0 +1,64 @@
+"""U-Net factory (segmentation-models-pytorch): encoder by name, weights by name or local file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+NUM_CLASSES = 2  # background, liver (label >= 1); softmax over these
+
+
+class ModelError(ValueError):
+    """Unknown encoder or unusable weights; the message lists the valid choices."""
+
+
+def encoder_names() -> list[str]:
+    import segmentation_models_pytorch as smp
+
+    return sorted(smp.encoders.get_encoder_names())
+
+
+def build_model(encoder: str = "resnet50", encoder_weights: str = "none", in_channels: int = 1) -> torch.nn.Module:
+    """smp.Unet with `NUM_CLASSES` outputs. Input (N, in_channels, H, W) float, H and W multiples of 32.
+
+    encoder_weights: 'imagenet' (downloaded once; needs a network), 'none', or a path to a state dict of
+    the encoder (.pt/.pth, loaded with weights_only=True).
+    """
+    import segmentation_models_pytorch as smp
+
+    names = encoder_names()
+    if encoder not in names:
+        raise ModelError(f"model.encoder: unknown encoder '{encoder}'; valid: {', '.join(names)}")
+    local = None
+    if encoder_weights in ("none", "", None):
+        weights = None
+    elif encoder_weights == "imagenet":
+        weights = "imagenet"
+    else:
+        local = Path(encoder_weights)
+        if not local.is_file():
+            raise ModelError(
+                f"model.encoder_weights: '{encoder_weights}' is neither 'imagenet', 'none' nor an existing file"
+            )
+        weights = None
+    try:
+        model = smp.Unet(encoder_name=encoder, encoder_weights=weights, in_channels=in_channels, classes=NUM_CLASSES)
+    except Exception as e:
+        if weights == "imagenet":
+            raise ModelError(
+                f"model.encoder_weights=imagenet: cannot fetch {encoder} weights ({type(e).__name__}); "
+                "use 'none' or a local file when offline"
+            ) from None
+        raise
+    if local is not None:
+        state = torch.load(local, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+        own = model.encoder.state_dict()
+        for k, v in list(state.items()):  # ImageNet RGB stem -> grey stem: sum over channels, as smp does
+            if k in own and v.ndim == 4 and v.shape[1] != own[k].shape[1] and own[k].shape[1] == in_channels:
+                state[k] = v.sum(1, keepdim=True).repeat(1, in_channels, 1, 1) / in_channels
+        missing, unexpected = model.encoder.load_state_dict(state, strict=False)
+        if len(missing) == len(own):
+            raise ModelError(f"model.encoder_weights: {local} holds no weights of encoder '{encoder}'")
+    return model

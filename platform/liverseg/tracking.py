@@ -1,0 +1,107 @@
+"""MLflow plumbing: tracking URI, fail-fast reachability, lineage tags, run lookup by key.
+
+MLflow is imported here and in the stage modules that log (train, tune, registry); the math is not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RUN_KEY = "liverseg.run_key"  # tag that makes runs findable again (resume, no duplicates)
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be reached or written; one line naming the URI."""
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI when set (MLflow's own convention), else ./mlflow.db (SQLite)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def check_tracking(uri: str, timeout_s: float = 10.0) -> None:
+    """Fail in seconds, before any training, when the tracking store is unusable.
+
+    For SQLite this also creates the schema once, so that parallel workers do not race on it.
+    """
+    if uri.startswith(("http://", "https://")):
+        import requests
+
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=timeout_s).raise_for_status()
+        except Exception as e:
+            raise TrackingError(f"MLflow tracking server {uri} is not reachable: {type(e).__name__}") from None
+        return
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as e:
+        raise TrackingError(f"MLflow tracking store {uri} is not usable: {type(e).__name__}: {e}") from None
+
+
+def experiment_id(client: Any, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:  # created by a concurrent process meanwhile
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def find_run(client: Any, exp_id: str, key: str) -> Any | None:
+    """The newest run tagged with RUN_KEY == key, or None."""
+    runs = client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY}` = '{key}'", max_results=1, order_by=["attributes.start_time DESC"])
+    return runs[0] if runs else None
+
+
+def git_commit(cwd: str | Path | None = None) -> str:
+    """HEAD commit, with '-dirty' when tracked files changed; 'unknown' outside git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=cwd, capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def dvc_hash(path: str | Path, lock: str | Path = "dvc.lock") -> str:
+    """The md5 DVC recorded for `path` as a stage output in dvc.lock (or 'untracked')."""
+    lock = Path(lock)
+    if not lock.exists():
+        return "untracked"
+    target = os.path.normpath(os.path.relpath(Path(path).resolve(), lock.resolve().parent))
+    for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
+        for out in stage.get("outs", []):
+            if os.path.normpath(out.get("path", "")) == target:
+                return str(out.get("md5", "untracked"))
+    return "untracked"
+
+
+def store_digest(store_attrs: dict[str, Any], case_attrs: dict[str, dict[str, Any]]) -> str:
+    """Content hash of a slice store: size, splits and every case's array hashes."""
+    body = {
+        "size": store_attrs["size"],
+        "splits": store_attrs["splits"],
+        "cases": {c: [a["image_sha256"], a["mask_sha256"]] for c, a in sorted(case_attrs.items())},
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def config_hash(flat: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def versions() -> dict[str, str]:
+    import ray
+    import torch
+
+    return {"ray_version": ray.__version__, "torch_version": torch.__version__}

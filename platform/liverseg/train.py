@@ -1,0 +1,225 @@
+"""Train: a ResNet-50 U-Net on Ray Train from the slice store, one MLflow run per training.
+
+The driver opens (or re-opens, on resume) the MLflow run, computes the training split's
+normalisation statistics, shares the cases over the workers and starts a TorchTrainer; rank 0 logs
+per-epoch metrics; afterwards the driver logs the best model as a pyfunc with its preprocessing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from liverseg.config import TrainConfig, to_flat_dict
+from liverseg.data import assign_cases, norm_stats
+from liverseg.store import FORMAT_VERSION, SliceStore
+from liverseg.tracking import (
+    RUN_KEY,
+    check_tracking,
+    config_hash,
+    dvc_hash,
+    experiment_id,
+    find_run,
+    git_commit,
+    store_digest,
+    tracking_uri,
+    versions,
+)
+from liverseg.train_loop import BEST_FILE, worker_loop
+
+MODEL_NAME = "model"
+
+
+class TrainError(RuntimeError):
+    """Training cannot start or did not finish; one line saying why."""
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    run_name: str
+    best_val_dice: float
+    best_epoch: int
+    model_uri: str
+    resumed_finished: bool = False
+
+
+def storage_path(cfg: TrainConfig) -> str:
+    """Ray storage must be absolute or a URI; a relative path is taken from the working directory."""
+    p = cfg.run.storage_path or "ray_results"
+    return p if "://" in p else str(Path(p).expanduser().resolve())
+
+
+def ensure_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(log_to_driver=True)
+
+
+def lineage_tags(store: SliceStore, store_path: str) -> dict[str, str]:
+    commit = git_commit()
+    digest = store_digest(store.attrs, {c: store.case_attrs(c) for c in store.cases})
+    return {
+        "git_commit": commit,
+        "mlflow.source.git.commit": commit,
+        "dvc_store_md5": dvc_hash(store_path) if "://" not in store_path else "remote",
+        "store_path": store_path,
+        "store_digest": digest,
+        "format_version": str(FORMAT_VERSION),
+        **versions(),
+    }
+
+
+def model_meta(cfg: TrainConfig, store: SliceStore, stats: dict[str, float]) -> dict[str, Any]:
+    """What inference needs besides the weights."""
+    return {
+        "encoder": cfg.model.encoder,
+        "in_channels": cfg.model.in_channels,
+        "classes": ["background", "liver"],
+        "window": list(cfg.data.window),
+        "mean": stats["mean"],
+        "std": stats["std"],
+        "size": list(store.size),
+        "orientation": "RAS",
+        "units": "HU",
+        "lcc": True,
+    }
+
+
+def _open_run(client, cfg: TrainConfig, key: str, name: str, tags: dict[str, str], parent_run_id: str | None):
+    exp = experiment_id(client, cfg.run.experiment)
+    existing = find_run(client, exp, key)
+    if existing is not None:
+        return existing, True
+    all_tags = {RUN_KEY: key, **tags}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(exp, run_name=name, tags=all_tags)
+    flat = to_flat_dict(cfg)
+    from mlflow.entities import Param
+
+    params = [Param(k, str(v)[:6000]) for k, v in flat.items()]
+    for i in range(0, len(params), 100):
+        client.log_batch(run.info.run_id, params=params[i : i + 100])
+    return run, False
+
+
+def train(
+    store_path: str,
+    cfg: TrainConfig,
+    *,
+    run_key: str | None = None,
+    parent_run_id: str | None = None,
+    callbacks: list[Any] | None = None,
+) -> TrainResult:
+    """Train (or resume) one model and log it to MLflow; returns the run id and the logged model URI.
+
+    Re-running with the same `run.name` resumes the Ray run from its last checkpoint and continues the
+    same MLflow run; a finished run is returned as is (nothing retrained, no new MLflow run).
+    """
+    from mlflow.tracking import MlflowClient
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    uri = tracking_uri()
+    check_tracking(uri)
+    store = SliceStore(store_path)
+    train_cases, val_cases = store.cases_in("train"), store.cases_in("val")
+    if not train_cases or not val_cases:
+        raise TrainError(f"{store_path}: needs train and val cases, has {len(train_cases)} and {len(val_cases)}")
+    chash = config_hash(to_flat_dict(cfg) | {"store": store_path})
+    name = cfg.run.name or f"train-{chash}"
+    key = run_key or name
+    client = MlflowClient(uri)
+    tags = {**lineage_tags(store, store_path), "config_hash": chash}
+    run, existed = _open_run(client, cfg, key, name, tags, parent_run_id)
+    run_id = run.info.run_id
+    if existed and run.info.status == "FINISHED" and run.data.tags.get("model_uri"):
+        t = run.data.tags
+        return TrainResult(run_id, name, float(t["best_val_dice"]), int(t["best_epoch"]), t["model_uri"], True)
+    if existed:
+        client.update_run(run_id, status="RUNNING")
+
+    stats_seed = cfg.train.seed
+    mean, std = norm_stats(store, train_cases, cfg.data.window, cfg.data.norm_sample_slices, stats_seed)
+    stats = {"mean": mean, "std": std}
+    workers = cfg.scaling.num_workers
+    slices = {c: store.num_slices(c) for c in train_cases}
+    loop_config = {
+        "cfg": cfg.model_dump(mode="json"),
+        "store": store_path,
+        "stats": stats,
+        "train_shares": assign_cases(slices, workers),
+        "train_slices": sum(slices.values()),
+        "val_cases": val_cases,
+        "val_shares": assign_cases({c: store.num_slices(c) for c in val_cases}, workers),
+        "tracking_uri": uri,
+        "run_id": run_id,
+    }
+    ensure_ray(cfg.run.ray_address)
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path(cfg),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),  # latest two; each holds the best weights so far
+            callbacks=callbacks or [],
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        client.set_terminated(run_id, "FAILED")
+        raise TrainError(f"training run {name} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    if result.checkpoint is None:
+        client.set_terminated(run_id, "FAILED")
+        raise TrainError(f"training run {name} reported no checkpoint")
+    with result.checkpoint.as_directory() as d:
+        best = torch.load(Path(d) / BEST_FILE, map_location="cpu", weights_only=True)
+    model_uri = log_best_model(client, run_id, best, model_meta(cfg, store, stats), store, cfg)
+    client.set_tag(run_id, "best_val_dice", f"{best['val_dice']:.6f}")
+    client.set_tag(run_id, "best_epoch", str(best["epoch"]))
+    client.set_tag(run_id, "model_uri", model_uri)
+    client.set_terminated(run_id, "FINISHED")
+    return TrainResult(run_id, name, float(best["val_dice"]), int(best["epoch"]), model_uri)
+
+
+def log_best_model(client, run_id: str, best: dict[str, Any], meta: dict[str, Any], store: SliceStore, cfg: TrainConfig) -> str:
+    """Log the best weights as a pyfunc, the config snapshot, curves and overlay PNGs; returns the model URI."""
+    import mlflow
+
+    from liverseg.inference import load_local, log_pyfunc, save_local
+    from liverseg.plots import overlay_png, curves_png
+
+    meta = {**meta, "best_epoch": int(best["epoch"]), "val_dice": float(best["val_dice"]), "train_run_id": run_id}
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
+        model_dir = Path(tmp) / "model_files"
+        save_local(model_dir, best["model"], meta)
+        info = log_pyfunc(model_dir, MODEL_NAME)
+        (Path(tmp) / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        mlflow.log_artifact(str(Path(tmp) / "config.json"))
+        mlflow.log_dict(meta, "liverseg_model_meta.json")
+        history = {k: client.get_metric_history(run_id, k) for k in ("train_loss", "val_loss", "val_dice")}
+        curves_png({k: [(m.step, m.value) for m in v] for k, v in history.items()}, Path(tmp) / "curves.png")
+        mlflow.log_artifact(str(Path(tmp) / "curves.png"), "plots")
+        lm = load_local(model_dir, "cpu")
+        overlay_png(lm, store, store.cases_in("val")[:4], Path(tmp) / "val_overlay.png")
+        mlflow.log_artifact(str(Path(tmp) / "val_overlay.png"), "plots")
+    return info.model_uri

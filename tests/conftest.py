@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny phantoms and a store built once per session, the real CT, a local Ray."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no weight downloads in tests
+os.environ["DVC_NO_ANALYTICS"] = "1"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_CT = REPO.parent / "shared" / "data" / "real-ct"
+SMALL = (64, 64, 24)  # phantom voxels: big enough for anatomy, small enough for 2 CPU cores
+
+
+@pytest.fixture(scope="session")
+def real_ct() -> Path:
+    assert (REAL_CT / "volume-0.nii.gz").exists(), f"real CT missing at {REAL_CT}"
+    return REAL_CT
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory) -> Path:
+    from liverseg.phantoms import write_phantoms
+
+    out = tmp_path_factory.mktemp("phantoms")
+    write_phantoms(out, cases=6, seed=3, shape=SMALL)
+    return out
+
+
+@pytest.fixture(scope="session")
+def store_path(tmp_path_factory, phantom_dir) -> str:
+    from liverseg.config import IngestConfig
+    from liverseg.ingest import ingest
+
+    path = tmp_path_factory.mktemp("store") / "slices.zarr"
+    report = ingest(phantom_dir, path, IngestConfig(size=(64, 64), workers=2), progress=False)
+    assert report.ok, report.failed
+    return str(path)
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, monkeypatch) -> str:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    return uri
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def copy_case(src: Path, dst: Path, n: str = "0", new_id: str | None = None) -> None:
+    """Copy one LiTS pair (volume-n, segmentation-n) into dst, optionally renumbered."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for kind in ("volume", "segmentation"):
+        for f in src.glob(f"{kind}-{n}.nii*"):
+            shutil.copy(f, dst / f.name.replace(f"-{n}.", f"-{new_id or n}."))

@@ -1,0 +1,72 @@
+import pytest
+
+from liverseg.config import ConfigError, IngestConfig, TrainConfig, TuneConfig, load_config, parse_overrides, to_flat_dict
+
+
+def test_overrides_are_yaml_and_dotted(tmp_path):
+    cfg = load_config(TrainConfig, None, ["train.lr=3e-4", "data.window=[-100, 200]", "scaling.use_gpu=true"])
+    assert cfg.train.lr == 3e-4 and cfg.data.window == (-100.0, 200.0) and cfg.scaling.use_gpu is True
+
+
+def test_file_then_override(tmp_path):
+    f = tmp_path / "train.yaml"
+    f.write_text("train:\n  epochs: 3\n  lr: 0.01\nmodel:\n  encoder: resnet18\n")
+    cfg = load_config(TrainConfig, f, ["train.lr=0.002"])
+    assert (cfg.train.epochs, cfg.train.lr, cfg.model.encoder) == (3, 0.002, "resnet18")
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError, match="unknown key 'train.lrr'.*train.lr"):
+        load_config(TrainConfig, None, ["train.lrr=1"])
+
+
+def test_unknown_key_in_file_names_file(tmp_path):
+    f = tmp_path / "ingest.yaml"
+    f.write_text("sizes: [64, 64]\n")
+    with pytest.raises(ConfigError, match=r"ingest.yaml.*unknown key 'sizes'.*size"):
+        load_config(IngestConfig, f)
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("train.lr=-1", "train.lr"),
+        ("split.fractions=[0.5,0.5,0.5]", "split.fractions"),
+        ("model.in_channels=2", "model.in_channels"),
+        ("data.window=[100,-100]", "data.window"),
+    ],
+)
+def test_bad_values_name_the_field(override, field):
+    model = IngestConfig if override.startswith("split") else TrainConfig
+    with pytest.raises(ConfigError, match=field):
+        load_config(model, None, [override])
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["train.lr"])
+
+
+def test_profile_layer(tmp_path):
+    (tmp_path / "profiles.yaml").write_text("demo:\n  train:\n    train:\n      epochs: 2\n")
+    (tmp_path / "train.yaml").write_text("train:\n  epochs: 5\n")
+    cfg = load_config(TrainConfig, tmp_path / "train.yaml", profile="demo", stage="train")
+    assert cfg.train.epochs == 2
+    with pytest.raises(ConfigError, match="unknown profile 'gpu'.*demo"):
+        load_config(TrainConfig, tmp_path / "train.yaml", profile="gpu", stage="train")
+
+
+def test_repo_pipelines_load():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "pipelines"
+    load_config(IngestConfig, root / "ingest.yaml", profile="demo", stage="ingest")
+    t = load_config(TuneConfig, root / "tune.yaml", profile="demo", stage="tune")
+    assert "train.lr" in t.space
+    paper = load_config(TrainConfig, root / "train.yaml", profile="paper", stage="train")
+    assert (paper.model.encoder, paper.train.epochs, paper.train.batch_size) == ("resnet50", 5, 16)
+
+
+def test_flat_dict_has_every_leaf():
+    flat = to_flat_dict(TrainConfig())
+    assert flat["train.lr"] == 1e-3 and flat["loss.dice_weight"] == 1.0 and "run.name" in flat

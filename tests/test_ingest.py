@@ -1,0 +1,177 @@
+"""Ingest: real CT, incremental and atomic behaviour, and the table of broken inputs."""
+
+import gzip
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import copy_case
+from liverseg.config import IngestConfig
+from liverseg.ingest import TMP_PREFIX, ingest
+from liverseg.store import SliceStore
+
+
+def test_real_ct_ingest(tmp_path, real_ct):
+    rep = ingest(real_ct, tmp_path / "s.zarr", IngestConfig(workers=1), progress=False)
+    assert rep.ok and rep.written == ["0"]
+    st = SliceStore(str(tmp_path / "s.zarr"))
+    img, msk = st.volume("0")
+    assert img.shape == (30, 128, 128) and msk.max() == 1
+    a = st.case_attrs("0")
+    assert a["spacing_mm"] == pytest.approx([3.0, 3.0, 3.0])
+    assert a["stored_spacing_mm_zyx"] == pytest.approx([3.0, 3.0 * 101 / 128, 3.0 * 122 / 128])
+
+
+def test_incremental_and_changed_source(tmp_path, phantom_dir):
+    raw = tmp_path / "raw"
+    for n in ("0", "1", "2"):
+        copy_case(phantom_dir, raw, n)
+    cfg = IngestConfig(size=(32, 32), workers=2)
+    first = ingest(raw, tmp_path / "s.zarr", cfg, progress=False)
+    assert sorted(first.written) == ["0", "1", "2"]
+    again = ingest(raw, tmp_path / "s.zarr", cfg, progress=False)
+    assert again.written == [] and sorted(again.skipped) == ["0", "1", "2"]
+    copy_case(phantom_dir, raw, "3", new_id="1")  # case 1's source changes
+    third = ingest(raw, tmp_path / "s.zarr", cfg, progress=False)
+    assert third.written == ["1"]
+    (raw / "volume-2.nii.gz").unlink()
+    (raw / "segmentation-2.nii.gz").unlink()
+    fourth = ingest(raw, tmp_path / "s.zarr", cfg, progress=False)
+    assert SliceStore(str(tmp_path / "s.zarr")).cases == ["0", "1"] and fourth.ok
+    assert not (tmp_path / "s.zarr" / "cases" / "2").exists()
+
+
+def _save(path: Path, arr, affine=None):
+    nib.save(nib.Nifti1Image(arr, np.eye(4) if affine is None else affine), str(path))
+
+
+def _broken_inputs(raw: Path, good: Path) -> dict[str, str]:
+    """Write one broken case per kind into raw; returns {case id: expected message fragment}."""
+    vol = np.asanyarray(nib.load(str(good / "volume-0.nii.gz")).dataobj)
+    seg = np.asanyarray(nib.load(str(good / "segmentation-0.nii.gz")).dataobj)
+    aff = nib.load(str(good / "volume-0.nii.gz")).affine
+    expect = {}
+    data = (good / "volume-0.nii.gz").read_bytes()
+    (raw / "volume-10.nii.gz").write_bytes(data[: len(data) // 2])  # truncated gzip
+    shutil.copy(good / "segmentation-0.nii.gz", raw / "segmentation-10.nii.gz")
+    expect["10"] = "cannot decode"
+    (raw / "volume-11.nii").write_bytes(b"this is not a nifti file at all" * 20)
+    shutil.copy(good / "segmentation-0.nii.gz", raw / "segmentation-11.nii.gz")
+    expect["11"] = "not a NIfTI"
+    _save(raw / "volume-12.nii.gz", vol[:, :, 0])
+    _save(raw / "segmentation-12.nii.gz", seg[:, :, 0])
+    expect["12"] = "2-D image"
+    _save(raw / "volume-13.nii.gz", np.stack([vol, vol], -1), aff)
+    shutil.copy(good / "segmentation-0.nii.gz", raw / "segmentation-13.nii.gz")
+    expect["13"] = "4-D image holding 2 volumes"
+    _save(raw / "volume-14.nii.gz", vol, aff)
+    _save(raw / "segmentation-14.nii.gz", seg[:, :, :-1], aff)
+    expect["14"] = "shape"
+    _save(raw / "volume-15.nii.gz", vol, aff)
+    shifted = aff.copy()
+    shifted[0, 3] += 5
+    _save(raw / "segmentation-15.nii.gz", seg, shifted)
+    expect["15"] = "affine differs"
+    _save(raw / "volume-16.nii.gz", vol, aff)
+    bad = seg.copy()
+    bad[0, 0, 0] = 7
+    _save(raw / "segmentation-16.nii.gz", bad, aff)
+    expect["16"] = "labels [7]"
+    nan = vol.astype(np.float32)
+    nan[1, 1, 1] = np.nan
+    _save(raw / "volume-17.nii.gz", nan, aff)
+    shutil.copy(good / "segmentation-0.nii.gz", raw / "segmentation-17.nii.gz")
+    expect["17"] = "non-finite"
+    (raw / "volume-18.nii.gz").write_bytes(b"")
+    shutil.copy(good / "segmentation-0.nii.gz", raw / "segmentation-18.nii.gz")
+    expect["18"] = "empty file"
+    shutil.copy(good / "volume-0.nii.gz", raw / "volume-19.nii.gz")
+    expect["19"] = "missing segmentation-19"
+    shutil.copy(good / "volume-0.nii.gz", raw / "volume-20.nii.gz")
+    (raw / "volume-20.nii").write_bytes(gzip.decompress((good / "volume-0.nii.gz").read_bytes()))
+    shutil.copy(good / "segmentation-0.nii.gz", raw / "segmentation-20.nii.gz")
+    expect["volume-20.nii"] = "duplicate case id 20"
+    (raw / "segmentation-21.nii.gz").write_bytes(b"x")
+    expect["segmentation-21.nii.gz"] = "without volume-21"
+    return expect
+
+
+def test_broken_inputs_each_reported_good_ones_written(tmp_path, phantom_dir, capsys):
+    raw = tmp_path / "raw"
+    copy_case(phantom_dir, raw, "0")
+    copy_case(phantom_dir, raw, "1")
+    expect = _broken_inputs(raw, phantom_dir)
+    rep = ingest(raw, tmp_path / "s.zarr", IngestConfig(size=(32, 32), workers=2), progress=False)
+    assert sorted(rep.written) == ["0", "1"]
+    assert SliceStore(str(tmp_path / "s.zarr")).cases == ["0", "1"]
+    assert set(rep.failed) == set(expect), rep.failed
+    for key, fragment in expect.items():
+        msg = rep.failed[key]
+        assert fragment in msg, (key, msg)
+        assert "\n" not in msg and ".nii" in msg  # one line naming the file
+    assert not list((tmp_path / "s.zarr" / "cases").glob(f"{TMP_PREFIX}*"))
+
+
+def test_cli_exit_status_and_summary(tmp_path, phantom_dir):
+    import subprocess
+    import sys
+
+    raw = tmp_path / "raw"
+    copy_case(phantom_dir, raw, "0")
+    (raw / "volume-3.nii.gz").write_bytes(b"")
+    (raw / "segmentation-3.nii.gz").write_bytes(b"")
+    cmd = [sys.executable, "-m", "liverseg.cli", "ingest", "--raw", str(raw), "--store", str(tmp_path / "s.zarr"), "--set", "size=[32,32]", "--set", "workers=1"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 1
+    assert "FAILED volume-3.nii.gz: empty file" in res.stderr
+    assert "1 written, 0 unchanged, 1 failed" in res.stdout
+    bad = subprocess.run(cmd[:-4] + ["--set", "sise=[32,32]"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown key 'sise'" in bad.stderr and "size" in bad.stderr
+
+
+def test_interrupted_case_leaves_nothing_half_written(tmp_path, phantom_dir):
+    """A SIGKILL mid-ingest: the rerun removes the temporary groups and completes every case."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    raw = tmp_path / "raw"
+    from liverseg.phantoms import write_phantoms
+
+    write_phantoms(raw, 4, seed=11, shape=(96, 96, 48))
+    store = tmp_path / "s.zarr"
+    cmd = [sys.executable, "-m", "liverseg.cli", "ingest", "--raw", str(raw), "--store", str(store), "--set", "workers=1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list((store / "cases").glob("*")) if store.exists() else time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for group in (store / "cases").glob("[0-9]*"):  # whatever was renamed into place is complete
+        assert (group / "image" / "zarr.json").exists() and (group / "mask" / "zarr.json").exists()
+    rep = ingest(raw, store, IngestConfig(workers=1), progress=False)
+    assert rep.ok
+    st = SliceStore(str(store))
+    assert st.cases == ["0", "1", "2", "3"] and st.verify() == {}
+    assert not list((store / "cases").glob(f"{TMP_PREFIX}*"))
+
+
+def test_verify_detects_truncated_shard(tmp_path, phantom_dir):
+    raw = tmp_path / "raw"
+    copy_case(phantom_dir, raw, "0")
+    copy_case(phantom_dir, raw, "1")
+    store = tmp_path / "s.zarr"
+    assert ingest(raw, store, IngestConfig(size=(32, 32), workers=1), progress=False).ok
+    shard = next((store / "cases" / "1" / "image").rglob("c/*/*/*"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    problems = SliceStore(str(store)).verify()
+    assert list(problems) == ["1"] and "case 1" in problems["1"]
+    from liverseg.store import StoreError
+
+    with pytest.raises(StoreError, match="case 1"):
+        SliceStore(str(store)).volume("1")

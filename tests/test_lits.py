@@ -1,0 +1,73 @@
+import nibabel as nib
+import numpy as np
+import pytest
+
+from liverseg.lits import InputError, discover, from_canonical, read_case, read_volume, to_canonical
+
+
+def test_real_ct_reads_as_ras(real_ct):
+    cases, errors = discover(real_ct)
+    assert errors == [] and [c.case_id for c in cases] == ["0"]
+    vol = read_case(cases[0])
+    assert vol.shape == (122, 101, 30) and vol.image.shape == (30, 101, 122)
+    assert vol.image.dtype == np.int16 and vol.mask.dtype == np.uint8
+    assert vol.spacing == pytest.approx((3.0, 3.0, 3.0))
+    assert nib.aff2axcodes(vol.canonical_affine) == ("R", "A", "S")
+    assert set(np.unique(vol.mask)) == {0, 1}
+    liver_hu = vol.image[vol.mask == 1]
+    assert 20 < np.median(liver_hu) < 200  # real liver parenchyma
+    assert vol.image.min() < -900  # air around the patient
+
+
+@pytest.mark.parametrize("codes", [("L", "P", "S"), ("R", "A", "S"), ("S", "L", "A"), ("P", "I", "R")])
+def test_canonical_round_trip(codes):
+    from nibabel.orientations import axcodes2ornt, inv_ornt_aff, ornt_transform
+
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 100, (5, 6, 7)).astype(np.int16)
+    t = ornt_transform(axcodes2ornt(("R", "A", "S")), axcodes2ornt(codes))
+    affine = np.diag([2.0, 3.0, 4.0, 1.0]) @ inv_ornt_aff(t, arr.shape)
+    assert nib.aff2axcodes(affine) == codes
+    canon, canon_aff = to_canonical(arr, affine)
+    assert nib.aff2axcodes(canon_aff) == ("R", "A", "S")
+    assert np.array_equal(from_canonical(canon, affine), arr)
+
+
+def test_same_anatomy_whatever_the_orientation(tmp_path, real_ct):
+    img = nib.load(str(real_ct / "volume-0.nii.gz"))
+    flipped = nib.Nifti1Image(np.asarray(img.dataobj)[::-1, :, ::-1].copy(), img.affine @ np.array(
+        [[-1, 0, 0, 121], [0, 1, 0, 0], [0, 0, -1, 29], [0, 0, 0, 1]], float))
+    nib.save(flipped, tmp_path / "volume-1.nii")
+    a, b = read_volume(real_ct / "volume-0.nii.gz"), read_volume(tmp_path / "volume-1.nii")
+    assert np.array_equal(a.image, b.image)
+    assert np.allclose(a.canonical_affine, b.canonical_affine)
+
+
+def test_scaled_intensities_float_labels_and_trailing_axis(tmp_path):
+    hu = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4) * 10 - 100
+    img = nib.Nifti1Image(((hu + 1024) / 2).astype(np.uint16), np.eye(4))
+    img.header.set_slope_inter(2.0, -1024.0)
+    nib.save(img, tmp_path / "volume-5.nii.gz")
+    seg = np.zeros((2, 3, 4, 1), np.float32)
+    seg[0, 0, 0, 0] = 2.0
+    seg[1, 1, 1, 0] = 1.0
+    nib.save(nib.Nifti1Image(seg, np.eye(4)), tmp_path / "segmentation-5.nii.gz")
+    (case,), _ = discover(tmp_path)
+    vol = read_case(case)
+    assert vol.image.dtype == np.int16 and vol.image.min() == -100 and vol.image.max() == 130
+    assert sorted(np.unique(vol.mask)) == [0, 1, 2]
+
+
+def test_volume_without_segmentation_is_discovered_for_inference(tmp_path, real_ct):
+    import shutil
+
+    shutil.copy(real_ct / "volume-0.nii.gz", tmp_path / "volume-9.nii.gz")
+    (case,), errors = discover(tmp_path)
+    assert case.segmentation is None and errors == []
+    with pytest.raises(InputError, match="missing segmentation-9"):
+        read_case(case)
+
+
+def test_not_a_folder(tmp_path):
+    with pytest.raises(InputError, match="not a folder"):
+        discover(tmp_path / "nope")

@@ -1,0 +1,38 @@
+import torch
+
+from liverseg.transforms import random_affine, standardise, window01
+
+
+def test_window_clips_and_scales():
+    hu = torch.tensor([-1000, -200, 25, 250, 3000], dtype=torch.int16)
+    out = window01(hu, (-200, 250))
+    assert torch.allclose(out, torch.tensor([0.0, 0.0, 0.5, 1.0, 1.0]))
+    assert torch.allclose(standardise(torch.tensor([0.5]), 0.25, 0.5), torch.tensor([0.5]))
+
+
+def test_affine_moves_image_and_mask_together():
+    img = torch.zeros(4, 1, 32, 32)
+    img[:, :, 8:16, 4:12] = 1.0
+    mask = (img[:, 0] > 0.5).long()
+    g = torch.Generator().manual_seed(0)
+    out, m = random_affine(img, mask, g, rotate_deg=20, zoom=(0.9, 1.1))
+    assert out.shape == img.shape and m.shape == mask.shape and m.dtype == mask.dtype
+    assert set(m.unique().tolist()) <= {0, 1}
+    agree = ((out[:, 0] > 0.5).long() == m).float().mean()
+    assert agree > 0.97  # the mask follows the image
+    assert not torch.equal(m, mask)  # and something did move
+
+
+def test_affine_is_seeded():
+    img = torch.rand(2, 1, 16, 16)
+    mask = (img[:, 0] > 0.5).long()
+    a = random_affine(img, mask, torch.Generator().manual_seed(5))
+    b = random_affine(img, mask, torch.Generator().manual_seed(5))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_identity_when_ranges_are_zero():
+    img = torch.rand(2, 1, 16, 16)
+    mask = (img[:, 0] > 0.5).long()
+    out, m = random_affine(img, mask, torch.Generator().manual_seed(1), rotate_deg=0, zoom=(1, 1), flip=False)
+    assert torch.allclose(out, img, atol=1e-5) and torch.equal(m, mask)
