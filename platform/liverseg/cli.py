@@ -107,6 +107,205 @@ def train(
                f"(epoch {res.best_epoch}), model {res.model_uri}")
 
 
+@app.command()
+def tune(
+    store: str = typer.Option(..., help="slice store path or URL"),
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[List[str]] = SetOpt,
+    profile: Optional[str] = ProfileOpt,
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted search of the same tune.name"),
+    out: Path = typer.Option(Path("tune-results.json"), help="results JSON (a DVC output)"),
+) -> None:
+    """Search learning rate and loss weights with Ray Tune (ASHA); each trial an MLflow child run."""
+    from liverseg.config import ConfigError, TuneConfig
+    from liverseg.model import ModelError
+    from liverseg.store import StoreError
+    from liverseg.tracking import TrackingError
+    from liverseg.tune import format_table, tune_search
+
+    cfg = _load(TuneConfig, config, set_, profile, "tune")
+    try:
+        summary = tune_search(store, cfg, resume=resume, results_path=out)
+    except (ConfigError, StoreError, TrackingError, ModelError) as e:
+        fail(str(e), 1)
+    typer.echo(format_table(summary))
+    best = summary.best
+    typer.echo(f"best trial {best['trial_id']}: val_dice {best['val_dice']:.4f}, mlflow run {best['run_id']}, "
+               f"checkpoint {best['checkpoint']}; results -> {out}")
+
+
+def _model_from(model: Optional[str], model_from: Optional[Path]) -> str:
+    if (model is None) == (model_from is None):
+        fail("give exactly one of --model URI or --model-from tune-results.json")
+    if model_from is not None:
+        best = json.loads(model_from.read_text())["best"]
+        if not best.get("model_uri"):
+            fail(f"{model_from}: best trial logged no model")
+        return best["model_uri"]
+    return model
+
+
+@app.command()
+def evaluate(
+    store: str = typer.Option(..., help="slice store path or URL"),
+    model: Optional[str] = typer.Option(None, help="MLflow model URI: runs:/..., models:/name/3, models:/name@champion"),
+    model_from: Optional[Path] = typer.Option(None, help="take the best trial's model from tune-results.json"),
+    raw: Optional[Path] = typer.Option(None, help="LiTS NIfTI folder: score on each volume's original grid"),
+    split: str = typer.Option("test", help="train | val | test"),
+    lcc: bool = typer.Option(True, "--lcc/--no-lcc", help="3-D largest-connected-component clean-up"),
+    out: Path = typer.Option(Path("metrics/test-metrics.json"), help="summary JSON (DVC metrics)"),
+    cases_csv: Path = typer.Option(Path("metrics/test-cases.csv"), help="per-case table"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+) -> None:
+    """Score a model per volume (Dice, IoU, VOE, RVD, ASSD, MSD, HD95) and log an evaluation run."""
+    from liverseg.evaluate import evaluate as run_eval, log_evaluation, write_outputs
+    from liverseg.lits import InputError
+    from liverseg.store import StoreError
+
+    uri = _model_from(model, model_from)
+    try:
+        ev = run_eval(uri, store, split, raw, lcc, device)
+    except (StoreError, InputError, FileNotFoundError, ValueError) as e:
+        fail(str(e), 1)
+    write_outputs(ev, out, cases_csv)
+    rid = log_evaluation(ev, out, cases_csv)
+    d = ev.summary["dice"]
+    typer.echo(f"{split} ({ev.resolution} grid, {len(ev.cases)} cases): Dice mean {d['mean']:.4f} median {d['median']:.4f} "
+               f"min {d['min']:.4f}; global Dice {ev.summary['global_dice']:.4f} -> {out} (mlflow run {rid})")
+
+
+@app.command()
+def score(
+    pred: Path = typer.Option(..., help="segmentation to score (.nii/.nii.gz)"),
+    ref: Path = typer.Option(..., help="reference on the same grid"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Score any liver mask against a reference (liver = label >= 1 in both)."""
+    from liverseg.evaluate import score_files
+    from liverseg.lits import InputError
+
+    try:
+        s = score_files(pred, ref)
+    except InputError as e:
+        fail(str(e), 1)
+    if as_json:
+        typer.echo(json.dumps(s))
+    else:
+        typer.echo("  ".join(f"{k} {'undefined' if v is None else f'{v:.4f}'}" for k, v in s.items()))
+
+
+@app.command()
+def register(
+    run: Optional[str] = typer.Option(None, "--run", help="MLflow training run id"),
+    best_of_tune: Optional[Path] = typer.Option(None, help="tune-results.json: register its best trial"),
+    name: str = typer.Option("liver-unet", help="registered model name"),
+) -> None:
+    """Register a trained model version with lineage tags and alias it `challenger`."""
+    from liverseg.registry import RegistryError, register as run_register
+
+    try:
+        mv = run_register(run, best_of_tune, name)
+    except (RegistryError, FileNotFoundError) as e:
+        fail(str(e), 1)
+    typer.echo(f"registered {name} v{mv.version} (run {mv.run_id}) as @challenger")
+
+
+@app.command()
+def promote(
+    store: str = typer.Option(..., help="slice store with the test split"),
+    name: str = typer.Option("liver-unet", help="registered model name"),
+    min_dice: float = typer.Option(0.9, help="floor on the challenger's mean test Dice"),
+    margin: float = typer.Option(0.0, help="the challenger must beat the champion by more than this"),
+) -> None:
+    """Move @champion to @challenger only if it passes the floor and beats the champion."""
+    from liverseg.registry import RegistryError, promote as run_promote
+
+    try:
+        d = run_promote(store, name, min_dice, margin)
+    except RegistryError as e:
+        fail(str(e), 1)
+    typer.echo(d.line())
+
+
+@app.command()
+def rollback(name: str = typer.Option("liver-unet", help="registered model name")) -> None:
+    """Put @champion back on the champion it replaced."""
+    from liverseg.registry import RegistryError, rollback as run_rollback
+
+    try:
+        old, new = run_rollback(name)
+    except RegistryError as e:
+        fail(str(e), 1)
+    typer.echo(f"{name}: champion v{old} -> v{new}")
+
+
+@app.command()
+def lineage(uri: str = typer.Argument(..., help="models:/NAME@ALIAS or models:/NAME/VERSION")) -> None:
+    """Print model version -> training run -> git commit -> DVC data hash -> store cases and split."""
+    from liverseg.registry import RegistryError, lineage as run_lineage
+
+    try:
+        typer.echo("\n".join(run_lineage(uri)))
+    except RegistryError as e:
+        fail(str(e), 1)
+
+
+@app.command()
+def predict(
+    src: Path = typer.Argument(..., help="CT volume .nii[.gz], or a folder of them"),
+    dst: Path = typer.Argument(..., help="mask .nii.gz, or an output folder"),
+    model: str = typer.Option("models:/liver-unet@champion", help="MLflow model URI"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+    lcc: bool = typer.Option(True, "--lcc/--no-lcc", help="3-D largest-connected-component clean-up"),
+) -> None:
+    """Segment CT volumes into uint8 liver masks on each input's own grid (shape and affine)."""
+    from tqdm import tqdm
+
+    from liverseg.evaluate import load_model
+    from liverseg.inference import predict_file
+    from liverseg.lits import InputError
+
+    try:
+        lm = load_model(model, device)
+    except Exception as e:
+        fail(f"{model}: cannot load model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", 1)
+    if src.is_dir():
+        files = sorted(p for p in src.iterdir() if p.name.endswith((".nii", ".nii.gz")) and not p.name.startswith("segmentation-"))
+        dst.mkdir(parents=True, exist_ok=True)
+        failed = 0
+        for f in tqdm(files, desc="predict", unit="vol", file=sys.stderr):
+            name = f.name.replace("volume-", "segmentation-").removesuffix(".gz").removesuffix(".nii") + ".nii.gz"
+            try:
+                predict_file(lm, f, dst / name, lcc)
+            except InputError as e:
+                failed += 1
+                typer.echo(f"FAILED {e}", err=True)
+        typer.echo(f"predict: {len(files) - failed} masks written to {dst}, {failed} failed")
+        raise typer.Exit(1 if failed else 0)
+    try:
+        t = predict_file(lm, src, dst, lcc)
+    except InputError as e:
+        fail(str(e), 1)
+    typer.echo(f"wrote {dst} (" + ", ".join(f"{k} {v:.2f}s" for k, v in t.items()) + ")")
+
+
+@app.command()
+def serve(
+    model: str = typer.Option("models:/liver-unet@champion", help="MLflow model URI (an alias is followed on reload)"),
+    host: str = typer.Option("127.0.0.1", help="bind address; 0.0.0.0 only behind a proxy you trust"),
+    port: int = typer.Option(8080, help="TCP port"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    max_mb: int = typer.Option(512, help="largest accepted upload (MiB)"),
+) -> None:
+    """Serve the model over REST: POST /segment, GET /health, GET /model, POST /reload (or SIGHUP)."""
+    from liverseg.serve import serve as run_serve
+
+    try:
+        run_serve(model, host, port, device, max_mb * 1024 * 1024)
+    except Exception as e:
+        fail(f"cannot serve {model}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", 1)
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 

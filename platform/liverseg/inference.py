@@ -48,7 +48,7 @@ def load_local(model_dir: str | Path, device: str = "auto") -> LoadedModel:
     """Load weights + metadata written by `save_local` (weights_only: no pickled code is run)."""
     model_dir = Path(model_dir)
     meta = json.loads((model_dir / META_FILE).read_text())
-    net = build_model(meta["encoder"], "none", meta["in_channels"])
+    net = build_model(meta["encoder"], "none", meta["in_channels"], meta["decoder_channels"])
     net.load_state_dict(torch.load(model_dir / WEIGHTS_FILE, map_location="cpu", weights_only=True))
     dev = resolve_device(device)
     return LoadedModel(net.to(dev).eval(), meta, dev)
@@ -88,18 +88,43 @@ def liver_probability(lm: LoadedModel, image_zhw: np.ndarray | torch.Tensor, bat
     return torch.cat(out) if out else torch.zeros((0, *img.shape[1:]), device=lm.device)
 
 
-def segment_canonical(lm: LoadedModel, image_zyx: np.ndarray, lcc: bool = True, batch: int = 64) -> np.ndarray:
+class Timer(dict):
+    """Seconds per named phase: `with timer("model"): ...` adds to timer["model"]."""
+
+    def __call__(self, phase: str):
+        import contextlib
+        import time
+
+        @contextlib.contextmanager
+        def span():
+            t0 = time.perf_counter()
+            try:
+                yield
+            finally:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                self[phase] = self.get(phase, 0.0) + time.perf_counter() - t0
+
+        return span()
+
+
+def segment_canonical(
+    lm: LoadedModel, image_zyx: np.ndarray, lcc: bool = True, batch: int = 64, timer: Timer | None = None
+) -> np.ndarray:
     """(Z, Y, X) int16 HU in canonical orientation, any in-plane size -> (Z, Y, X) uint8 liver mask."""
     from liverseg.ingest import resize_slices
 
-    size = tuple(lm.meta["size"])
-    small = resize_slices(image_zyx, size, is_mask=False)
-    prob = liver_probability(lm, small, batch)
-    if prob.shape[1:] != image_zyx.shape[1:]:  # probabilities, not labels, are resampled back
-        prob = F.interpolate(prob[:, None], size=image_zyx.shape[1:], mode="bilinear", align_corners=False)[:, 0]
-    mask = (prob > 0.5).cpu().numpy()
-    if lcc and mask.any():
-        mask = largest_component(mask)
+    timer = timer if timer is not None else Timer()
+    with timer("preprocess"):
+        small = resize_slices(image_zyx, tuple(lm.meta["size"]), is_mask=False)
+    with timer("model"):
+        prob = liver_probability(lm, small, batch)
+    with timer("postprocess"):
+        if prob.shape[1:] != image_zyx.shape[1:]:  # probabilities, not labels, are resampled back
+            prob = F.interpolate(prob[:, None], size=image_zyx.shape[1:], mode="bilinear", align_corners=False)[:, 0]
+        mask = (prob > 0.5).cpu().numpy()
+        if lcc and mask.any():
+            mask = largest_component(mask)
     return mask.astype(np.uint8)
 
 
@@ -111,13 +136,44 @@ def segment_volume(lm: LoadedModel, volume: np.ndarray, affine: np.ndarray, lcc:
     return from_canonical(segment_canonical(lm, image, lcc, batch), affine)
 
 
+def mask_nifti_bytes(mask_xyz: np.ndarray, like: "nib.Nifti1Image", gz: bool = True) -> bytes:
+    """A uint8 mask as NIfTI bytes on the grid of `like` (same affine, qform/sform codes, zooms)."""
+    import gzip
+
+    import nibabel as nib
+
+    hdr = like.header.copy()
+    hdr.set_data_dtype(np.uint8)
+    hdr.set_data_shape(mask_xyz.shape)
+    img = nib.Nifti1Image(mask_xyz.astype(np.uint8), like.affine, header=hdr)
+    img.header.set_slope_inter(1.0, 0.0)
+    raw = img.to_bytes()
+    return gzip.compress(raw, compresslevel=1, mtime=0) if gz else raw
+
+
+def predict_file(lm: LoadedModel, src: str | Path, dst: str | Path, lcc: bool = True) -> Timer:
+    """Segment one NIfTI CT into a uint8 mask NIfTI with exactly the input's shape and affine."""
+    from liverseg.lits import load_nifti, read_volume
+    from liverseg.storage import atomic_write_bytes
+
+    timer = Timer()
+    with timer("read"):
+        vol = read_volume(src)
+        like = load_nifti(src)
+    mask = segment_canonical(lm, vol.image, lcc, timer=timer)
+    with timer("write"):
+        out = from_canonical(mask, vol.affine).reshape(vol.shape)
+        atomic_write_bytes(dst, mask_nifti_bytes(out, like, gz=str(dst).endswith(".gz")))
+    return timer
+
+
 class LiverSegPyfunc:
     """MLflow pyfunc: predict({"volume": (X, Y, Z) HU, "affine": (4, 4)}) -> (X, Y, Z) uint8 mask."""
 
     def load_context(self, context: Any) -> None:
         self.lm = load_local(Path(context.artifacts["model_dir"]))
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> np.ndarray:
+    def predict(self, context, model_input, params=None):  # untyped: MLflow reads the explicit signature
         if isinstance(model_input, dict):
             volume, affine = model_input["volume"], model_input.get("affine", np.eye(4))
         else:  # a bare array: identity affine

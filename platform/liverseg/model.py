@@ -19,7 +19,12 @@ def encoder_names() -> list[str]:
     return sorted(smp.encoders.get_encoder_names())
 
 
-def build_model(encoder: str = "resnet50", encoder_weights: str = "none", in_channels: int = 1) -> torch.nn.Module:
+def build_model(
+    encoder: str = "resnet50",
+    encoder_weights: str = "none",
+    in_channels: int = 1,
+    decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16),
+) -> torch.nn.Module:
     """smp.Unet with `NUM_CLASSES` outputs. Input (N, in_channels, H, W) float, H and W multiples of 32.
 
     encoder_weights: 'imagenet' (downloaded once; needs a network), 'none', or a path to a state dict of
@@ -43,7 +48,13 @@ def build_model(encoder: str = "resnet50", encoder_weights: str = "none", in_cha
             )
         weights = None
     try:
-        model = smp.Unet(encoder_name=encoder, encoder_weights=weights, in_channels=in_channels, classes=NUM_CLASSES)
+        model = smp.Unet(
+            encoder_name=encoder,
+            encoder_weights=weights,
+            in_channels=in_channels,
+            classes=NUM_CLASSES,
+            decoder_channels=tuple(decoder_channels),
+        )
     except Exception as e:
         if weights == "imagenet":
             raise ModelError(

@@ -1,7 +1,7 @@
 """Synthetic LiTS-like abdominal CT phantoms (deterministic per seed, byte-identical files).
 
-Each phantom has a body outline (fat, muscle), a liver-shaped organ at ~60 HU with tumours (label 2),
-and neighbours of liver-like density (spleen ~60 HU, kidneys, IVC, aorta, spine) so that a HU
+Each phantom has a body outline (fat, muscle), a liver-shaped organ at ~100 HU (portal-venous phase) with tumours (label 2),
+and neighbours of liver-like density (spleen ~100 HU, kidneys, IVC, aorta, spine) so that a HU
 threshold alone cannot segment the liver; plus correlated noise and a scanner-like affine (LPS or RAS).
 """
 
@@ -44,8 +44,8 @@ def make_phantom(seed: int, case: int, shape: tuple[int, int, int]) -> tuple[np.
     taper = 1 + 0.06 * z
     r_body = ((x - cx) / (a * taper)) ** 2 + ((y - cy) / (b * taper)) ** 2
     hu[r_body <= 1] = -100 + jitter(10)  # subcutaneous fat
-    hu[r_body <= 0.86] = 45 + jitter(5)  # abdominal wall muscle
-    hu[r_body <= 0.76] = 25 + jitter(5)  # bowel and soft tissue
+    hu[r_body <= 0.86] = 55 + jitter(5)  # abdominal wall muscle
+    hu[r_body <= 0.76] = 35 + jitter(5)  # bowel and soft tissue
     gas = (_smooth_field(rng, shape, 10) > 1.6) & (r_body <= 0.6) & (x < 0.1)
     hu[gas] = -800
 
@@ -55,7 +55,7 @@ def make_phantom(seed: int, case: int, shape: tuple[int, int, int]) -> tuple[np.
         e = _ellipsoid(g, (side * 0.33, cy - 0.38, zc - 0.25), (0.11, 0.13, 0.3))
         hu[e <= 1] = 150 + jitter(20)
         hu[e <= 0.45] = kid
-    spleen_hu = 58 + jitter(8)  # as dense as liver on purpose
+    spleen_hu = 100 + jitter(10)  # as dense as liver on purpose (portal-venous phase)
     hu[_ellipsoid(g, (cx - 0.5, cy - 0.12, zc + 0.15), (0.15, 0.2, 0.3)) + 0.2 * _smooth_field(rng, shape) <= 1] = spleen_hu
     hu[_ellipsoid(g, (cx - 0.08, cy - 0.42, 0), (0.06, 0.06, 9)) <= 1] = 170 + jitter(20)  # aorta
     ivc = _ellipsoid(g, (cx + 0.14, cy - 0.32, 0), (0.07, 0.06, 9)) <= 1
@@ -68,7 +68,7 @@ def make_phantom(seed: int, case: int, shape: tuple[int, int, int]) -> tuple[np.
     lobe = _ellipsoid(g, (lc[0] - 0.35, lc[1] + 0.15, lc[2] + 0.15), (0.25, 0.18, 0.25))
     liver = (np.minimum(_ellipsoid(g, lc, lr), lobe) + 0.25 * _smooth_field(rng, shape) <= 1) & (r_body <= 0.74)
     liver &= ~ivc
-    liver_hu = 60 + jitter(8)
+    liver_hu = 100 + jitter(10)  # portal-venous liver ~100 HU, spleen alike, muscle ~50
     hu[liver] = liver_hu
     hu[ivc] = 110 + jitter(20)
     labels = liver.astype(np.uint8)

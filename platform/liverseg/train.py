@@ -87,6 +87,7 @@ def model_meta(cfg: TrainConfig, store: SliceStore, stats: dict[str, float]) -> 
     return {
         "encoder": cfg.model.encoder,
         "in_channels": cfg.model.in_channels,
+        "decoder_channels": list(cfg.model.decoder_channels),
         "classes": ["background", "liver"],
         "window": list(cfg.data.window),
         "mean": stats["mean"],
@@ -135,6 +136,8 @@ def train(
 
     uri = tracking_uri()
     check_tracking(uri)
+    if "://" not in store_path:  # Ray workers run in other directories
+        store_path = str(Path(store_path).resolve())
     store = SliceStore(store_path)
     train_cases, val_cases = store.cases_in("train"), store.cases_in("val")
     if not train_cases or not val_cases:

@@ -117,7 +117,7 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     val_set = SliceSet(store, my_val, cfg.model.in_channels)
     val_pos = [val_cases.index(c) for c in my_val]
 
-    net = build_model(cfg.model.encoder, cfg.model.encoder_weights, cfg.model.in_channels)
+    net = build_model(cfg.model.encoder, cfg.model.encoder_weights, cfg.model.in_channels, cfg.model.decoder_channels)
     if cfg.train.channels_last:
         net = net.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(net)

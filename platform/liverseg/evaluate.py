@@ -1,0 +1,177 @@
+"""Evaluate: LiTS-style per-volume scores of an MLflow model on a split, and `score` for any two masks.
+
+Per case: Dice, IoU, VOE, RVD, ASSD, MSD (Hausdorff), HD95 in mm, after 3-D largest-component
+clean-up; plus global Dice over all voxels and the paper's pixel accuracy, precision and recall.
+With the raw NIfTI folder, masks are scored on each volume's original grid (the LiTS way); otherwise
+at store resolution, with the stored voxel spacing.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from liverseg.metrics import counts, overlap_scores, score_volume
+from liverseg.storage import atomic_write_bytes, atomic_write_json
+
+CASE_METRICS = ("dice", "iou", "voe", "rvd", "assd_mm", "msd_mm", "hd95_mm")
+
+
+@dataclass
+class Evaluation:
+    model_uri: str
+    split: str
+    resolution: str  # "original" (raw NIfTI grid) or "store"
+    cases: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    mlflow_run_id: str | None = None
+
+
+def load_model(uri: str, device: str = "auto"):
+    """Any MLflow model URI (runs:/, models:/name/N, models:/name@alias) -> inference.LoadedModel."""
+    import mlflow.pyfunc
+
+    from liverseg.inference import resolve_device
+
+    py = mlflow.pyfunc.load_model(uri)
+    lm = py.unwrap_python_model().lm
+    dev = resolve_device(device)
+    lm.net.to(dev)
+    lm.device = dev
+    return lm
+
+
+def finite(v: Any) -> Any:
+    """JSON has no inf/NaN: such values become null (meaning: undefined, e.g. an empty mask)."""
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def summarise(cases: list[dict[str, Any]], totals: np.ndarray) -> dict[str, Any]:
+    """mean/median/std/min/max per metric (over finite values) + global voxel scores."""
+    out: dict[str, Any] = {"n_cases": len(cases)}
+    for m in CASE_METRICS:
+        vals = np.array([c[m] for c in cases if c[m] is not None and math.isfinite(c[m])], dtype=float)
+        out[m] = {
+            "mean": float(vals.mean()) if len(vals) else None,
+            "median": float(np.median(vals)) if len(vals) else None,
+            "std": float(vals.std()) if len(vals) else None,
+            "min": float(vals.min()) if len(vals) else None,
+            "max": float(vals.max()) if len(vals) else None,
+            "undefined": len(cases) - len(vals),
+        }
+    g = overlap_scores(*totals.tolist())
+    out["global_dice"] = g["dice"]
+    out["pixel_accuracy"], out["pixel_precision"], out["pixel_recall"] = g["accuracy"], g["precision"], g["recall"]
+    return out
+
+
+def evaluate(
+    model_uri: str,
+    store_path: str,
+    split: str = "test",
+    raw: str | Path | None = None,
+    lcc: bool = True,
+    device: str = "auto",
+    lm: Any = None,
+) -> Evaluation:
+    """Score a model on every case of a split (see module docstring)."""
+    from liverseg.inference import segment_canonical
+    from liverseg.lits import CasePaths, discover, read_case
+    from liverseg.store import SliceStore
+
+    store = SliceStore(store_path)
+    lm = lm or load_model(model_uri, device)
+    raw_cases: dict[str, CasePaths] = {c.case_id: c for c in discover(raw)[0]} if raw else {}
+    ev = Evaluation(model_uri, split, "original" if raw else "store")
+    totals = np.zeros(4, dtype=np.float64)
+    for case in store.cases_in(split):
+        if raw:
+            if case not in raw_cases:
+                raise FileNotFoundError(f"{raw}: no volume-{case}.nii[.gz] for store case {case}")
+            vol = read_case(raw_cases[case])
+            image, ref = vol.image, vol.mask
+            spacing = tuple(reversed(vol.spacing))  # (z, y, x) to match the (Z, Y, X) arrays
+        else:
+            image, ref = store.volume(case)
+            spacing = tuple(store.case_attrs(case)["stored_spacing_mm_zyx"])
+        pred = segment_canonical(lm, image, lcc=lcc)
+        totals += counts(pred, ref)
+        scores = score_volume(pred, ref, spacing)
+        ev.cases.append({"case": case, **{m: finite(scores[m]) for m in CASE_METRICS}, "slices": int(image.shape[0])})
+    ev.summary = {**summarise(ev.cases, totals), "resolution": ev.resolution, "split": split, "lcc": lcc, "model_uri": model_uri}
+    return ev
+
+
+def write_outputs(ev: Evaluation, out_json: str | Path, out_csv: str | Path | None = None) -> None:
+    atomic_write_json(out_json, ev.summary)
+    if out_csv:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=["case", *CASE_METRICS, "slices"], lineterminator="\n")
+        w.writeheader()
+        w.writerows(ev.cases)
+        atomic_write_bytes(out_csv, buf.getvalue().encode())
+
+
+def log_evaluation(ev: Evaluation, out_json: str | Path, out_csv: str | Path | None, experiment: str = "liverseg") -> str:
+    """An MLflow evaluation run linked to the model (URI, training run, registry version)."""
+    from mlflow.tracking import MlflowClient
+
+    from liverseg.tracking import experiment_id, tracking_uri
+
+    client = MlflowClient(tracking_uri())
+    tags = {"liverseg.kind": "evaluation", "model_uri": ev.model_uri, "split": ev.split, "resolution": ev.resolution}
+    tags.update(model_link_tags(client, ev.model_uri))
+    run = client.create_run(experiment_id(client, experiment), run_name=f"eval-{ev.split}", tags=tags)
+    rid = run.info.run_id
+    for m in CASE_METRICS:
+        if ev.summary[m]["mean"] is not None:
+            client.log_metric(rid, f"{ev.split}_{m}", ev.summary[m]["mean"])
+    for k in ("global_dice", "pixel_accuracy", "pixel_precision", "pixel_recall"):
+        client.log_metric(rid, f"{ev.split}_{k}", ev.summary[k])
+    client.log_artifact(rid, str(out_json))
+    if out_csv:
+        client.log_artifact(rid, str(out_csv))
+    client.set_terminated(rid, "FINISHED")
+    ev.mlflow_run_id = rid
+    return rid
+
+
+def model_link_tags(client, uri: str) -> dict[str, str]:
+    """Registry name/version and training run of a models:/ URI (empty for other URIs)."""
+    if not uri.startswith("models:/"):
+        return {}
+    ref = uri[len("models:/") :]
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            mv = client.get_model_version_by_alias(name, alias)
+        elif "/" in ref:
+            name, version = ref.split("/", 1)
+            mv = client.get_model_version(name, version)
+        else:
+            return {}
+    except Exception:
+        return {}
+    return {"model_name": mv.name, "model_version": str(mv.version), "training_run_id": str(mv.run_id)}
+
+
+def score_files(pred: str | Path, ref: str | Path) -> dict[str, Any]:
+    """Score a segmentation file against a reference on the same grid (liver = label >= 1 in both)."""
+    from liverseg.lits import AFFINE_TOL, InputError, load_nifti
+
+    p_img, r_img = load_nifti(pred), load_nifti(ref)
+    p = np.asanyarray(p_img.dataobj).reshape(p_img.shape[:3])
+    r = np.asanyarray(r_img.dataobj).reshape(r_img.shape[:3])
+    if p.shape != r.shape:
+        raise InputError(f"{Path(pred).name}: shape {p.shape} differs from reference {Path(ref).name} {r.shape}")
+    if not np.allclose(p_img.affine, r_img.affine, atol=AFFINE_TOL):
+        raise InputError(f"{Path(pred).name}: affine differs from reference {Path(ref).name} (grids must match)")
+    spacing = tuple(float(s) for s in np.sqrt((r_img.affine[:3, :3] ** 2).sum(0)))
+    scores = score_volume(p, r, spacing)
+    return {k: finite(scores[k]) for k in CASE_METRICS}

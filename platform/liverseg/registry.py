@@ -1,0 +1,213 @@
+"""Model registry: register with lineage, promote challenger -> champion behind a gate, roll back.
+
+Aliases (`challenger`, `champion`), not the deprecated stages. Every decision is written as tags on
+the challenger's version; the version that becomes champion records the champion it replaced, which is
+what `rollback` returns to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from liverseg.tracking import tracking_uri
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+DEFAULT_NAME = "liver-unet"
+
+
+class RegistryError(RuntimeError):
+    """A registry operation cannot proceed; one line saying why."""
+
+
+def _client():
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri())
+
+
+def _alias(client, name: str, alias: str):
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except Exception:
+        return None
+
+
+def register(run_id: str | None = None, tune_results: str | Path | None = None, name: str = DEFAULT_NAME) -> Any:
+    """Register a training run's logged model as a new version with lineage tags; alias it `challenger`."""
+    import mlflow
+
+    if (run_id is None) == (tune_results is None):
+        raise RegistryError("give exactly one of --run RUN_ID or --best-of-tune tune-results.json")
+    if tune_results is not None:
+        best = json.loads(Path(tune_results).read_text())["best"]
+        run_id = best.get("run_id")
+        if not run_id:
+            raise RegistryError(f"{tune_results}: best trial has no MLflow run id")
+    client = _client()
+    try:
+        run = client.get_run(run_id)
+    except Exception:
+        raise RegistryError(f"run {run_id}: not found in {tracking_uri()}") from None
+    t = run.data.tags
+    if "model_uri" not in t:
+        raise RegistryError(f"run {run_id}: has no logged model (did training finish?)")
+    for mv in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+        version = mv  # registering the same run twice returns its existing version (idempotent, for DVC)
+        break
+    else:
+        lineage = {
+            "training_run_id": run_id,
+            "git_commit": t.get("git_commit", "unknown"),
+            "dvc_store_md5": t.get("dvc_store_md5", "untracked"),
+            "store_digest": t.get("store_digest", ""),
+            "store_path": t.get("store_path", ""),
+            "config_hash": t.get("config_hash", ""),
+            "val_dice": t.get("best_val_dice", ""),
+        }
+        version = mlflow.register_model(t["model_uri"], name, tags=lineage)
+        _wait_ready(client, name, version.version)
+    client.set_registered_model_alias(name, CHALLENGER, version.version)
+    return client.get_model_version(name, version.version)
+
+
+def _wait_ready(client, name: str, version: str, timeout_s: float = 60) -> None:
+    deadline = time.time() + timeout_s
+    while client.get_model_version(name, version).status != "READY":
+        if time.time() > deadline:
+            raise RegistryError(f"{name} v{version}: not READY after {timeout_s:.0f} s")
+        time.sleep(0.5)
+
+
+@dataclass
+class Decision:
+    name: str
+    challenger: str
+    champion_before: str | None
+    champion_after: str | None
+    challenger_dice: float
+    champion_dice: float | None
+    promoted: bool
+    reason: str
+
+    def line(self) -> str:
+        champ = f"v{self.champion_before} test Dice {self.champion_dice:.4f}" if self.champion_before else "none"
+        verdict = "PROMOTED" if self.promoted else "KEPT"
+        return (f"{verdict}: {self.name} challenger v{self.challenger} test Dice {self.challenger_dice:.4f}; "
+                f"champion before: {champ}; champion now: v{self.champion_after}; {self.reason}")
+
+
+class _Lock:
+    """An exclusive lock per (tracking store, model name): promotions on one host are serialised."""
+
+    def __init__(self, name: str):
+        from filelock import FileLock
+
+        digest = hashlib.sha256(f"{tracking_uri()}|{name}".encode()).hexdigest()[:16]
+        d = Path(os.environ.get("LIVERSEG_LOCK_DIR", Path.home() / ".cache" / "liverseg" / "locks"))
+        d.mkdir(parents=True, exist_ok=True)
+        self.lock = FileLock(str(d / f"{digest}.lock"))
+
+    def __enter__(self):
+        self.lock.acquire(timeout=600)
+        return self
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+
+def promote(store_path: str, name: str = DEFAULT_NAME, min_dice: float = 0.9, margin: float = 0.0, split: str = "test", scorer=None) -> Decision:
+    """Evaluate challenger and champion on the same split; move `champion` only if the challenger passes
+    the floor and beats the champion by `margin` (strictly). Decision, scores and reason become tags.
+
+    `scorer(uri) -> mean test Dice` defaults to `evaluate` on the store (tests may pass a cheaper one).
+    """
+    from liverseg.evaluate import evaluate
+
+    scorer = scorer or (lambda uri: evaluate(uri, store_path, split).summary["dice"]["mean"])
+    client = _client()
+    with _Lock(name):  # compare-and-set: nobody moves the champion between our read and our write
+        chal = _alias(client, name, CHALLENGER)
+        if chal is None:
+            raise RegistryError(f"{name}: no '{CHALLENGER}' alias; run `liverseg register` first")
+        champ = _alias(client, name, CHAMPION)
+        if champ is not None and champ.version == chal.version:
+            return Decision(name, chal.version, champ.version, champ.version, float(champ.tags.get("test_dice", "nan")),
+                            float(champ.tags.get("test_dice", "nan")), False, "challenger is already champion")
+        chal_dice = float(scorer(f"models:/{name}/{chal.version}"))
+        champ_dice = float(scorer(f"models:/{name}/{champ.version}")) if champ else None
+        if chal_dice < min_dice:
+            ok, reason = False, f"below the floor {min_dice}"
+        elif champ_dice is not None and not chal_dice > champ_dice + margin:
+            ok, reason = False, f"does not beat the champion by more than {margin}"
+        else:
+            ok, reason = True, "first champion" if champ is None else f"beats the champion by more than {margin}"
+        if ok:
+            client.set_registered_model_alias(name, CHAMPION, chal.version)
+            client.set_model_version_tag(name, chal.version, "previous_champion", champ.version if champ else "")
+        decided = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        for k, v in {"promotion_decision": "promoted" if ok else "rejected", "test_dice": f"{chal_dice:.6f}",
+                     "champion_test_dice": "" if champ_dice is None else f"{champ_dice:.6f}",
+                     "promotion_reason": reason, "decided_at": decided,
+                     "compared_with": champ.version if champ else ""}.items():
+            client.set_model_version_tag(name, chal.version, k, v)
+        after = chal.version if ok else (champ.version if champ else None)
+        return Decision(name, chal.version, champ.version if champ else None, after, chal_dice, champ_dice, ok, reason)
+
+
+def rollback(name: str = DEFAULT_NAME) -> tuple[str, str]:
+    """Put `champion` back on the champion it replaced. Returns (from version, to version)."""
+    client = _client()
+    with _Lock(name):
+        champ = _alias(client, name, CHAMPION)
+        if champ is None:
+            raise RegistryError(f"{name}: no champion to roll back")
+        prev = champ.tags.get("previous_champion", "")
+        if not prev:
+            raise RegistryError(f"{name}: champion v{champ.version} replaced no earlier champion")
+        client.set_registered_model_alias(name, CHAMPION, prev)
+        client.set_model_version_tag(name, champ.version, "rolled_back_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        return champ.version, prev
+
+
+def resolve_version(client, uri: str):
+    """models:/name@alias or models:/name/N -> ModelVersion."""
+    if not uri.startswith("models:/"):
+        raise RegistryError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    ref = uri[len("models:/") :]
+    try:
+        if "@" in ref:
+            return client.get_model_version_by_alias(*ref.split("@", 1))
+        return client.get_model_version(*ref.split("/", 1))
+    except Exception as e:
+        raise RegistryError(f"{uri}: not found in the registry ({type(e).__name__})") from None
+
+
+def lineage(uri: str) -> list[str]:
+    """The chain model version -> training run -> git commit -> DVC data hash -> store cases and split."""
+    from liverseg.store import SliceStore, StoreError
+
+    client = _client()
+    mv = resolve_version(client, uri)
+    run = client.get_run(mv.run_id)
+    t = run.data.tags
+    lines = [
+        f"model      {mv.name} v{mv.version} (aliases: {', '.join(mv.aliases) or '-'}) test Dice {mv.tags.get('test_dice', '-')}",
+        f"  run      {run.info.run_id} '{run.info.run_name}' val Dice {t.get('best_val_dice', '-')} ({run.info.status})",
+        f"  parent   {t.get('mlflow.parentRunId', '-')} (tuning search)",
+        f"  commit   {t.get('git_commit', 'unknown')}",
+        f"  data     DVC md5 {t.get('dvc_store_md5', 'untracked')}, store digest {t.get('store_digest', '-')[:16]}",
+        f"  store    {t.get('store_path', '-')}",
+    ]
+    try:
+        st = SliceStore(t.get("store_path", ""))
+        for split, cases in st.splits.items():
+            lines.append(f"  {split:<8} {len(cases)} cases: {', '.join(cases)}")
+    except StoreError as e:
+        lines.append(f"  (store not readable here: {e})")
+    return lines
