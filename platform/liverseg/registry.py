@@ -136,8 +136,8 @@ def promote(store_path: str, name: str = DEFAULT_NAME, min_dice: float = 0.9, ma
         if chal is None:
             raise RegistryError(f"{name}: no '{CHALLENGER}' alias; run `liverseg register` first")
         champ = _alias(client, name, CHAMPION)
-        if champ is not None and champ.version == chal.version:
-            return Decision(name, chal.version, champ.version, champ.version, float(champ.tags.get("test_dice", "nan")),
+        if champ is not None and str(champ.version) == str(chal.version):
+            return Decision(name, str(chal.version), str(champ.version), str(champ.version), float(champ.tags.get("test_dice", "nan")),
                             float(champ.tags.get("test_dice", "nan")), False, "challenger is already champion")
         chal_dice = float(scorer(f"models:/{name}/{chal.version}"))
         champ_dice = float(scorer(f"models:/{name}/{champ.version}")) if champ else None
@@ -149,15 +149,16 @@ def promote(store_path: str, name: str = DEFAULT_NAME, min_dice: float = 0.9, ma
             ok, reason = True, "first champion" if champ is None else f"beats the champion by more than {margin}"
         if ok:
             client.set_registered_model_alias(name, CHAMPION, chal.version)
-            client.set_model_version_tag(name, chal.version, "previous_champion", champ.version if champ else "")
+            client.set_model_version_tag(name, chal.version, "previous_champion", str(champ.version) if champ else "")
         decided = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         for k, v in {"promotion_decision": "promoted" if ok else "rejected", "test_dice": f"{chal_dice:.6f}",
                      "champion_test_dice": "" if champ_dice is None else f"{champ_dice:.6f}",
                      "promotion_reason": reason, "decided_at": decided,
-                     "compared_with": champ.version if champ else ""}.items():
+                     "compared_with": str(champ.version) if champ else ""}.items():
             client.set_model_version_tag(name, chal.version, k, v)
-        after = chal.version if ok else (champ.version if champ else None)
-        return Decision(name, chal.version, champ.version if champ else None, after, chal_dice, champ_dice, ok, reason)
+        before = str(champ.version) if champ else None
+        after = str(chal.version) if ok else before
+        return Decision(name, str(chal.version), before, after, chal_dice, champ_dice, ok, reason)
 
 
 def rollback(name: str = DEFAULT_NAME) -> tuple[str, str]:
@@ -172,7 +173,7 @@ def rollback(name: str = DEFAULT_NAME) -> tuple[str, str]:
             raise RegistryError(f"{name}: champion v{champ.version} replaced no earlier champion")
         client.set_registered_model_alias(name, CHAMPION, prev)
         client.set_model_version_tag(name, champ.version, "rolled_back_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        return champ.version, prev
+        return str(champ.version), prev
 
 
 def resolve_version(client, uri: str):

@@ -1,0 +1,57 @@
+"""Real (untrained) models with known behaviour, logged and registered through the project's own code."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+SMALL_MODEL = {"encoder": "resnet18", "decoder_channels": [32, 16, 16, 8, 8]}
+
+
+def constant_state(liver: bool) -> dict[str, torch.Tensor]:
+    """A U-Net whose head ignores its input: every voxel liver (True) or none (False)."""
+    from liverseg.model import build_model
+
+    net = build_model(SMALL_MODEL["encoder"], "none", 1, SMALL_MODEL["decoder_channels"])
+    head = net.segmentation_head[0]
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([0.0, 10.0] if liver else [10.0, 0.0]))
+    return net.state_dict()
+
+
+def meta(size=(64, 64)) -> dict:
+    return {
+        **SMALL_MODEL,
+        "in_channels": 1,
+        "classes": ["background", "liver"],
+        "window": [-200.0, 250.0],
+        "mean": 0.2,
+        "std": 0.3,
+        "size": list(size),
+        "orientation": "RAS",
+        "units": "HU",
+        "lcc": True,
+    }
+
+
+def log_model_run(state: dict, experiment: str = "liverseg", val_dice: float = 0.5, store_path: str = "") -> tuple[str, str]:
+    """One finished MLflow run holding the model as the pyfunc training logs; returns (run id, model uri)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from liverseg.inference import log_pyfunc, save_local
+    from liverseg.tracking import experiment_id, tracking_uri
+
+    client = MlflowClient(tracking_uri())
+    run = client.create_run(experiment_id(client, experiment), tags={"git_commit": "abc123", "dvc_store_md5": "d41d8cd9", "store_path": store_path, "store_digest": "f" * 64, "config_hash": "cafe"})
+    rid = run.info.run_id
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=rid):
+        save_local(Path(tmp) / "m", state, meta())
+        info = log_pyfunc(Path(tmp) / "m")
+    client.set_tag(rid, "model_uri", info.model_uri)
+    client.set_tag(rid, "best_val_dice", str(val_dice))
+    client.set_terminated(rid, "FINISHED")
+    return rid, info.model_uri

@@ -1,0 +1,127 @@
+"""Registry against a real local SQLite store and a real `mlflow server` started on 127.0.0.1."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import constant_state, log_model_run
+from liverseg.registry import RegistryError, lineage, promote, register, rollback
+
+
+def _versions(name="liver-unet"):
+    from mlflow.tracking import MlflowClient
+
+    from liverseg.tracking import tracking_uri
+
+    c = MlflowClient(tracking_uri())
+    return c, {str(mv.version): c.get_model_version(name, mv.version) for mv in c.search_model_versions(f"name = '{name}'")}
+
+
+def _flow(store_path):
+    """register -> promote (floor) -> better challenger promoted -> worse kept -> rollback."""
+    none_run, _ = log_model_run(constant_state(liver=False), store_path=store_path)
+    all_run, _ = log_model_run(constant_state(liver=True), store_path=store_path)
+    mv = register(run_id=none_run)
+    assert str(mv.version) == "1" and "challenger" in mv.aliases and mv.tags["training_run_id"] == none_run
+    assert mv.tags["git_commit"] == "abc123" and mv.tags["dvc_store_md5"] == "d41d8cd9"
+    d = promote(store_path, min_dice=0.0)  # first model: the floor alone (Dice 0 >= 0)
+    assert d.promoted and d.reason == "first champion" and d.champion_after == "1"
+    register(run_id=all_run)
+    d = promote(store_path, min_dice=0.99)
+    assert not d.promoted and "floor" in d.reason and d.champion_after == "1"
+    d = promote(store_path, min_dice=0.0)
+    assert d.promoted and d.challenger_dice > d.champion_dice == 0.0 and d.champion_after == "2"
+    client, vs = _versions()
+    assert vs["2"].tags["promotion_decision"] == "promoted" and vs["2"].tags["previous_champion"] == "1"
+    assert "champion" in vs["2"].aliases
+    assert str(register(run_id=all_run).version) == "2"  # same run again: same version, no duplicate
+    text = "\n".join(lineage("models:/liver-unet@champion"))
+    assert all_run in text and "abc123" in text and "d41d8cd9" in text and "test" in text
+    assert rollback() == ("2", "1")
+    _, vs = _versions()
+    assert "champion" in vs["1"].aliases
+    with pytest.raises(RegistryError, match="replaced no earlier champion"):
+        rollback()
+
+
+def test_registry_flow_sqlite(mlflow_uri, store_path):
+    _flow(store_path)
+
+
+def test_register_needs_a_logged_model(mlflow_uri):
+    from mlflow.tracking import MlflowClient
+
+    from liverseg.tracking import experiment_id
+
+    c = MlflowClient(mlflow_uri)
+    rid = c.create_run(experiment_id(c, "liverseg")).info.run_id
+    with pytest.raises(RegistryError, match="no logged model"):
+        register(run_id=rid)
+    with pytest.raises(RegistryError, match="exactly one"):
+        register()
+
+
+def test_racing_promotions_stay_consistent(mlflow_uri, store_path, tmp_path):
+    """Two `liverseg promote` processes at once on the same challenger: one promotes, one sees it done."""
+    run, _ = log_model_run(constant_state(liver=True), store_path=store_path)
+    register(run_id=run)
+    env = {**os.environ, "LIVERSEG_LOCK_DIR": str(tmp_path / "locks")}
+    cmd = [sys.executable, "-m", "liverseg.cli", "promote", "--store", store_path, "--min-dice", "0"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert sorted(o.split(":")[0] for o in outs) == ["KEPT", "PROMOTED"], outs
+    _, vs = _versions()
+    assert list(vs) == ["1"] and "champion" in vs["1"].aliases
+    assert vs["1"].tags["previous_champion"] == ""  # never points at itself
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path, monkeypatch):
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}",
+         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    import requests
+
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            if requests.get(uri + "/health", timeout=1).ok:
+                break
+        except requests.RequestException:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not start in 90 s")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    yield uri
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_registry_flow_against_mlflow_server(mlflow_server, store_path):
+    _flow(store_path)
+
+
+def test_unreachable_server_fails_fast(monkeypatch):
+    from liverseg.tracking import TrackingError, check_tracking
+
+    t0 = time.time()
+    with pytest.raises(TrackingError, match="not reachable"):
+        check_tracking(f"http://127.0.0.1:{_free_port()}", timeout_s=3)
+    assert time.time() - t0 < 30

@@ -1,0 +1,111 @@
+"""The REST service, started as a real process on 127.0.0.1 and called over HTTP."""
+
+import gzip
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import nibabel as nib
+import numpy as np
+import pytest
+
+from helpers import constant_state, log_model_run
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _nii_bytes(arr, affine=None, gz=True):
+    raw = nib.Nifti1Image(arr, np.eye(4) if affine is None else affine).to_bytes()
+    return gzip.compress(raw) if gz else raw
+
+
+@pytest.fixture
+def server(mlflow_uri, store_path, tmp_path):
+    from liverseg.registry import promote, register
+
+    run, _ = log_model_run(constant_state(liver=False), store_path=store_path)
+    register(run_id=run)
+    promote(store_path, min_dice=0.0)
+    port = _free_port()
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "liverseg.cli", "serve", "--port", str(port), "--max-mb", "1"],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "LIVERSEG_LOCK_DIR": str(tmp_path)},
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("server did not start")
+    yield base, store_path
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_segment_health_model_and_bad_requests(server, real_ct):
+    base, _ = server
+    assert httpx.get(base + "/health").json() == {"status": "ok", "version": "1"}
+    info = httpx.get(base + "/model").json()
+    assert info["name"] == "liver-unet" and info["alias"] == "champion" and info["lineage"]["git_commit"] == "abc123"
+    assert info["preprocessing"]["window"] == [-200.0, 250.0]
+
+    body = (real_ct / "volume-0.nii.gz").read_bytes()
+    r = httpx.post(base + "/segment", content=body, timeout=120)
+    assert r.status_code == 200 and r.headers["x-model-version"] == "1"
+    mask = nib.Nifti1Image.from_bytes(gzip.decompress(r.content))
+    src = nib.load(str(real_ct / "volume-0.nii.gz"))
+    assert mask.shape == src.shape and np.allclose(mask.affine, src.affine) and mask.get_data_dtype() == np.uint8
+    plain = httpx.post(base + "/segment", content=gzip.decompress(body), timeout=120)
+    assert plain.status_code == 200  # uncompressed .nii works too
+
+    vol = np.zeros((8, 8, 4), np.int16)
+    nan = vol.astype(np.float32)
+    nan[0, 0, 0] = np.nan
+    bad = {
+        "empty": (b"", 400, "empty body"),
+        "not nifti": (b"hello world" * 50, 400, "not a NIfTI"),
+        "truncated gzip": (body[: len(body) // 3], 400, "cannot decode"),
+        "2-D": (_nii_bytes(vol[:, :, 0]), 400, "2-D"),
+        "4-D": (_nii_bytes(np.stack([vol, vol], -1)), 400, "4-D"),
+        "NaN": (_nii_bytes(nan), 400, "non-finite"),
+        "too large": (os.urandom(1_200_000), 413, "limit"),
+    }
+    for label, (payload, status, fragment) in bad.items():
+        r = httpx.post(base + "/segment", content=payload, timeout=60)
+        assert r.status_code == status, (label, r.status_code, r.text)
+        assert fragment in r.json()["detail"], (label, r.text)
+    assert httpx.get(base + "/health").status_code == 200  # still up
+
+
+def test_reload_follows_the_alias(server, real_ct, store_path):
+    from mlflow.tracking import MlflowClient
+
+    from liverseg.registry import register
+    from liverseg.tracking import tracking_uri
+
+    base, _ = server
+    body = (real_ct / "volume-0.nii.gz").read_bytes()
+    before = nib.Nifti1Image.from_bytes(gzip.decompress(httpx.post(base + "/segment", content=body, timeout=120).content))
+    assert np.asanyarray(before.dataobj).sum() == 0  # v1 predicts no liver
+    run, _ = log_model_run(constant_state(liver=True), store_path=store_path)
+    mv = register(run_id=run)
+    MlflowClient(tracking_uri()).set_registered_model_alias("liver-unet", "champion", mv.version)
+    assert httpx.post(base + "/reload", timeout=120).json() == {"previous_version": "1", "version": "2"}
+    r = httpx.post(base + "/segment", content=body, timeout=120)
+    after = nib.Nifti1Image.from_bytes(gzip.decompress(r.content))
+    assert r.headers["x-model-version"] == "2" and np.asanyarray(after.dataobj).all()
