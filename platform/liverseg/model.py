@@ -69,7 +69,8 @@ def build_model(
         for k, v in list(state.items()):  # ImageNet RGB stem -> grey stem: sum over channels, as smp does
             if k in own and v.ndim == 4 and v.shape[1] != own[k].shape[1] and own[k].shape[1] == in_channels:
                 state[k] = v.sum(1, keepdim=True).repeat(1, in_channels, 1, 1) / in_channels
-        missing, unexpected = model.encoder.load_state_dict(state, strict=False)
-        if len(missing) == len(own):
+        matched = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
+        if not matched:
             raise ModelError(f"model.encoder_weights: {local} holds no weights of encoder '{encoder}'")
+        torch.nn.Module.load_state_dict(model.encoder, matched, strict=False)  # classifier keys are skipped
     return model

@@ -170,6 +170,7 @@ def train(
         "val_shares": assign_cases({c: store.num_slices(c) for c in val_cases}, workers),
         "tracking_uri": uri,
         "run_id": run_id,
+        "fault_marker": f"{storage_path(cfg)}/{name}/.fault-injected" if "://" not in storage_path(cfg) else None,
     }
     ensure_ray(cfg.run.ray_address)
     trainer = TorchTrainer(

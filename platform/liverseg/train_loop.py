@@ -97,6 +97,16 @@ def _validate(model, val_set: SliceSet, case_pos: list[int], n_cases: int, cfg: 
     return out
 
 
+def _inject_fault(marker: str | None) -> None:
+    """Tests' fault injection: die mid-epoch once (a marker file remembers), as a crashed worker would."""
+    if not marker or os.path.exists(marker):
+        return
+    Path(marker).parent.mkdir(parents=True, exist_ok=True)
+    Path(marker).touch()
+    time.sleep(2.0)  # let the controller register the previous epoch's checkpoint first
+    os._exit(17)
+
+
 def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     import ray.train.torch
@@ -150,8 +160,6 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     logger = MetricLogger(config.get("tracking_uri"), config.get("run_id")) if rank == 0 else None
 
     for epoch in range(start, cfg.train.epochs):
-        if cfg.run.fail_at_epoch == epoch and ckpt is None and rank == 0:
-            os._exit(17)  # fault injection (tests): the process dies as a crashed worker would
         t0 = time.perf_counter()
         model.train()
         idx = epoch_indices(len(train_set), steps * batch, _seed(cfg.train.seed, epoch, rank))
@@ -175,6 +183,8 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
             opt.step()
             sched.step()
             loss_sum += loss.detach()
+            if cfg.run.fail_at_epoch == epoch and rank == 0 and s == steps // 2:
+                _inject_fault(config.get("fault_marker"))
         train_time = time.perf_counter() - t0
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(loss_sum)

@@ -1,0 +1,104 @@
+"""End-to-end training on Ray Train (CPU), tracked in MLflow: phantoms -> ingest -> train."""
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from liverseg.config import IngestConfig, TrainConfig, load_config
+from liverseg.store import SliceStore
+from liverseg.train import train
+
+TINY = [
+    "model.encoder=resnet18",
+    "model.encoder_weights=none",
+    "model.decoder_channels=[32,16,16,8,8]",
+    "train.batch_size=8",
+]
+
+
+def _cfg(tmp_path, *extra):
+    return load_config(TrainConfig, None, [*TINY, f"run.storage_path={tmp_path / 'ray'}", *extra])
+
+
+def _chance_dice(store_path):
+    """Dice of predicting liver everywhere on the validation cases (the 'no skill' baseline)."""
+    st = SliceStore(store_path)
+    scores = []
+    for c in st.cases_in("val"):
+        m = st.volume(c)[1] >= 1
+        scores.append(2 * m.sum() / (m.sum() + m.size))
+    return float(np.mean(scores))
+
+
+def test_two_workers_end_to_end(ray_local, mlflow_uri, store_path, tmp_path):
+    cfg = _cfg(tmp_path, "train.epochs=3", "scaling.num_workers=2", "run.name=e2e", "train.lr=0.003")
+    res = train(store_path, cfg)
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(res.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "e2e"
+    for key in ("train_loss", "val_loss", "val_dice", "val_iou", "val_precision", "val_recall"):
+        assert [m.step for m in client.get_metric_history(res.run_id, key)] == [0, 1, 2], key
+    p, t = run.data.params, run.data.tags
+    assert p["train.lr"] == "0.003" and p["scaling.num_workers"] == "2" and p["loss.dice_weight"] == "1.0"
+    for tag in ("git_commit", "dvc_store_md5", "store_path", "store_digest", "format_version", "ray_version", "torch_version"):
+        assert t.get(tag), tag
+    arts = {a.path for a in client.list_artifacts(res.run_id)} | {a.path for a in client.list_artifacts(res.run_id, "plots")}
+    assert {"config.json", "plots/curves.png", "plots/val_overlay.png"} <= arts
+    assert res.best_val_dice > _chance_dice(store_path)
+    import mlflow.pyfunc
+
+    model = mlflow.pyfunc.load_model(res.model_uri)
+    meta = model.unwrap_python_model().lm.meta
+    assert meta["window"] == [-200.0, 250.0] and meta["size"] == [64, 64] and 0 < meta["std"] < 1
+    assert list((tmp_path / "ray" / "e2e").glob("checkpoint_*"))
+    again = train(store_path, cfg)  # same name: finished run is returned, nothing retrained
+    assert again.resumed_finished and again.run_id == res.run_id
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_resume_after_injected_failure(ray_local, mlflow_uri, store_path, tmp_path):
+    cfg = _cfg(tmp_path, "train.epochs=3", "train.steps_per_epoch=2", "run.name=crashy", "run.fail_at_epoch=1", "run.max_failures=1")
+    res = train(store_path, cfg)
+    client = MlflowClient(mlflow_uri)
+    hist = client.get_metric_history(res.run_id, "val_dice")
+    assert sorted(m.step for m in hist) == [0, 1, 2]  # every epoch once: epoch 0 not redone
+    assert len(client.search_runs([client.get_run(res.run_id).info.experiment_id])) == 1
+    assert client.get_run(res.run_id).info.status == "FINISHED"
+
+
+def test_unknown_encoder_lists_choices():
+    from liverseg.model import ModelError, build_model
+
+    with pytest.raises(ModelError, match="unknown encoder 'resnet51'.*resnet50"):
+        build_model("resnet51")
+
+
+def test_local_weights_file(tmp_path):
+    import torch
+
+    from liverseg.model import build_model
+
+    src = build_model("resnet18", "none", 3)
+    torch.save(src.encoder.state_dict(), tmp_path / "enc.pth")  # an RGB encoder, as ImageNet files are
+    grey = build_model("resnet18", str(tmp_path / "enc.pth"), 1)
+    w_rgb, w_grey = src.encoder.conv1.weight, grey.encoder.conv1.weight
+    assert w_grey.shape[1] == 1 and torch.allclose(w_grey[:, 0], w_rgb.sum(1))
+
+
+def test_learns_liver_above_0_9(ray_local, mlflow_uri, tmp_path):
+    """Honest learning check: 12 phantoms, disjoint train/val cases, CPU, a few minutes."""
+    from liverseg.ingest import ingest
+    from liverseg.phantoms import write_phantoms
+
+    write_phantoms(tmp_path / "raw", 12, seed=5, shape=(64, 64, 24))
+    store = str(tmp_path / "s.zarr")
+    assert ingest(tmp_path / "raw", store, IngestConfig(size=(64, 64), workers=2), progress=False).ok
+    st = SliceStore(store)
+    assert not set(st.cases_in("train")) & set(st.cases_in("val"))
+    cfg = load_config(TrainConfig, None, [
+        "model.encoder=resnet18", "model.encoder_weights=none", "model.decoder_channels=[128,64,32,16,8]",
+        "train.epochs=8", "train.batch_size=16", "train.lr=0.002", "scaling.cpus_per_worker=2",
+        f"run.storage_path={tmp_path / 'ray'}", "run.name=learn",
+    ])
+    res = train(store, cfg)
+    assert res.best_val_dice > 0.9, res.best_val_dice
