@@ -9,6 +9,7 @@ trial continues its own run: no duplicates).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,7 +84,7 @@ def make_scheduler(cfg: TuneConfig):
         time_attr="training_iteration",
         metric=cfg.tune.metric,
         mode=cfg.tune.mode,
-        max_t=cfg.train.epochs,
+        max_t=cfg.train.epochs + 1,  # never reached: ASHA must not stop a trial at its last epoch (model logging follows)
         grace_period=min(cfg.tune.grace_period, cfg.train.epochs),
         reduction_factor=cfg.tune.reduction_factor,
     )
@@ -103,6 +104,7 @@ def trial_fn(config: dict[str, Any]) -> None:
 
     from liverseg.train import train
 
+    os.environ["MLFLOW_TRACKING_URI"] = config["tracking_uri"]  # trial actors may predate the driver's env
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(config["base"], config["sampled"])
     cfg.run.name = f"{config['name']}-{trial_id}"
@@ -165,6 +167,7 @@ def tune_search(store_path: str, cfg: TuneConfig, resume: bool = False, results_
             "name": cfg.tune.name,
             "storage": exp_dir,
             "parent_run_id": parent,
+            "tracking_uri": uri,
         }
         tuner = tune.Tuner(
             trainable,
@@ -173,8 +176,7 @@ def tune_search(store_path: str, cfg: TuneConfig, resume: bool = False, results_
                 num_samples=cfg.tune.num_samples,
                 search_alg=search,
                 scheduler=make_scheduler(cfg),
-                max_concurrent_trials=cfg.tune.max_concurrent,
-            ),
+            ),  # concurrency is limited by the search algorithm (see make_search)
             run_config=tune.RunConfig(name=cfg.tune.name, storage_path=root),
         )
     grid = tuner.fit()
@@ -202,8 +204,7 @@ def _summarise(client, cfg: TuneConfig, grid, parent: str) -> TuneSummary:
         model_uri = run.data.tags.get("model_uri") if run else None
         if run is not None:
             client.set_tag(run_id, "trial_status", status)
-            if run.info.status == "RUNNING" or (status != "completed" and run.info.status != "FINISHED"):
-                client.set_terminated(run_id, {"failed": "FAILED", "early-stopped": "KILLED"}.get(status, "FINISHED"))
+            client.set_terminated(run_id, {"failed": "FAILED", "early-stopped": "KILLED"}.get(status, "FINISHED"))
         sampled = {k: v for k, v in (res.config or {}).get("sampled", {}).items()}
         trials.append(
             {
@@ -214,7 +215,7 @@ def _summarise(client, cfg: TuneConfig, grid, parent: str) -> TuneSummary:
                 "params": sampled,
                 "run_id": run_id,
                 "model_uri": model_uri,
-                "checkpoint": str(res.checkpoint.path) if res.checkpoint else None,
+                "checkpoint": metrics.get("checkpoint_path"),
             }
         )
     sign = -1 if cfg.tune.mode == "max" else 1

@@ -1,0 +1,95 @@
+"""Ray Tune search on CPU: trials as MLflow child runs, ASHA stopping, resume after a killed driver."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from liverseg.config import TuneConfig, load_config
+from liverseg.tune import build_space, tune_search
+
+BASE = [
+    "model.encoder=resnet18",
+    "model.encoder_weights=none",
+    "model.decoder_channels=[32,16,16,8,8]",
+    "train.epochs=3",
+    "train.steps_per_epoch=2",
+    "train.batch_size=8",
+    "tune.search=grid",
+    "tune.num_samples=2",
+    "space={train.lr: {grid: [0.003, 1.0e-9]}}",  # a constructed case: half the trials cannot learn
+]
+
+
+def _children(client, parent):
+    exp = client.get_run(parent).info.experiment_id
+    return client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+
+
+def test_search_four_trials_two_concurrent(ray_local, mlflow_uri, store_path, tmp_path):
+    cfg = load_config(TuneConfig, None, [*BASE, "tune.max_concurrent=2", f"run.storage_path={tmp_path / 'ray'}"])
+    summary = tune_search(store_path, cfg, results_path=tmp_path / "tune-results.json")
+    client = MlflowClient(mlflow_uri)
+    kids = _children(client, summary.parent_run_id)
+    assert len(kids) == 4 and len({k.data.tags["liverseg.run_key"] for k in kids}) == 4
+    statuses = {k.data.tags["trial_status"] for k in kids}
+    assert "early-stopped" in statuses and "completed" in statuses
+    for k in kids:
+        expected = {"completed": "FINISHED", "early-stopped": "KILLED", "failed": "FAILED"}[k.data.tags["trial_status"]]
+        assert k.info.status == expected
+        if k.data.tags["trial_status"] == "completed":
+            assert k.data.tags.get("model_uri") and len(client.get_metric_history(k.info.run_id, "val_dice")) == 3
+    best_dice = max(t["val_dice"] for t in summary.trials)
+    assert summary.best["val_dice"] == best_dice and summary.best["params"]["train.lr"] == 0.003
+    results = json.loads((tmp_path / "tune-results.json").read_text())
+    assert results["best"]["run_id"] == summary.best["run_id"] and results["best"]["model_uri"]
+    parent = client.get_run(summary.parent_run_id)
+    assert parent.data.metrics["best_val_dice"] == pytest.approx(best_dice)
+    assert parent.data.params["search"] == "grid" and parent.data.tags["best.train.lr"] == "0.003"
+
+
+def test_space_errors_list_choices():
+    from liverseg.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown training key 'train.lrr'"):
+        build_space({"train.lrr": {"uniform": [0, 1]}})
+    with pytest.raises(ConfigError, match="loguniform, uniform, choice, grid, randint"):
+        build_space({"train.lr": {"normal": [0, 1]}})
+    with pytest.raises(ConfigError, match="low < high"):
+        build_space({"train.lr": {"uniform": [1, 0]}})
+
+
+@pytest.mark.slow
+def test_resume_after_killed_driver(mlflow_uri, store_path, tmp_path):
+    sets = [x for s in [*BASE, "tune.max_concurrent=1", f"run.storage_path={tmp_path / 'ray'}"] for x in ("--set", s)]
+    cmd = [sys.executable, "-m", "liverseg.cli", "tune", "--store", store_path, *sets, "--out", str(tmp_path / "r.json")]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    client = MlflowClient(mlflow_uri)
+    deadline = time.time() + 600
+    finished = []
+    while time.time() < deadline and proc.poll() is None:
+        runs = client.search_runs(client.search_experiments()[0:2] and [e.experiment_id for e in client.search_experiments()],
+                                  filter_string="tags.`liverseg.run_key` LIKE 'liverseg-tune/%'")
+        finished = [r for r in runs if r.data.tags.get("model_uri")]
+        if finished:
+            break
+        time.sleep(2)
+    assert finished, "no trial finished before the deadline"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray die mid-search
+    proc.wait()
+    subprocess.run(["ray", "stop", "--force"], capture_output=True)
+    res = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert len(results["trials"]) == 4
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], filter_string="tags.`liverseg.run_key` LIKE 'liverseg-tune/%'")
+    keys = [r.data.tags["liverseg.run_key"] for r in runs]
+    assert len(keys) == len(set(keys)) == 4  # no trial's run duplicated
+    first = next(r for r in runs if r.info.run_id == finished[0].info.run_id)
+    assert len(client.get_metric_history(first.info.run_id, "val_dice")) == 3  # not retrained
