@@ -42,7 +42,8 @@ def log_model_run(state: dict, experiment: str = "liverseg", val_dice: float = 0
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from liverseg.inference import log_pyfunc, save_local
+    from liverseg.inference import save_local
+    from liverseg.pyfunc import log_pyfunc
     from liverseg.tracking import experiment_id, tracking_uri
 
     client = MlflowClient(tracking_uri())

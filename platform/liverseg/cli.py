@@ -199,6 +199,7 @@ def register(
     run: Optional[str] = typer.Option(None, "--run", help="MLflow training run id"),
     best_of_tune: Optional[Path] = typer.Option(None, help="tune-results.json: register its best trial"),
     name: str = typer.Option("liver-unet", help="registered model name"),
+    out: Optional[Path] = typer.Option(None, help="write {name, version, run_id} JSON here (DVC output)"),
 ) -> None:
     """Register a trained model version with lineage tags and alias it `challenger`."""
     from liverseg.registry import RegistryError, register as run_register
@@ -207,6 +208,10 @@ def register(
         mv = run_register(run, best_of_tune, name)
     except (RegistryError, FileNotFoundError) as e:
         fail(str(e), 1)
+    if out:
+        from liverseg.storage import atomic_write_json
+
+        atomic_write_json(out, {"name": name, "version": str(mv.version), "run_id": mv.run_id, "alias": "challenger"})
     typer.echo(f"registered {name} v{mv.version} (run {mv.run_id}) as @challenger")
 
 

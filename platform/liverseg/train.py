@@ -209,7 +209,8 @@ def log_best_model(client, run_id: str, best: dict[str, Any], meta: dict[str, An
     """Log the best weights as a pyfunc, the config snapshot, curves and overlay PNGs; returns the model URI."""
     import mlflow
 
-    from liverseg.inference import load_local, log_pyfunc, save_local
+    from liverseg.inference import load_local, save_local
+    from liverseg.pyfunc import log_pyfunc
     from liverseg.plots import overlay_png, curves_png
 
     meta = {**meta, "best_epoch": int(best["epoch"]), "val_dice": float(best["val_dice"]), "train_run_id": run_id}

@@ -1,0 +1,79 @@
+"""Ingest throughput vs nibabel's decode alone, and random-slice reads from the store vs numpy. JSON.
+
+    python benchmarks/store_io.py --cases 8 --shape 256 256 96 --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+
+def _decode(path: str) -> int:
+    return int(np.asanyarray(nib.load(path).dataobj).size)
+
+
+def main() -> None:
+    from liverseg.config import IngestConfig
+    from liverseg.ingest import ingest
+    from liverseg.phantoms import write_phantoms
+    from liverseg.store import SliceStore
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cases", type=int, default=8)
+    p.add_argument("--shape", type=int, nargs=3, default=[256, 256, 96])
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--reads", type=int, default=2000)
+    a = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "raw"
+        write_phantoms(raw, a.cases, seed=1, shape=tuple(a.shape))
+        files = sorted(str(f) for f in raw.glob("*.nii.gz"))
+        mb = sum(os.path.getsize(f) for f in files) / 1e6
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(a.workers, mp_context=mp.get_context("spawn")) as pool:
+            list(pool.map(_decode, files[:2]))  # start the workers before timing
+            t0 = time.perf_counter()
+            list(pool.map(_decode, files))
+            decode_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        rep = ingest(raw, Path(tmp) / "s.zarr", IngestConfig(workers=a.workers), progress=False)
+        ingest_s = time.perf_counter() - t0
+        assert rep.ok
+        st = SliceStore(str(Path(tmp) / "s.zarr"))
+        rng = np.random.default_rng(0)
+        picks = [(c, int(rng.integers(st.num_slices(c)))) for c in rng.choice(st.cases, a.reads)]
+        t0 = time.perf_counter()
+        for c, z in picks:
+            st.slices(c, [z])
+        zarr_s = time.perf_counter() - t0
+        mem = {c: st.volume(c) for c in st.cases}
+        t0 = time.perf_counter()
+        for c, z in picks:
+            mem[c][0][z].copy(), mem[c][1][z].copy()
+        np_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for c in st.cases:
+            st.volume(c)
+        whole_s = time.perf_counter() - t0
+        slices = sum(st.num_slices(c) for c in st.cases)
+    print(json.dumps({
+        "cases": a.cases, "shape": a.shape, "workers": a.workers, "nifti_mb": mb,
+        "nibabel_decode_mb_per_s": mb / decode_s, "ingest_mb_per_s": mb / ingest_s,
+        "ingest_to_decode_ratio": decode_s / ingest_s,
+        "zarr_random_slices_per_s": a.reads / zarr_s, "numpy_random_slices_per_s": a.reads / np_s,
+        "zarr_whole_case_slices_per_s": slices / whole_s, "date": time.strftime("%Y-%m-%d"),
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Training throughput: liverseg's input path + step vs plain PyTorch on data already on the device.
+
+Both sides in one process, same model (smp U-Net), batch, precision, channels_last and compile
+setting. liverseg's side gathers int16 slices from a SliceSet in (pinned) host memory, copies them to
+the device, windows, augments (on the device) and standardises, as `train_loop` does. Prints JSON.
+
+    python benchmarks/train_step.py --encoder resnet50 --size 128 --batch 512 --steps 30 [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import numpy as np
+import torch
+
+
+class _MemStore:
+    """An in-memory stand-in for SliceStore with the same `volume`/`size` interface (random HU)."""
+
+    def __init__(self, cases: int, z: int, size: int):
+        rng = np.random.default_rng(0)
+        self.size = (size, size)
+        self.data = {
+            str(c): (rng.integers(-1000, 400, (z, size, size), dtype=np.int16), (rng.random((z, size, size)) > 0.7).astype(np.uint8))
+            for c in range(cases)
+        }
+
+    def volume(self, case):
+        return self.data[case]
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run(args) -> dict:
+    from liverseg.data import SliceSet, epoch_indices
+    from liverseg.losses import HybridLoss
+    from liverseg.model import build_model
+    from liverseg.transforms import random_affine, standardise, window01
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bf16 = dev.type == "cuda"
+    loss_fn = HybridLoss()
+
+    def make():
+        torch.manual_seed(0)
+        net = build_model(args.encoder, "none", 1).to(dev, memory_format=torch.channels_last)
+        model = torch.compile(net) if args.compile else net
+        return model, torch.optim.Adam(net.parameters(), lr=1e-4)
+
+    def step(model, opt, x, y):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x)
+        loss = loss_fn(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    B, S = args.batch, args.size
+    out = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or "cpu",
+           "encoder": args.encoder, "size": S, "batch": B, "compile": args.compile, "precision": "bf16" if bf16 else "fp32"}
+
+    # plain PyTorch: random data already on the device
+    model, opt = make()
+    x = torch.randn(B, 1, S, S, device=dev).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 2, (B, S, S), device=dev)
+    for _ in range(args.warmup):
+        step(model, opt, x, y)
+    _sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step(model, opt, x, y)
+    _sync(dev)
+    out["plain_slices_per_s"] = B * args.steps / (time.perf_counter() - t0)
+
+    # liverseg: SliceSet in host memory -> device -> window -> augment -> standardise -> step
+    store = _MemStore(args.cases, args.slices_per_case, S)
+    data = SliceSet(store, list(store.data), 1, pin=dev.type == "cuda")
+    t0 = time.perf_counter()
+    idx = epoch_indices(len(data), B * 64, 0)
+    for i in range(64):
+        data.batch(idx[i * B : (i + 1) * B])
+    out["loader_only_slices_per_s_one_core"] = B * 64 / (time.perf_counter() - t0)
+    model, opt = make()
+    gen = torch.Generator(device=dev).manual_seed(0)
+    idx = epoch_indices(len(data), B * (args.steps + args.warmup), 1)
+
+    def lv_step(i):
+        img, msk = data.batch(idx[i * B : (i + 1) * B])
+        img, msk = img.to(dev, non_blocking=True), msk.to(dev, non_blocking=True).long()
+        xx = window01(img, (-200, 250))
+        xx, msk = random_affine(xx, msk, gen)
+        xx = standardise(xx, 0.2, 0.3).contiguous(memory_format=torch.channels_last)
+        step(model, opt, xx, msk)
+
+    for i in range(args.warmup):
+        lv_step(i)
+    _sync(dev)
+    t0 = time.perf_counter()
+    for i in range(args.warmup, args.warmup + args.steps):
+        lv_step(i)
+    _sync(dev)
+    out["liverseg_slices_per_s"] = B * args.steps / (time.perf_counter() - t0)
+    out["ratio_liverseg_to_plain"] = out["liverseg_slices_per_s"] / out["plain_slices_per_s"]
+    out["loader_to_gpu_ratio"] = out["loader_only_slices_per_s_one_core"] / out["plain_slices_per_s"]
+    out["torch"] = torch.__version__
+    out["date"] = time.strftime("%Y-%m-%d")
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--encoder", default="resnet50")
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--cases", type=int, default=8)
+    p.add_argument("--slices-per-case", type=int, default=256)
+    p.add_argument("--compile", action="store_true")
+    print(json.dumps(run(p.parse_args())))
+
+
+if __name__ == "__main__":
+    main()
