@@ -39,7 +39,7 @@ def _sync(dev):
 
 
 def run(args) -> dict:
-    from liverseg.data import SliceSet, epoch_indices
+    from liverseg.data import DeviceBatches, SliceSet, epoch_indices
     from liverseg.losses import HybridLoss
     from liverseg.model import build_model
     from liverseg.transforms import random_affine, standardise, window01
@@ -81,7 +81,7 @@ def run(args) -> dict:
 
     # liverseg: SliceSet in host memory -> device -> window -> augment -> standardise -> step
     store = _MemStore(args.cases, args.slices_per_case, S)
-    data = SliceSet(store, list(store.data), 1, pin=dev.type == "cuda")
+    data = SliceSet(store, list(store.data), 1)
     t0 = time.perf_counter()
     idx = epoch_indices(len(data), B * 64, 0)
     for i in range(64):
@@ -90,10 +90,11 @@ def run(args) -> dict:
     model, opt = make()
     gen = torch.Generator(device=dev).manual_seed(0)
     idx = epoch_indices(len(data), B * (args.steps + args.warmup), 1)
+    batches = DeviceBatches(data, dev, B)
 
     def lv_step(i):
-        img, msk = data.batch(idx[i * B : (i + 1) * B])
-        img, msk = img.to(dev, non_blocking=True), msk.to(dev, non_blocking=True).long()
+        img, msk = batches.get(idx[i * B : (i + 1) * B])
+        msk = msk.long()
         xx = window01(img, (-200, 250))
         xx, msk = random_affine(xx, msk, gen)
         xx = standardise(xx, 0.2, 0.3).contiguous(memory_format=torch.channels_last)

@@ -1,4 +1,4 @@
-"""Training data: each worker loads its own share of cases from the slice store into (pinned) memory.
+"""Training data: each worker loads its own share of cases from the slice store into memory.
 
 A whole case is one or a few shard reads, so loading is fast; batches are then gathered from memory
 by index (int16, half the bytes of float) and moved to the training device, where windowing,
@@ -32,7 +32,7 @@ class SliceSet:
     form each input (C = 1, or 3 for the slice and its neighbours, clamped inside its case).
     """
 
-    def __init__(self, store: SliceStore, cases: list[str], in_channels: int = 1, pin: bool = False):
+    def __init__(self, store: SliceStore, cases: list[str], in_channels: int = 1):
         images, masks, nbrs, owner = [], [], [], []
         offset = 0
         for k, case in enumerate(cases):
@@ -54,8 +54,6 @@ class SliceSet:
         self.mask = torch.from_numpy(np.concatenate(masks) if masks else np.zeros((0, h, w), np.uint8))
         self.neighbours = torch.from_numpy(np.concatenate(nbrs) if nbrs else np.zeros((0, in_channels), np.int64))
         self.case_index = torch.from_numpy(np.concatenate(owner) if owner else np.zeros(0, np.int64))
-        if pin and torch.cuda.is_available():
-            self.image, self.mask = self.image.pin_memory(), self.mask.pin_memory()
 
     def __len__(self) -> int:
         return int(self.image.shape[0])
@@ -67,6 +65,44 @@ class SliceSet:
     def case_slices(self, k: int) -> torch.Tensor:
         """Indices of the slices of the k-th case, in z order."""
         return torch.nonzero(self.case_index == k).flatten()
+
+
+class DeviceBatches:
+    """Batches of a SliceSet on the training device.
+
+    On CUDA, slices are gathered into two pinned host buffers in turn and copied asynchronously, so the
+    host runs ahead of the GPU (a gather from pageable memory would make every copy a synchronisation
+    point). An event per buffer keeps a buffer from being refilled before its copy has finished.
+    """
+
+    def __init__(self, data: SliceSet, device: torch.device, batch: int):
+        self.data, self.device = data, device
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            c = data.neighbours.shape[1]
+            h, w = data.image.shape[1:]
+            self.bufs = [
+                (torch.empty((batch * c, h, w), dtype=torch.int16).pin_memory(),
+                 torch.empty((batch, h, w), dtype=torch.uint8).pin_memory(),
+                 torch.cuda.Event())
+                for _ in range(2)
+            ]
+            self.turn = 0
+
+    def get(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) slice indices -> (image (B, C, H, W) int16 HU, mask (B, H, W) uint8) on the device."""
+        if not self.cuda:
+            return self.data.batch(idx)
+        img_buf, msk_buf, done = self.bufs[self.turn]
+        self.turn ^= 1
+        done.synchronize()
+        n, c = len(idx), self.data.neighbours.shape[1]
+        img = torch.index_select(self.data.image, 0, self.data.neighbours[idx].flatten(), out=img_buf[: n * c])
+        msk = torch.index_select(self.data.mask, 0, idx, out=msk_buf[:n])
+        img = img.view(n, c, *img.shape[1:]).to(self.device, non_blocking=True)
+        msk = msk.to(self.device, non_blocking=True)
+        done.record()
+        return img, msk
 
 
 def epoch_indices(n: int, count: int, seed: int) -> torch.Tensor:

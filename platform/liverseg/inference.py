@@ -120,11 +120,13 @@ def segment_canonical(
     with timer("model"):
         prob = liver_probability(lm, small, batch)
     with timer("postprocess"):
+        if lcc:  # at model size: 16x fewer voxels than a 512x512 grid; zero the rest before resampling
+            low = (prob > 0.5).cpu().numpy()
+            if low.any():
+                prob = prob * torch.from_numpy(largest_component(low)).to(prob.device)
         if prob.shape[1:] != image_zyx.shape[1:]:  # probabilities, not labels, are resampled back
             prob = F.interpolate(prob[:, None], size=image_zyx.shape[1:], mode="bilinear", align_corners=False)[:, 0]
         mask = (prob > 0.5).cpu().numpy()
-        if lcc and mask.any():
-            mask = largest_component(mask)
     return mask.astype(np.uint8)
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from liverseg.config import TrainConfig
-from liverseg.data import SliceSet, epoch_indices
+from liverseg.data import DeviceBatches, SliceSet, epoch_indices
 from liverseg.losses import HybridLoss
 from liverseg.metrics import overlap_scores
 from liverseg.model import build_model
@@ -121,7 +121,7 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
     stats = config["stats"]
     store = SliceStore(config["store"])
-    train_set = SliceSet(store, config["train_shares"][rank], cfg.model.in_channels, pin=device.type == "cuda")
+    train_set = SliceSet(store, config["train_shares"][rank], cfg.model.in_channels)
     val_cases: list[str] = config["val_cases"]
     my_val = config["val_shares"][rank]
     val_set = SliceSet(store, my_val, cfg.model.in_channels)
@@ -136,6 +136,7 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
     opt = opt_cls(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     batch = cfg.train.batch_size
+    batches = DeviceBatches(train_set, device, batch)
     steps = cfg.train.steps_per_epoch or max(1, config["train_slices"] // (batch * world))
     total = steps * cfg.train.epochs
     sched = (
@@ -166,9 +167,8 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
         gen = torch.Generator(device=device).manual_seed(_seed(cfg.train.seed, epoch, rank, 1))
         loss_sum = torch.zeros((), device=device)
         for s in range(steps):
-            img, msk = train_set.batch(idx[s * batch : (s + 1) * batch])
-            img = img.to(device, non_blocking=True)
-            msk = msk.to(device, non_blocking=True).long().clamp_(max=1)
+            img, msk = batches.get(idx[s * batch : (s + 1) * batch])
+            msk = msk.long().clamp_(max=1)
             x = window01(img, cfg.data.window)
             if cfg.data.augment:
                 x, msk = random_affine(x, msk, gen, cfg.data.rotate_deg, cfg.data.zoom)
