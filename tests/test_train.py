@@ -30,7 +30,10 @@ def _chance_dice(store_path):
     return float(np.mean(scores))
 
 
-def test_two_workers_end_to_end(ray_local, mlflow_uri, store_path, tmp_path):
+def test_two_workers_end_to_end(ray_local, mlflow_uri, store_path, tmp_path, monkeypatch):
+    canary = "liverseg-canary-Secret-7f3a9"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", canary)  # a secret in the environment must not be logged
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", canary)
     cfg = _cfg(tmp_path, "train.epochs=3", "scaling.num_workers=2", "run.name=e2e", "train.lr=0.003")
     res = train(store_path, cfg)
     client = MlflowClient(mlflow_uri)
@@ -45,6 +48,8 @@ def test_two_workers_end_to_end(ray_local, mlflow_uri, store_path, tmp_path):
     arts = {a.path for a in client.list_artifacts(res.run_id)} | {a.path for a in client.list_artifacts(res.run_id, "plots")}
     assert {"config.json", "plots/curves.png", "plots/val_overlay.png"} <= arts
     assert res.best_val_dice > _chance_dice(store_path)
+    logged = " ".join([*p.keys(), *map(str, p.values()), *t.keys(), *map(str, t.values())])
+    assert canary not in logged
     import mlflow.pyfunc
 
     model = mlflow.pyfunc.load_model(res.model_uri)
