@@ -47,6 +47,7 @@ def test_search_four_trials_two_concurrent(ray_local, mlflow_uri, store_path, tm
             assert k.data.tags.get("model_uri") and len(client.get_metric_history(k.info.run_id, "val_dice")) == 3
     best_dice = max(t["val_dice"] for t in summary.trials)
     assert summary.best["val_dice"] == best_dice and summary.best["params"]["train.lr"] == 0.003
+    assert summary.best["status"] == "completed" and summary.best["model_uri"]
     results = json.loads((tmp_path / "tune-results.json").read_text())
     assert results["best"]["run_id"] == summary.best["run_id"] and results["best"]["model_uri"]
     parent = client.get_run(summary.parent_run_id)

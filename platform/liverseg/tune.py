@@ -32,7 +32,8 @@ class TuneSummary:
 
     @property
     def best(self) -> dict[str, Any]:
-        return self.trials[0]
+        """The best trial that logged a model (an early-stopped one cannot be registered)."""
+        return next((t for t in self.trials if t["model_uri"]), self.trials[0])
 
 
 def build_space(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -219,7 +220,8 @@ def _summarise(client, cfg: TuneConfig, grid, parent: str) -> TuneSummary:
             }
         )
     sign = -1 if cfg.tune.mode == "max" else 1
-    trials.sort(key=lambda t: (t["val_dice"] != t["val_dice"], sign * (t["val_dice"] if t["val_dice"] == t["val_dice"] else 0)))
+    # best first; among equal scores a completed trial (one with a logged model) wins
+    trials.sort(key=lambda t: (t["val_dice"] != t["val_dice"], sign * (t["val_dice"] if t["val_dice"] == t["val_dice"] else 0), t["model_uri"] is None))
     return TuneSummary(parent, cfg.tune.metric, cfg.tune.mode, trials)
 
 
