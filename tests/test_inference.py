@@ -55,3 +55,24 @@ def test_pyfunc_round_trip(mlflow_uri, real_ct):
     assert out.shape == img.shape and out.dtype == np.uint8 and out.sum() == 0
     sig = model.metadata.get_input_schema().input_names()
     assert sig == ["volume", "affine"]
+
+
+def test_predict_cli_folder_mode(mlflow_uri, phantom_dir, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    from helpers import log_model_run
+
+    _, uri = log_model_run(constant_state(liver=True))
+    src = tmp_path / "in"
+    src.mkdir()
+    for n in ("0", "1"):
+        shutil.copy(phantom_dir / f"volume-{n}.nii.gz", src)
+    (src / "volume-9.nii.gz").write_bytes(b"broken")
+    res = subprocess.run([sys.executable, "-m", "liverseg.cli", "predict", str(src), str(tmp_path / "out"), "--model", uri, "--device", "cpu"],
+                         capture_output=True, text=True)
+    assert res.returncode == 1 and "2 masks written" in res.stdout and "FAILED volume-9.nii.gz" in res.stderr
+    for n in ("0", "1"):
+        m, v = nib.load(str(tmp_path / "out" / f"segmentation-{n}.nii.gz")), nib.load(str(src / f"volume-{n}.nii.gz"))
+        assert m.shape == v.shape and np.array_equal(m.affine, v.affine)

@@ -108,6 +108,7 @@ def _inject_fault(marker: str | None) -> None:
 
 
 def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
+    import ray
     import ray.train
     import ray.train.torch
     from ray.train import Checkpoint
@@ -159,6 +160,12 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
         start, best_dice, best_epoch, best_state = state["epoch"] + 1, best["val_dice"], best["epoch"], best["model"]
         print(f"[liverseg] rank {rank}: resumed after epoch {state['epoch']}", flush=True)
     logger = MetricLogger(config.get("tracking_uri"), config.get("run_id")) if rank == 0 else None
+    nodes = [ray.get_runtime_context().get_node_id()]
+    if dist.is_available() and dist.is_initialized():
+        nodes = [None] * world
+        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    if logger and logger.client:  # where the workers ran: one node id per rank
+        logger.client.set_tag(logger.run_id, "ray_worker_nodes", ",".join(nodes))
 
     for epoch in range(start, cfg.train.epochs):
         t0 = time.perf_counter()
@@ -207,7 +214,13 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
         if rank == 0:
             with tempfile.TemporaryDirectory() as d:
                 torch.save(
-                    {"model": unwrap(model).state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch},
+                    {
+                        "model": unwrap(model).state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(),
+                        "epoch": epoch,
+                        "config": config["cfg"],  # bf16 needs no loss scaler, so there is none to save
+                    },
                     Path(d) / STATE_FILE,
                 )
                 torch.save({"model": best_state, "epoch": best_epoch, "val_dice": best_dice}, Path(d) / BEST_FILE)
