@@ -42,6 +42,7 @@ def run(args) -> dict:
     from liverseg.data import DeviceBatches, SliceSet, epoch_indices
     from liverseg.losses import HybridLoss
     from liverseg.model import build_model
+    from liverseg.train_loop import optimise
     from liverseg.transforms import random_affine, standardise, window01
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -55,12 +56,7 @@ def run(args) -> dict:
         return model, torch.optim.Adam(net.parameters(), lr=1e-4)
 
     def step(model, opt, x, y):
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x)
-        loss = loss_fn(logits, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        optimise(model, opt, loss_fn, x, y, bf16)
 
     B, S = args.batch, args.size
     out = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or "cpu",

@@ -97,6 +97,18 @@ def _validate(model, val_set: SliceSet, case_pos: list[int], n_cases: int, cfg: 
     return out
 
 
+def optimise(model, opt, loss_fn, x: torch.Tensor, target: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """One optimiser step on (N, C, H, W) inputs and (N, H, W) labels; returns the detached loss
+    (kept on the device: no host sync per step)."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(x)
+    loss = loss_fn(logits, target)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
 def _inject_fault(marker: str | None) -> None:
     """Tests' fault injection: die mid-epoch once (a marker file remembers), as a crashed worker would."""
     if not marker or os.path.exists(marker):
@@ -182,14 +194,8 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
             x = standardise(x, stats["mean"], stats["std"])
             if cfg.train.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                logits = model(x)
-            loss = loss_fn(logits, msk)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            loss_sum += optimise(model, opt, loss_fn, x, msk, use_bf16)
             sched.step()
-            loss_sum += loss.detach()
             if cfg.run.fail_at_epoch == epoch and rank == 0 and s == steps // 2:
                 _inject_fault(config.get("fault_marker"))
         train_time = time.perf_counter() - t0
