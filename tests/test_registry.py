@@ -21,7 +21,7 @@ def _versions(name="liver-unet"):
     return c, {str(mv.version): c.get_model_version(name, mv.version) for mv in c.search_model_versions(f"name = '{name}'")}
 
 
-def _flow(store_path):
+def _check_flow(store_path):
     """register -> promote (floor) -> better challenger promoted -> worse kept -> rollback."""
     none_run, _ = log_model_run(constant_state(liver=False), store_path=store_path)
     all_run, _ = log_model_run(constant_state(liver=True), store_path=store_path)
@@ -49,7 +49,7 @@ def _flow(store_path):
 
 
 def test_registry_flow_sqlite(mlflow_uri, store_path):
-    _flow(store_path)
+    _check_flow(store_path)
 
 
 def test_register_needs_a_logged_model(mlflow_uri):
@@ -115,7 +115,7 @@ def mlflow_server(tmp_path, monkeypatch):
 
 
 def test_registry_flow_against_mlflow_server(mlflow_server, store_path):
-    _flow(store_path)
+    _check_flow(store_path)
 
 
 def test_unreachable_server_fails_fast(monkeypatch):
