@@ -109,3 +109,33 @@ def test_reload_follows_the_alias(server, real_ct, store_path):
     r = httpx.post(base + "/segment", content=body, timeout=120)
     after = nib.Nifti1Image.from_bytes(gzip.decompress(r.content))
     assert r.headers["x-model-version"] == "2" and np.asanyarray(after.dataobj).all()
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_works_as_is(mlflow_uri, tmp_path):
+    """`mlflow models serve -m models:/liver-unet/1` answers with a mask on the volume's grid."""
+    from liverseg.registry import register
+
+    run, _ = log_model_run(constant_state(liver=True))
+    version = register(run_id=run).version
+    port = _free_port()
+    bin_dir = os.path.dirname(sys.executable)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    proc = subprocess.Popen([os.path.join(bin_dir, "mlflow"), "models", "serve", "-m", f"models:/liver-unet/{version}", "--env-manager", "local",
+                             "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ping", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        vol = np.full((32, 32, 4), 60.0)
+        r = httpx.post(f"http://127.0.0.1:{port}/invocations", json={"inputs": {"volume": vol.tolist(), "affine": np.eye(4).tolist()}}, timeout=120)
+        assert r.status_code == 200, r.text
+        mask = np.array(r.json()["predictions"])
+        assert mask.shape == (32, 32, 4) and mask.min() == 1
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
