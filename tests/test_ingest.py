@@ -132,8 +132,9 @@ def test_cli_exit_status_and_summary(tmp_path, phantom_dir):
     assert bad.returncode == 2 and "unknown key 'sise'" in bad.stderr and "size" in bad.stderr
 
 
-def test_interrupted_case_leaves_nothing_half_written(tmp_path, phantom_dir):
-    """A SIGKILL mid-ingest: the rerun removes the temporary groups and completes every case."""
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGINT"])
+def test_interrupted_case_leaves_nothing_half_written(tmp_path, phantom_dir, sig):
+    """SIGKILL or Ctrl-C mid-ingest: the rerun removes the temporary groups and completes every case."""
     import os
     import signal
     import subprocess
@@ -148,9 +149,9 @@ def test_interrupted_case_leaves_nothing_half_written(tmp_path, phantom_dir):
     cmd = [sys.executable, "-m", "liverseg.cli", "ingest", "--raw", str(raw), "--store", str(store), "--set", "workers=1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 60
-    while time.time() < deadline and not list((store / "cases").glob("*")) if store.exists() else time.time() < deadline:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    while time.time() < deadline and not (store.exists() and list((store / "cases").glob("*"))):
+        time.sleep(0.05)  # kill once the first case is being written
+    os.killpg(proc.pid, getattr(signal, sig))
     proc.wait()
     for group in (store / "cases").glob("[0-9]*"):  # whatever was renamed into place is complete
         assert (group / "image" / "zarr.json").exists() and (group / "mask" / "zarr.json").exists()
