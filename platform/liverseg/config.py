@@ -220,13 +220,6 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def _flatten(tree: dict[str, Any], model: type[BaseModel], prefix: str = "") -> list[tuple[str, Any]]:
     """Leaves of a nested dict as dotted pairs; free-form dict fields (like `space`) stay whole."""
     pairs = []

@@ -143,20 +143,12 @@ def log_evaluation(ev: Evaluation, out_json: str | Path, out_csv: str | Path | N
 
 
 def model_link_tags(client, uri: str) -> dict[str, str]:
-    """Registry name/version and training run of a models:/ URI (empty for other URIs)."""
-    if not uri.startswith("models:/"):
-        return {}
-    ref = uri[len("models:/") :]
+    """Registry name/version and training run of a registry URI (empty for other URIs)."""
+    from liverseg.registry import RegistryError, resolve_version
+
     try:
-        if "@" in ref:
-            name, alias = ref.split("@", 1)
-            mv = client.get_model_version_by_alias(name, alias)
-        elif "/" in ref:
-            name, version = ref.split("/", 1)
-            mv = client.get_model_version(name, version)
-        else:
-            return {}
-    except Exception:
+        mv = resolve_version(client, uri)
+    except RegistryError:  # runs:/ or a logged-model id: not a registry version
         return {}
     return {"model_name": mv.name, "model_version": str(mv.version), "training_run_id": str(mv.run_id)}
 

@@ -12,7 +12,7 @@ import gzip
 import hashlib
 import re
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -51,7 +51,6 @@ class CTVolume:
     sha256: str
     mask: np.ndarray | None = None  # (Z, Y, X) uint8 {0,1,2}
     mask_sha256: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def discover(raw_dir: str | Path) -> tuple[list[CasePaths], list[str]]:

@@ -155,8 +155,7 @@ def train(
     if existed:
         client.update_run(run_id, status="RUNNING")
 
-    stats_seed = cfg.train.seed
-    mean, std = norm_stats(store, train_cases, cfg.data.window, cfg.data.norm_sample_slices, stats_seed)
+    mean, std = norm_stats(store, train_cases, cfg.data.window, cfg.data.norm_sample_slices, cfg.train.seed)
     stats = {"mean": mean, "std": std}
     workers = cfg.scaling.num_workers
     slices = {c: store.num_slices(c) for c in train_cases}

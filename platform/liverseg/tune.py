@@ -206,7 +206,7 @@ def _summarise(client, cfg: TuneConfig, grid, parent: str) -> TuneSummary:
         if run is not None:
             client.set_tag(run_id, "trial_status", status)
             client.set_terminated(run_id, {"failed": "FAILED", "early-stopped": "KILLED"}.get(status, "FINISHED"))
-        sampled = {k: v for k, v in (res.config or {}).get("sampled", {}).items()}
+        sampled = dict((res.config or {}).get("sampled", {}))
         trials.append(
             {
                 "trial_id": trial_id,
