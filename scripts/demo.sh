@@ -18,7 +18,10 @@ dvc push -q || echo "note: dvc push to the local remote failed (see .dvc/config)
 echo
 echo "== Where to look =="
 dvc metrics show
-echo "MLflow UI:       mlflow ui --backend-store-uri $MLFLOW_TRACKING_URI   (then http://127.0.0.1:5000)"
+echo "MLflow UI:       mlflow ui --backend-store-uri $MLFLOW_TRACKING_URI"
+exp=$(python -c "import mlflow; print(mlflow.MlflowClient().get_experiment_by_name('liverseg').experiment_id)")
+echo "                 then http://127.0.0.1:5000/#/experiments/$exp/runs?workflowType=machine_learning"
+echo "                 (unfold 'liverseg-tune' for its trials; Columns: val_dice, train.lr, loss.*)"
 echo "Champion:        liverseg lineage models:/liver-unet@champion"
 echo "Serve it:        liverseg serve --model models:/liver-unet@champion --port 8080"
 echo "Segment a CT:    liverseg predict IN.nii.gz OUT.nii.gz"

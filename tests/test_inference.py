@@ -76,3 +76,14 @@ def test_predict_cli_folder_mode(mlflow_uri, phantom_dir, tmp_path):
     for n in ("0", "1"):
         m, v = nib.load(str(tmp_path / "out" / f"segmentation-{n}.nii.gz")), nib.load(str(src / f"volume-{n}.nii.gz"))
         assert m.shape == v.shape and np.array_equal(m.affine, v.affine)
+
+
+def test_predict_overlay_with_truth(tmp_path, real_ct, all_liver):
+    import matplotlib.image as mpimg
+
+    png = tmp_path / "overlay.png"
+    t = predict_file(all_liver, real_ct / "volume-0.nii.gz", tmp_path / "m.nii.gz", overlay=png,
+                     truth=real_ct / "segmentation-0.nii.gz")
+    img = mpimg.imread(png)[..., :3]
+    assert "overlay" in t and img.shape[1] > img.shape[0]
+    assert (np.abs(img - [0, 1, 0]).max(-1) < 0.15).sum() > 50  # the reference liver's contour is drawn

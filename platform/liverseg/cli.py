@@ -262,6 +262,8 @@ def predict(
     model: str = typer.Option("models:/liver-unet@champion", help="MLflow model URI"),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     lcc: bool = typer.Option(True, "--lcc/--no-lcc", help="3-D largest-connected-component clean-up"),
+    overlay: Optional[Path] = typer.Option(None, help="single file: also write a PNG of the mask over the CT"),
+    truth: Optional[Path] = typer.Option(None, help="single file: a segmentation to draw in the overlay too"),
 ) -> None:
     """Segment CT volumes into uint8 liver masks on each input's own grid (shape and affine)."""
     from tqdm import tqdm
@@ -275,6 +277,8 @@ def predict(
     except Exception as e:
         fail(f"{model}: cannot load model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", 1)
     if src.is_dir():
+        if overlay or truth:
+            fail(f"{src}: --overlay and --truth take a single file, not a folder", 2)
         files = sorted(p for p in src.iterdir() if p.name.endswith((".nii", ".nii.gz")) and not p.name.startswith("segmentation-"))
         dst.mkdir(parents=True, exist_ok=True)
         failed = 0
@@ -288,10 +292,10 @@ def predict(
         typer.echo(f"predict: {len(files) - failed} masks written to {dst}, {failed} failed")
         raise typer.Exit(1 if failed else 0)
     try:
-        t = predict_file(lm, src, dst, lcc)
+        t = predict_file(lm, src, dst, lcc, overlay, truth)
     except InputError as e:
         fail(str(e), 1)
-    typer.echo(f"wrote {dst} (" + ", ".join(f"{k} {v:.2f}s" for k, v in t.items()) + ")")
+    typer.echo(f"wrote {dst}{f' and {overlay}' if overlay else ''} (" + ", ".join(f"{k} {v:.2f}s" for k, v in t.items()) + ")")
 
 
 @app.command()

@@ -75,7 +75,7 @@ def create_app(holder: ModelHolder, max_bytes: int = DEFAULT_MAX_BYTES):
     from fastapi.responses import Response
 
     from liverseg.inference import mask_nifti_bytes, segment_canonical
-    from liverseg.lits import from_canonical, load_nifti, read_volume
+    from liverseg.lits import from_canonical, gunzip, read_volume
 
     app = FastAPI(title="liverseg", version="1")
 
@@ -112,9 +112,8 @@ def create_app(holder: ModelHolder, max_bytes: int = DEFAULT_MAX_BYTES):
         if not body:
             raise HTTPException(400, "empty body: send a NIfTI volume (.nii or .nii.gz bytes)")
         try:
-            body = _gunzip_limited(body, 4 * max_bytes)
+            body = gunzip(body, "upload.nii.gz", limit=4 * max_bytes)
             vol = read_volume("upload.nii", data=body)
-            like = load_nifti("upload.nii", data=body)
         except InputError as e:
             raise HTTPException(400 if "too large" not in str(e) else 413, str(e)) from None
         served = holder.current
@@ -122,27 +121,9 @@ def create_app(holder: ModelHolder, max_bytes: int = DEFAULT_MAX_BYTES):
             mask = segment_canonical(served.lm, vol.image)
         out = from_canonical(mask, vol.affine).reshape(vol.shape)
         headers = {"X-Model-Version": str(served.info.get("version")), "Content-Disposition": "attachment; filename=mask.nii.gz"}
-        return Response(mask_nifti_bytes(out, like), media_type="application/gzip", headers=headers)
+        return Response(mask_nifti_bytes(out, vol.header, vol.affine), media_type="application/gzip", headers=headers)
 
     return app
-
-
-def _gunzip_limited(data: bytes, limit: int) -> bytes:
-    """Decompress a .nii.gz body, refusing more than `limit` bytes (a gzip bomb stays small in memory)."""
-    import zlib
-
-    if data[:2] != b"\x1f\x8b":
-        return data
-    d = zlib.decompressobj(wbits=31)
-    try:
-        out = d.decompress(data, limit)
-    except zlib.error as e:
-        raise InputError(f"upload.nii.gz: cannot decode (zlib.error: {e})") from None
-    if d.unconsumed_tail:
-        raise InputError(f"upload.nii.gz: decompresses to more than {limit} bytes (too large)")
-    if not d.eof:
-        raise InputError("upload.nii.gz: cannot decode (truncated gzip stream)")
-    return out
 
 
 def serve(uri: str, host: str = "127.0.0.1", port: int = 8080, device: str = "auto", max_bytes: int = DEFAULT_MAX_BYTES) -> None:

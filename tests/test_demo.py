@@ -1,0 +1,146 @@
+"""`scripts/demo.sh` (what `make demo` runs) on a copy of the repository, then its MLflow UI in Chromium."""
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+BIN = Path(sys.executable).parent
+CHROMIUM = "/usr/bin/chromium"
+# Flags for a closed network: without them Chromium keeps dialling Google's hosts.
+COLUMNS = ["val_dice", "train.lr", "loss.dice_weight", "loss.ce_weight"]
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def _env(repo: Path | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    if repo is not None:  # run the copy's own code, not the editable install's
+        env["PYTHONPATH"] = str(repo / "platform")
+    return {**env, "PATH": f"{BIN}:{env['PATH']}", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+
+
+def _sh(cmd, cwd) -> str:
+    res = subprocess.run(cmd, cwd=cwd, env=_env(cwd), capture_output=True, text=True)
+    assert res.returncode == 0, f"{cmd}: {res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return res.stdout
+
+
+def _clone_worktree(dst: Path) -> None:
+    """The files a clean clone would have (tracked, plus new files not ignored), committed in a new repo."""
+    listed = _sh(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], REPO).split("\0")
+    for rel in filter(None, listed):
+        if (REPO / rel).is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dst / rel)
+    _sh(["git", "init", "-q"], dst)
+    _sh(["git", "add", "-A"], dst)
+    _sh(["git", "commit", "-qm", "clone"], dst)
+
+
+def _run_count(client: MlflowClient) -> int:
+    return len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("clone")
+    _clone_worktree(repo)
+    out = _sh(["bash", "scripts/demo.sh"], repo)
+    return repo, out
+
+
+def test_demo_then_rerun_changes_nothing(demo):
+    repo, out = demo
+    for stage in ("ingest", "tune", "evaluate", "register"):
+        assert f"Running stage '{stage}'" in out
+    test = json.loads((repo / "metrics" / "test-metrics.json").read_text())
+    assert test["dice"]["mean"] > 0.9 and test["split"] == "test", test["dice"]
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    champion = client.get_model_version_by_alias("liver-unet", "champion")
+    assert float(champion.tags["test_dice"]) > 0.9
+    runs = _run_count(client)
+
+    again = _sh(["bash", "scripts/demo.sh"], repo)
+    assert "Running stage" not in again
+    assert all(f"Stage '{stage}' didn't change" in again for stage in ("ingest", "tune", "evaluate", "register"))
+    assert "already champion" in again
+    assert "Data and pipelines are up to date" in _sh(["dvc", "status"], repo)
+    assert _run_count(client) == runs
+    assert client.get_model_version_by_alias("liver-unet", "champion").version == champion.version
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_ui(demo):
+    repo, _ = demo
+    port = _free_port()
+    proc = subprocess.Popen([str(BIN / "mlflow"), "ui", "--backend-store-uri", f"sqlite:///{repo / 'mlflow.db'}",
+                             "--host", "127.0.0.1", "--port", str(port)], env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{url}/health", timeout=2).ok:
+                break
+        except requests.ConnectionError:
+            time.sleep(1)
+    else:
+        pytest.fail("mlflow ui did not answer /health within 120 s")
+    yield url, MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    os.killpg(proc.pid, 15)
+    proc.wait(30)
+
+
+def test_mlflow_ui_lists_tuning_trials(mlflow_ui, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} missing: apt-get install chromium (Debian's package)"
+    url, client = mlflow_ui
+    exp = client.get_experiment_by_name("liverseg")
+    parent = client.search_runs([exp.experiment_id], "tags.`liverseg.kind` = 'tune'")[0]
+    trials = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(trials) == 4
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1900, "height": 600})
+        page.goto(f"{url}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning")
+        row = page.locator(".ag-row", has=page.get_by_role("link", name=parent.info.run_name, exact=True))
+        row.wait_for(timeout=90_000)
+        row.locator("button[data-component-id*=runnamecellrenderer]").click()  # unfold the nested trials
+        for t in trials:
+            page.get_by_role("link", name=t.info.run_name, exact=True).wait_for(timeout=30_000)
+        # The comparison a user makes: the selection metric and the searched parameters as columns
+        # (Dataset and Source off, so that the grid, which renders only columns in view, shows them).
+        page.get_by_role("button", name="Columns").click()
+        tree = page.locator("[data-testid=column-selector-tree]")
+        for col in ("Dataset", "Source", *COLUMNS):
+            page.get_by_placeholder("Search columns").fill(col)
+            tree.locator(".du-bois-light-tree-title").filter(has_text=re.compile(f"^{re.escape(col)}$")).first.click()
+        page.keyboard.press("Escape")
+        deadline = time.time() + 15
+        while not all(c in (header := page.locator(".ag-header-cell").all_inner_texts()) for c in COLUMNS):
+            assert time.time() < deadline, f"columns {COLUMNS} not in the runs table header {header}"
+            page.wait_for_timeout(250)
+        page.screenshot(path=str(tmp_path / "mlflow-ui.png"))
+        browser.close()
+    assert (tmp_path / "mlflow-ui.png").stat().st_size > 10_000
