@@ -71,3 +71,16 @@ def test_volume_without_segmentation_is_discovered_for_inference(tmp_path, real_
 def test_not_a_folder(tmp_path):
     with pytest.raises(InputError, match="not a folder"):
         discover(tmp_path / "nope")
+
+
+def test_gunzip_limit_truncation_and_passthrough():
+    import gzip as gz
+
+    from liverseg.lits import gunzip
+
+    data = bytes(range(256)) * 100
+    assert gunzip(gz.compress(data), "a.nii.gz") == data and gunzip(data, "a.nii") is data
+    with pytest.raises(InputError, match=r"^a.nii.gz: decompresses to more than 1000 bytes \(too large\)$"):
+        gunzip(gz.compress(data), "a.nii.gz", limit=1000)
+    with pytest.raises(InputError, match=r"^a.nii.gz: cannot decode"):
+        gunzip(gz.compress(data)[:-20], "a.nii.gz")

@@ -84,6 +84,7 @@ def test_segment_health_model_and_bad_requests(server, real_ct):
         "4-D": (_nii_bytes(np.stack([vol, vol], -1)), 400, "4-D"),
         "NaN": (_nii_bytes(nan), 400, "non-finite"),
         "too large": (os.urandom(1_200_000), 413, "limit"),
+        "gzip bomb": (gzip.compress(bytes(64_000_000)), 413, "too large"),  # 62 KB that inflate to 64 MB
     }
     for label, (payload, status, fragment) in bad.items():
         r = httpx.post(base + "/segment", content=payload, timeout=60)
