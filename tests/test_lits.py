@@ -84,3 +84,12 @@ def test_gunzip_limit_truncation_and_passthrough():
         gunzip(gz.compress(data), "a.nii.gz", limit=1000)
     with pytest.raises(InputError, match=r"^a.nii.gz: cannot decode"):
         gunzip(gz.compress(data)[:-20], "a.nii.gz")
+
+
+@pytest.mark.parametrize("klass", [nib.Nifti1Image, nib.Nifti2Image])
+def test_nifti1_and_nifti2_read_alike(tmp_path, klass):
+    a = np.arange(24, dtype=np.int16).reshape(2, 3, 4)
+    path = tmp_path / "volume-0.nii.gz"
+    nib.save(klass(a, np.eye(4)), str(path))
+    vol = read_volume(path)
+    assert vol.shape == (2, 3, 4) and np.array_equal(vol.image, a.transpose(2, 1, 0))

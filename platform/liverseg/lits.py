@@ -21,6 +21,7 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, 
 
 NAME = re.compile(r"^(volume|segmentation)-(\w+)\.nii(\.gz)?$")
 RAS = axcodes2ornt(("R", "A", "S"))
+NIFTI2_SIZEOF_HDR = ((540).to_bytes(4, "little"), (540).to_bytes(4, "big"))  # NIfTI-1 has 348
 AFFINE_TOL = 1e-3  # mm; scanners write affines with float32 rounding
 
 
@@ -126,8 +127,7 @@ def load_nifti(path: Path | str, data: bytes | None = None) -> nib.Nifti1Image:
         raise InputError(f"{name}: empty file")
     raw = gunzip(data, name)
     try:
-        sizeof_hdr = int.from_bytes(raw[:4], "little") if len(raw) >= 4 else 0
-        klass = nib.Nifti2Image if sizeof_hdr == 540 or int.from_bytes(raw[:4], "big") == 540 else nib.Nifti1Image
+        klass = nib.Nifti2Image if raw[:4] in NIFTI2_SIZEOF_HDR else nib.Nifti1Image
         img = klass.from_bytes(raw)
     except Exception as e:  # nibabel raises several types for non-NIfTI input
         raise InputError(f"{name}: not a NIfTI file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
