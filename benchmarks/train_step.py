@@ -1,17 +1,20 @@
 """Training throughput: liverseg's input path + step vs plain PyTorch on data already on the device.
 
 Both sides in one process, same model (smp U-Net), batch, precision, channels_last and compile
-setting. liverseg's side gathers int16 slices from a SliceSet in (pinned) host memory, copies them to
-the device, windows, augments (on the device) and standardises, as `train_loop` does. Prints JSON.
+setting, timed in alternating rounds (the median round ratio is reported). liverseg's side gathers
+int16 slices from a SliceSet in (pinned) host memory, copies them to the device, windows, augments
+(on the device) and standardises, as `train_loop` does. Prints JSON.
 
-    python benchmarks/train_step.py --encoder resnet50 --size 128 --batch 512 --steps 30 [--compile]
+    python benchmarks/train_step.py --encoder resnet50 --size 128 --batch 512 --steps 20 --rounds 5 [--compile]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import statistics
 import time
 
 import numpy as np
@@ -48,6 +51,7 @@ def run(args) -> dict:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = dev.type == "cuda"
     loss_fn = HybridLoss()
+    B, S = args.batch, args.size
 
     def make():
         torch.manual_seed(0)
@@ -55,25 +59,18 @@ def run(args) -> dict:
         model = torch.compile(net) if args.compile else net
         return model, torch.optim.Adam(net.parameters(), lr=1e-4)
 
-    def step(model, opt, x, y):
-        optimise(model, opt, loss_fn, x, y, bf16)
-
-    B, S = args.batch, args.size
     out = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or "cpu",
-           "encoder": args.encoder, "size": S, "batch": B, "compile": args.compile, "precision": "bf16" if bf16 else "fp32"}
+           "encoder": args.encoder, "size": S, "batch": B, "compile": args.compile, "precision": "bf16" if bf16 else "fp32",
+           "rounds": args.rounds, "steps_per_round": args.steps, "torch_threads": torch.get_num_threads(),
+           "cpus_available": len(os.sched_getaffinity(0))}
 
     # plain PyTorch: random data already on the device
-    model, opt = make()
+    plain_model, plain_opt = make()
     x = torch.randn(B, 1, S, S, device=dev).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 2, (B, S, S), device=dev)
-    for _ in range(args.warmup):
-        step(model, opt, x, y)
-    _sync(dev)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step(model, opt, x, y)
-    _sync(dev)
-    out["plain_slices_per_s"] = B * args.steps / (time.perf_counter() - t0)
+
+    def plain_step(_i):
+        optimise(plain_model, plain_opt, loss_fn, x, y, bf16)
 
     # liverseg: SliceSet in host memory -> device -> window -> augment -> standardise -> step
     store = _MemStore(args.cases, args.slices_per_case, S)
@@ -83,28 +80,48 @@ def run(args) -> dict:
     for i in range(64):
         data.batch(idx[i * B : (i + 1) * B])
     out["loader_only_slices_per_s_one_core"] = B * 64 / (time.perf_counter() - t0)
-    model, opt = make()
+    lv_model, lv_opt = make()
     gen = torch.Generator(device=dev).manual_seed(0)
-    idx = epoch_indices(len(data), B * (args.steps + args.warmup), 1)
+    total = args.warmup + args.rounds * args.steps
+    idx = epoch_indices(len(data), B * total, 1)
     batches = DeviceBatches(data, dev, B)
+    input_host_s = [0.0]  # host time spent issuing the input path (gather, copy, transforms): no sync
 
     def lv_step(i):
+        t = time.perf_counter()
         img, msk = batches.get(idx[i * B : (i + 1) * B])
         msk = msk.long()
         xx = window01(img, (-200, 250))
         xx, msk = random_affine(xx, msk, gen)
         xx = standardise(xx, 0.2, 0.3).contiguous(memory_format=torch.channels_last)
-        step(model, opt, xx, msk)
+        input_host_s[0] += time.perf_counter() - t
+        optimise(lv_model, lv_opt, loss_fn, xx, msk, bf16)
+
+    def timed(step, first: int) -> float:
+        _sync(dev)
+        t = time.perf_counter()
+        for i in range(first, first + args.steps):
+            step(i)
+        _sync(dev)
+        return B * args.steps / (time.perf_counter() - t)
 
     for i in range(args.warmup):
+        plain_step(i)
         lv_step(i)
-    _sync(dev)
-    t0 = time.perf_counter()
-    for i in range(args.warmup, args.warmup + args.steps):
-        lv_step(i)
-    _sync(dev)
-    out["liverseg_slices_per_s"] = B * args.steps / (time.perf_counter() - t0)
-    out["ratio_liverseg_to_plain"] = out["liverseg_slices_per_s"] / out["plain_slices_per_s"]
+    input_host_s[0] = 0.0
+    # Alternate the two sides round by round, so that clock boost, thermal state or a noisy
+    # neighbour affect both alike; the median round ratio is the figure.
+    plain, lv = [], []
+    for r in range(args.rounds):
+        plain.append(timed(plain_step, 0))
+        lv.append(timed(lv_step, args.warmup + r * args.steps))
+    ratios = [b / a for a, b in zip(plain, lv)]
+    out["plain_slices_per_s"] = statistics.median(plain)
+    out["liverseg_slices_per_s"] = statistics.median(lv)
+    out["ratio_liverseg_to_plain"] = statistics.median(ratios)
+    out["ratio_min_max"] = [min(ratios), max(ratios)]
+    out["input_path_host_ms_per_step"] = 1e3 * input_host_s[0] / (args.rounds * args.steps)
+    out["liverseg_ms_per_step"] = 1e3 * B / out["liverseg_slices_per_s"]
     out["loader_to_gpu_ratio"] = out["loader_only_slices_per_s_one_core"] / out["plain_slices_per_s"]
     out["torch"] = torch.__version__
     out["date"] = time.strftime("%Y-%m-%d")
@@ -116,7 +133,8 @@ def main() -> None:
     p.add_argument("--encoder", default="resnet50")
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=20, help="steps per round and side")
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--cases", type=int, default=8)
     p.add_argument("--slices-per-case", type=int, default=256)
