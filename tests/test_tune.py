@@ -40,8 +40,13 @@ def test_search_four_trials_two_concurrent(ray_local, mlflow_uri, store_path, tm
     assert len(kids) == 4 and len({k.data.tags["liverseg.run_key"] for k in kids}) == 4
     statuses = {k.data.tags["trial_status"] for k in kids}
     assert "early-stopped" in statuses and "completed" in statuses
+    stopped = client.search_runs(  # the README's filter for pruned trials
+        [kids[0].info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{summary.parent_run_id}' and tags.trial_status = 'early-stopped'",
+    )
+    assert {r.info.run_id for r in stopped} == {k.info.run_id for k in kids if k.data.tags["trial_status"] == "early-stopped"}
     for k in kids:
-        expected = {"completed": "FINISHED", "early-stopped": "KILLED", "failed": "FAILED"}[k.data.tags["trial_status"]]
+        expected = {"completed": "FINISHED", "early-stopped": "FINISHED", "failed": "FAILED"}[k.data.tags["trial_status"]]
         assert k.info.status == expected
         if k.data.tags["trial_status"] == "completed":
             assert k.data.tags.get("model_uri") and len(client.get_metric_history(k.info.run_id, "val_dice")) == 3
