@@ -87,3 +87,19 @@ def test_predict_overlay_with_truth(tmp_path, real_ct, all_liver):
     img = mpimg.imread(png)[..., :3]
     assert "overlay" in t and img.shape[1] > img.shape[0]
     assert (np.abs(img - [0, 1, 0]).max(-1) < 0.15).sum() > 50  # the reference liver's contour is drawn
+
+
+def test_predict_needs_no_training_stack(tmp_path, real_ct):
+    """Serving images carry torch and nibabel; predicting must not pull in zarr, Ray, MLflow or pydantic."""
+    import subprocess
+    import sys
+
+    save_local(tmp_path / "m", constant_state(liver=True), meta())
+    code = (
+        "import sys; from liverseg.inference import load_local, predict_file\n"
+        f"predict_file(load_local({str(tmp_path / 'm')!r}, 'cpu'), {str(real_ct / 'volume-0.nii.gz')!r}, "
+        f"{str(tmp_path / 'mask.nii.gz')!r})\n"
+        "print(sorted(m for m in ('zarr', 'ray', 'mlflow', 'pydantic') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]" and (tmp_path / "mask.nii.gz").exists()

@@ -27,7 +27,7 @@ def test_adding_a_case_moves_few_cases():
 
 
 def test_store_round_trip(store_path, phantom_dir):
-    from liverseg.ingest import resize_slices
+    from liverseg.resize import resize_slices
     from liverseg.lits import discover, read_case
 
     st = SliceStore(store_path)

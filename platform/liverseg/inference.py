@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from liverseg.lits import from_canonical, to_canonical, to_hu_int16
 from liverseg.metrics import largest_component
 from liverseg.model import build_model
+from liverseg.resize import resize_slices
 from liverseg.transforms import standardise, window01
 
 META_FILE = "liverseg.json"
@@ -112,8 +113,6 @@ def segment_canonical(
     lm: LoadedModel, image_zyx: np.ndarray, lcc: bool = True, batch: int = 64, timer: Timer | None = None
 ) -> np.ndarray:
     """(Z, Y, X) int16 HU in canonical orientation, any in-plane size -> (Z, Y, X) uint8 liver mask."""
-    from liverseg.ingest import resize_slices
-
     timer = timer if timer is not None else Timer()
     with timer("preprocess"):
         small = resize_slices(image_zyx, tuple(lm.meta["size"]), is_mask=False, threads=torch.get_num_threads())
