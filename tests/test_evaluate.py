@@ -6,9 +6,10 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
+from mlflow.tracking import MlflowClient
 
 from helpers import constant_state, log_model_run
-from liverseg.evaluate import evaluate, score_files, write_outputs
+from liverseg.evaluate import evaluate, log_evaluation, score_files, write_outputs
 from liverseg.lits import InputError
 from liverseg.store import SliceStore
 
@@ -67,6 +68,11 @@ def test_evaluate_on_store_and_original_grid(mlflow_uri, store_path, phantom_dir
     summary = json.loads((tmp_path / "m.json").read_text())
     assert set(summary["dice"]) == {"mean", "median", "std", "min", "max", "undefined"}
     assert (tmp_path / "c.csv").read_text().splitlines()[0] == "case,dice,iou,voe,rvd,assd_mm,msd_mm,hd95_mm,slices"
+    run = MlflowClient(mlflow_uri).get_run(log_evaluation(ev, tmp_path / "m.json", tmp_path / "c.csv"))
+    assert run.data.tags["model_uri"] == uri and run.data.metrics["test_dice"] == pytest.approx(summary["dice"]["mean"])
+    (test_input,) = run.inputs.dataset_inputs
+    assert test_input.dataset.name == "slices.zarr/test" and json.loads(test_input.dataset.profile)["cases"] == len(st.cases_in("test"))
+    assert {t.key: t.value for t in test_input.tags}["mlflow.data.context"] == "evaluation"
 
 
 def test_empty_prediction_gives_undefined_distances(mlflow_uri, store_path):

@@ -45,6 +45,8 @@ def test_two_workers_end_to_end(ray_local, mlflow_uri, store_path, tmp_path, mon
     assert p["train.lr"] == "0.003" and p["scaling.num_workers"] == "2" and p["loss.dice_weight"] == "1.0"
     for tag in ("git_commit", "dvc_store_md5", "store_path", "store_digest", "format_version", "ray_version", "torch_version"):
         assert t.get(tag), tag
+    contexts = {i.dataset.name: {t.key: t.value for t in i.tags}["mlflow.data.context"] for i in run.inputs.dataset_inputs}
+    assert contexts == {"slices.zarr/train": "training", "slices.zarr/val": "validation"}
     arts = {a.path for a in client.list_artifacts(res.run_id)} | {a.path for a in client.list_artifacts(res.run_id, "plots")}
     assert {"config.json", "plots/curves.png", "plots/val_overlay.png"} <= arts
     assert res.best_val_dice > _chance_dice(store_path)

@@ -28,6 +28,7 @@ class Evaluation:
     model_uri: str
     split: str
     resolution: str  # "original" (raw NIfTI grid) or "store"
+    store_path: str = ""
     cases: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     mlflow_run_id: str | None = None
@@ -88,7 +89,7 @@ def evaluate(
     store = SliceStore(store_path)
     lm = lm or load_model(model_uri, device)
     raw_cases: dict[str, CasePaths] = {c.case_id: c for c in discover(raw)[0]} if raw else {}
-    ev = Evaluation(model_uri, split, "original" if raw else "store")
+    ev = Evaluation(model_uri, split, "original" if raw else "store", store_path)
     totals = np.zeros(4, dtype=np.float64)
     for case in store.cases_in(split):
         if raw:
@@ -122,13 +123,17 @@ def log_evaluation(ev: Evaluation, out_json: str | Path, out_csv: str | Path | N
     """An MLflow evaluation run linked to the model (URI, training run, registry version)."""
     from mlflow.tracking import MlflowClient
 
-    from liverseg.tracking import experiment_id, tracking_uri
+    from liverseg.tracking import experiment_id, store_datasets, tracking_uri
 
     client = MlflowClient(tracking_uri())
     tags = {"liverseg.kind": "evaluation", "model_uri": ev.model_uri, "split": ev.split, "resolution": ev.resolution}
     tags.update(model_link_tags(client, ev.model_uri))
     run = client.create_run(experiment_id(client, experiment), run_name=f"eval-{ev.split}", tags=tags)
     rid = run.info.run_id
+    if ev.store_path:
+        from liverseg.store import SliceStore
+
+        client.log_inputs(rid, datasets=store_datasets(SliceStore(ev.store_path), ev.store_path, {ev.split: "evaluation"}))
     for m in CASE_METRICS:
         if ev.summary[m]["mean"] is not None:
             client.log_metric(rid, f"{ev.split}_{m}", ev.summary[m]["mean"])

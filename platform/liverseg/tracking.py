@@ -96,6 +96,45 @@ def store_digest(store_attrs: dict[str, Any], case_attrs: dict[str, dict[str, An
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
+def store_datasets(store: Any, store_path: str, contexts: dict[str, str]) -> list[Any]:
+    """A slice store's splits as MLflow dataset inputs: the runs table's Datasets column, the run page's
+    inputs, and a digest to compare runs by.
+
+    One per split in `contexts` ({split: context}, e.g. {"train": "training"}): named
+    `<store>/<split>`; digest from the split's cases and their stored-array hashes (the same data gives
+    the same digest on any machine, whatever the path); source the store's URI; schema the arrays,
+    image (-1, H, W) int16 HU and mask (-1, H, W) uint8; profile the case and slice counts.
+    """
+    import numpy as np
+    from mlflow.data.schema import TensorDatasetSchema
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.types import Schema, TensorSpec
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    h, w = store.size
+    schema = TensorDatasetSchema(
+        Schema([TensorSpec(np.dtype(np.int16), (-1, h, w), "image")]),
+        Schema([TensorSpec(np.dtype(np.uint8), (-1, h, w), "mask")]),
+    )
+    scheme = store_path.split("://")[0] if "://" in store_path else "local"
+    out = []
+    for split, context in contexts.items():
+        cases = store.cases_in(split)
+        arrays = [(c, store.case_attrs(c)["image_sha256"], store.case_attrs(c)["mask_sha256"]) for c in cases]
+        digest = hashlib.sha256(json.dumps([list(store.size), arrays]).encode()).hexdigest()[:16]  # MLflow: <= 36
+        profile = {"cases": len(cases), "slices": sum(store.num_slices(c) for c in cases)}
+        ds = Dataset(
+            name=f"{Path(store_path.rstrip('/')).name}/{split}",
+            digest=digest,
+            source_type=scheme,
+            source=json.dumps({"uri": store_path}),
+            schema=json.dumps(schema.to_dict()),
+            profile=json.dumps(profile),
+        )
+        out.append(DatasetInput(ds, [InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+    return out
+
+
 def config_hash(flat: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:12]
 

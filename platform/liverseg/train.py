@@ -27,6 +27,7 @@ from liverseg.tracking import (
     experiment_id,
     find_run,
     git_commit,
+    store_datasets,
     store_digest,
     tracking_uri,
     versions,
@@ -149,6 +150,8 @@ def train(
     tags = {**lineage_tags(store, store_path), "config_hash": chash}
     run, existed = _open_run(client, cfg, key, name, tags, parent_run_id)
     run_id = run.info.run_id
+    if not existed:
+        client.log_inputs(run_id, datasets=store_datasets(store, store_path, {"train": "training", "val": "validation"}))
     if existed and run.info.status == "FINISHED" and run.data.tags.get("model_uri"):
         t = run.data.tags
         return TrainResult(run_id, name, float(t["best_val_dice"]), int(t["best_epoch"]), t["model_uri"], True)
