@@ -36,3 +36,24 @@ def test_identity_when_ranges_are_zero():
     mask = (img[:, 0] > 0.5).long()
     out, m = random_affine(img, mask, torch.Generator().manual_seed(1), rotate_deg=0, zoom=(1, 1), flip=False)
     assert torch.allclose(out, img, atol=1e-5) and torch.equal(m, mask)
+
+
+def test_grid_is_affine_grid_of_the_sampled_transform():
+    """The broadcast grid equals F.affine_grid of theta = [[cos*s, -sin, 0], [sin*s, cos, 0]] / zoom."""
+    import math
+
+    import torch.nn.functional as F
+
+    img = torch.rand(6, 1, 24, 40)  # not square: x and y must not be swapped
+    mask = (torch.rand(6, 24, 40) > 0.5).long()
+    out, m = random_affine(img, mask, torch.Generator().manual_seed(3), rotate_deg=30, zoom=(0.8, 1.2))
+    u = torch.rand((6, 3), generator=torch.Generator().manual_seed(3))
+    angle, scale = (u[:, 0] * 2 - 1) * math.radians(30), 0.8 + u[:, 1] * 0.4
+    sign = torch.where(u[:, 2] < 0.5, -1.0, 1.0)
+    c, s = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([c * sign, -s, 0 * c], 1), torch.stack([s * sign, c, 0 * c], 1)], 1)
+    grid = F.affine_grid(theta, [6, 1, 24, 40], align_corners=False)
+    ref = F.grid_sample(img, grid, mode="bilinear", align_corners=False)
+    ref_m = F.grid_sample(mask[:, None].float(), grid, mode="nearest", align_corners=False)[:, 0].long()
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert (m != ref_m).float().mean() < 1e-3  # nearest may round a pixel centre on an edge either way
