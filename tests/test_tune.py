@@ -32,7 +32,18 @@ def _children(client, parent):
     return client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
 
 
+def _project_here(store_path) -> str:
+    """Make the working directory a project: a git commit and a dvc.lock naming the store; returns HEAD."""
+    git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "project"], check=True)
+    lock = {"schema": "2.0", "stages": {"ingest": {"outs": [{"path": os.path.relpath(store_path), "md5": "5t0re.dir"}]}}}
+    Path("dvc.lock").write_text(json.dumps(lock))  # YAML is a superset of JSON
+    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+
+
 def test_search_four_trials_two_concurrent(ray_local, mlflow_uri, store_path, tmp_path):
+    head = _project_here(store_path)  # mlflow_uri made tmp_path the working directory
     cfg = load_config(TuneConfig, None, [*BASE, "tune.max_concurrent=2", f"run.storage_path={tmp_path / 'ray'}"])
     summary = tune_search(store_path, cfg, results_path=tmp_path / "tune-results.json")
     client = MlflowClient(mlflow_uri)
@@ -45,7 +56,8 @@ def test_search_four_trials_two_concurrent(ray_local, mlflow_uri, store_path, tm
         filter_string=f"tags.`mlflow.parentRunId` = '{summary.parent_run_id}' and tags.trial_status = 'early-stopped'",
     )
     assert {r.info.run_id for r in stopped} == {k.info.run_id for k in kids if k.data.tags["trial_status"] == "early-stopped"}
-    for k in kids:
+    for k in kids:  # lineage read where the search was started, not in the trial's own folder
+        assert k.data.tags["git_commit"].startswith(head) and k.data.tags["dvc_store_md5"] == "5t0re.dir"
         expected = {"completed": "FINISHED", "early-stopped": "FINISHED", "failed": "FAILED"}[k.data.tags["trial_status"]]
         assert k.info.status == expected
         if k.data.tags["trial_status"] == "completed":
@@ -59,7 +71,7 @@ def test_search_four_trials_two_concurrent(ray_local, mlflow_uri, store_path, tm
     assert results["best"]["run_id"] == summary.best["run_id"] and results["best"]["model_uri"]
     parent = client.get_run(summary.parent_run_id)
     assert parent.data.metrics["best_val_dice"] == pytest.approx(best_dice)
-    assert parent.data.params["search"] == "grid"
+    assert parent.data.params["search"] == "grid" and parent.data.tags["git_commit"].startswith(head)
     assert parent.data.tags["best.train.lr"] == str(summary.best["params"]["train.lr"])
 
 

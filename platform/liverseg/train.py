@@ -125,11 +125,14 @@ def train(
     run_key: str | None = None,
     parent_run_id: str | None = None,
     callbacks: list[Any] | None = None,
+    lineage: dict[str, str] | None = None,
 ) -> TrainResult:
     """Train (or resume) one model and log it to MLflow; returns the run id and the logged model URI.
 
     Re-running with the same `run.name` resumes the Ray run from its last checkpoint and continues the
     same MLflow run; a finished run is returned as is (nothing retrained, no new MLflow run).
+    `lineage`: tags from `lineage_tags`, when the caller runs elsewhere than the project directory
+    (a Tune trial's working directory is its trial folder: no git, no dvc.lock there).
     """
     from mlflow.tracking import MlflowClient
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -147,7 +150,7 @@ def train(
     name = cfg.run.name or f"train-{chash}"
     key = run_key or name
     client = MlflowClient(uri)
-    tags = {**lineage_tags(store, store_path), "config_hash": chash}
+    tags = {**(lineage or lineage_tags(store, store_path)), "config_hash": chash}
     run, existed = _open_run(client, cfg, key, name, tags, parent_run_id)
     run_id = run.info.run_id
     if not existed:

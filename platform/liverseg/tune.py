@@ -116,17 +116,18 @@ def trial_fn(config: dict[str, Any]) -> None:
         run_key=f"{config['name']}/{trial_id}",
         parent_run_id=config["parent_run_id"],
         callbacks=[TuneReportCallback()],
+        lineage=config.get("lineage"),  # absent in searches started by an older version
     )
 
 
-def _parent_run(client, cfg: TuneConfig, resume: bool) -> str:
+def _parent_run(client, cfg: TuneConfig, resume: bool, lineage: dict[str, str]) -> str:
     exp = experiment_id(client, cfg.run.experiment)
     key = f"tune/{cfg.tune.name}"
     run = find_run(client, exp, key)
     if run is not None and resume:
         client.update_run(run.info.run_id, status="RUNNING")
         return run.info.run_id
-    run = client.create_run(exp, run_name=cfg.tune.name, tags={RUN_KEY: key, "liverseg.kind": "tune"})
+    run = client.create_run(exp, run_name=cfg.tune.name, tags={RUN_KEY: key, "liverseg.kind": "tune", **lineage})
     rid = run.info.run_id
     client.log_param(rid, "search", cfg.tune.search)
     client.log_param(rid, "scheduler", cfg.tune.scheduler)
@@ -142,13 +143,16 @@ def tune_search(store_path: str, cfg: TuneConfig, resume: bool = False, results_
     from mlflow.tracking import MlflowClient
     from ray import tune
 
-    from liverseg.train import ensure_ray, storage_path
+    from liverseg.store import SliceStore
+    from liverseg.train import ensure_ray, lineage_tags, storage_path
 
     uri = tracking_uri()
     check_tracking(uri)
     if "://" not in store_path:
         store_path = str(Path(store_path).resolve())
     space = build_space(cfg.space)
+    # git commit and DVC hash are read here, in the project directory: trials run in their own
+    lineage = lineage_tags(SliceStore(store_path), store_path)
     search = make_search(cfg, space)
     client = MlflowClient(uri)
     root = storage_path(cfg)
@@ -156,10 +160,10 @@ def tune_search(store_path: str, cfg: TuneConfig, resume: bool = False, results_
     ensure_ray(cfg.run.ray_address)
     trainable = tune.with_resources(trial_fn, {"cpu": cfg.tune.cpus_per_trial})
     if resume and tune.Tuner.can_restore(exp_dir):
-        parent = _parent_run(client, cfg, resume=True)
+        parent = _parent_run(client, cfg, resume=True, lineage=lineage)
         tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
-        parent = _parent_run(client, cfg, resume=False)
+        parent = _parent_run(client, cfg, resume=False, lineage=lineage)
         base = TrainConfig.model_validate(cfg.model_dump(include=set(TrainConfig.model_fields))).model_dump(mode="json")
         param_space = {
             "base": base,
@@ -169,6 +173,7 @@ def tune_search(store_path: str, cfg: TuneConfig, resume: bool = False, results_
             "storage": exp_dir,
             "parent_run_id": parent,
             "tracking_uri": uri,
+            "lineage": lineage,
         }
         tuner = tune.Tuner(
             trainable,
