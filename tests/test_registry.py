@@ -41,6 +41,19 @@ def _check_flow(store_path):
     assert str(register(run_id=all_run).version) == "2"  # same run again: same version, no duplicate
     text = "\n".join(lineage("models:/liver-unet@champion"))
     assert all_run in text and "abc123" in text and "d41d8cd9" in text and "test" in text
+    # the splits the run recorded as inputs are checked against the store as it is now
+    from mlflow.entities import Dataset, DatasetInput
+
+    from liverseg.store import SliceStore
+    from liverseg.tracking import store_datasets
+
+    train_in, val_in = store_datasets(SliceStore(store_path), store_path, {"train": "training", "val": "validation"})
+    d = val_in.dataset  # as if the run had trained on another version of the validation cases
+    stale = DatasetInput(Dataset(d.name, "0" * 16, d.source_type, d.source, d.schema, d.profile), val_in.tags)
+    client.log_inputs(all_run, datasets=[train_in, stale])
+    lines = {ln.split()[0]: ln for ln in lineage("models:/liver-unet@champion")}
+    assert "(as trained)" in lines["train"] and f"(changed since training: {'0' * 16} -> {d.digest})" in lines["val"]
+    assert "since training" not in lines["test"] and "as trained" not in lines["test"]  # not an input of this run
     assert rollback() == ("2", "1")
     _, vs = _versions()
     assert "champion" in vs["1"].aliases

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from liverseg.tracking import tracking_uri
+from liverseg.tracking import store_datasets, tracking_uri
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 DEFAULT_NAME = "liver-unet"
@@ -190,7 +190,8 @@ def resolve_version(client, uri: str):
 
 
 def lineage(uri: str) -> list[str]:
-    """The chain model version -> training run -> git commit -> DVC data hash -> store cases and split."""
+    """The chain model version -> training run -> git commit -> DVC data hash -> store cases and split,
+    each split checked against the digest the run recorded as its input (as trained / changed)."""
     from liverseg.store import SliceStore, StoreError
 
     client = _client()
@@ -205,10 +206,15 @@ def lineage(uri: str) -> list[str]:
         f"  data     DVC md5 {t.get('dvc_store_md5', 'untracked')}, store digest {t.get('store_digest', '-')[:16]}",
         f"  store    {t.get('store_path', '-')}",
     ]
+    trained_on = {i.dataset.name: i.dataset.digest for i in (run.inputs.dataset_inputs if run.inputs else [])}
     try:
         st = SliceStore(t.get("store_path", ""))
-        for split, cases in st.splits.items():
-            lines.append(f"  {split:<8} {len(cases)} cases: {', '.join(cases)}")
+        splits = st.splits
+        now = store_datasets(st, st.url, {s: s for s in splits})
+        for (split, cases), ds in zip(splits.items(), now):
+            was = trained_on.get(ds.dataset.name)
+            check = "" if was is None else " (as trained)" if was == ds.dataset.digest else f" (changed since training: {was} -> {ds.dataset.digest})"
+            lines.append(f"  {split:<8} {len(cases)} cases{check}: {', '.join(cases)}")
     except StoreError as e:
         lines.append(f"  (store not readable here: {e})")
     return lines
