@@ -72,6 +72,13 @@ def test_demo_then_rerun_changes_nothing(demo):
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     champion = client.get_model_version_by_alias("liver-unet", "champion")
     assert float(champion.tags["test_dice"]) > 0.9
+    # the champion's lineage as `liverseg lineage` prints it: this repository's commit, DVC's hash of
+    # the store, and the training and validation splits unchanged since training
+    lineage = _sh(["liverseg", "lineage", "models:/liver-unet@champion"], repo).splitlines()
+    head = _sh(["git", "rev-parse", "HEAD"], repo).strip()
+    assert any(ln.split()[:2] == ["commit", head] or ln.split()[:2] == ["commit", f"{head}-dirty"] for ln in lineage), lineage
+    assert not any("untracked" in ln for ln in lineage), lineage
+    assert {ln.split()[0] for ln in lineage if "(as trained)" in ln} == {"train", "val"}, lineage
     runs = _run_count(client)
 
     again = _sh(["bash", "scripts/demo.sh"], repo)
