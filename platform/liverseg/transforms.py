@@ -44,7 +44,7 @@ def random_affine(
     sign = torch.where((u[:, 2] < 0.5) & flip, -1.0, 1.0)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     # The sampling grid of theta = [[cos*sign, -sin, 0], [sin*sign, cos, 0]], written out: what
-    # F.affine_grid computes with a batched matmul (3 ms per 16x128x128 batch on a CPU core, ~10
+    # F.affine_grid computes with a batched matmul (~3 ms per 16x128x128 batch on 2 CPU cores, ~10
     # kernels on a GPU), here by broadcasting over pixel centres (align_corners=False).
     coef = torch.stack([cos * sign, -sin, sin * sign, cos], 1).view(n, 1, 1, 2, 2)  # (N, 1, 1, out xy, in xy)
     x = torch.linspace(1 / w - 1, 1 - 1 / w, w, device=dev).view(1, 1, w, 1)
