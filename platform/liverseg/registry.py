@@ -212,8 +212,13 @@ def lineage(uri: str) -> list[str]:
         splits = st.splits
         now = store_datasets(st, st.url, {s: s for s in splits})
         for (split, cases), ds in zip(splits.items(), now):
-            was = trained_on.get(ds.dataset.name)
-            check = "" if was is None else " (as trained)" if was == ds.dataset.digest else f" (changed since training: {was} -> {ds.dataset.digest})"
+            was, digest = trained_on.get(ds.dataset.name), ds.dataset.digest
+            if was is None:  # not an input of the run (the test split; runs before dataset inputs)
+                check = ""
+            elif was == digest:
+                check = " (as trained)"
+            else:
+                check = f" (changed since training: {was} -> {digest})"
             lines.append(f"  {split:<8} {len(cases)} cases{check}: {', '.join(cases)}")
     except StoreError as e:
         lines.append(f"  (store not readable here: {e})")
