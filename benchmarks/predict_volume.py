@@ -1,6 +1,6 @@
 """`liverseg predict` on one large CT (default 512x512x400): seconds per phase. Prints JSON.
 
-    python benchmarks/predict_volume.py --shape 512 512 400 --encoder resnet50 [--device cuda]
+python benchmarks/predict_volume.py --shape 512 512 400 --encoder resnet50 [--device cuda]
 """
 
 from __future__ import annotations
@@ -30,17 +30,35 @@ def main() -> None:
         rng = np.random.default_rng(0)
         vol = rng.integers(-1000, 400, a.shape, dtype=np.int16)
         nib.save(nib.Nifti1Image(vol, np.diag([-0.7, -0.7, 1.0, 1.0])), str(tmp / "ct.nii.gz"))
-        meta = {"encoder": a.encoder, "decoder_channels": [256, 128, 64, 32, 16], "in_channels": 1, "window": [-200, 250],
-                "mean": 0.2, "std": 0.3, "size": [a.size, a.size], "orientation": "RAS"}
+        meta = {
+            "encoder": a.encoder,
+            "decoder_channels": [256, 128, 64, 32, 16],
+            "in_channels": 1,
+            "window": [-200, 250],
+            "mean": 0.2,
+            "std": 0.3,
+            "size": [a.size, a.size],
+            "orientation": "RAS",
+        }
         save_local(tmp / "m", build_model(a.encoder, "none", 1).state_dict(), meta)
         lm = load_local(tmp / "m", a.device)
         predict_file(lm, tmp / "ct.nii.gz", tmp / "warm.nii.gz")  # warm-up (cuDNN autotune, allocator)
         t0 = time.perf_counter()
         t = predict_file(lm, tmp / "ct.nii.gz", tmp / "mask.nii.gz")
         total = time.perf_counter() - t0
-    print(json.dumps({"device": str(lm.device), "shape": a.shape, "encoder": a.encoder, "total_s": total,
-                      **{f"{k}_s": v for k, v in t.items()}, "model_fraction": t["model"] / total,
-                      "date": time.strftime("%Y-%m-%d")}))
+    print(
+        json.dumps(
+            {
+                "device": str(lm.device),
+                "shape": a.shape,
+                "encoder": a.encoder,
+                "total_s": total,
+                **{f"{k}_s": v for k, v in t.items()},
+                "model_fraction": t["model"] / total,
+                "date": time.strftime("%Y-%m-%d"),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

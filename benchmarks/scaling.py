@@ -42,15 +42,24 @@ def plain_slices_per_s(size: int, batch: int, threads: int, steps: int) -> float
     return steps * batch / (time.perf_counter() - t0)
 
 
-def liverseg_slices_per_s(store: str, workers: int, cpus: float, batch: int, epochs: int, steps: int, root: Path) -> float:
+def liverseg_slices_per_s(
+    store: str, workers: int, cpus: float, batch: int, epochs: int, steps: int, root: Path
+) -> float:
     from mlflow.tracking import MlflowClient
 
     from liverseg.config import TrainConfig, load_config
     from liverseg.train import train
 
-    sets = [*MODEL, f"train.epochs={epochs}", f"train.steps_per_epoch={steps}", f"train.batch_size={batch}",
-            f"scaling.num_workers={workers}", f"scaling.cpus_per_worker={cpus}", f"run.name=scale-{workers}x{cpus}",
-            f"run.storage_path={root / 'ray'}"]
+    sets = [
+        *MODEL,
+        f"train.epochs={epochs}",
+        f"train.steps_per_epoch={steps}",
+        f"train.batch_size={batch}",
+        f"scaling.num_workers={workers}",
+        f"scaling.cpus_per_worker={cpus}",
+        f"run.name=scale-{workers}x{cpus}",
+        f"run.storage_path={root / 'ray'}",
+    ]
     res = train(store, load_config(TrainConfig, None, sets))
     hist = MlflowClient().get_metric_history(res.run_id, "train_slices_per_s")
     rates = [m.value for m in sorted(hist, key=lambda m: m.step)][1:]
@@ -82,15 +91,22 @@ def main() -> None:
         one = liverseg_slices_per_s(store, 1, a.cpus, a.batch, a.epochs, a.steps, root)
         many = liverseg_slices_per_s(store, a.cpus, 1, a.batch // a.cpus, a.epochs, a.steps, root)
         ray.shutdown()
-    print(json.dumps({
-        "cpus": a.cpus, "model": "resnet18 U-Net (decoder 32..8)", "size": a.size, "global_batch": a.batch,
-        "plain_pytorch_slices_per_s": round(plain, 1),
-        f"liverseg_1x{a.cpus}_slices_per_s": round(one, 1),
-        f"liverseg_{a.cpus}x1_slices_per_s": round(many, 1),
-        "liverseg_1_worker_to_plain": round(one / plain, 3),
-        f"scaling_{a.cpus}_workers_to_1": round(many / one, 3),
-        "date": time.strftime("%Y-%m-%d"),
-    }))
+    print(
+        json.dumps(
+            {
+                "cpus": a.cpus,
+                "model": "resnet18 U-Net (decoder 32..8)",
+                "size": a.size,
+                "global_batch": a.batch,
+                "plain_pytorch_slices_per_s": round(plain, 1),
+                f"liverseg_1x{a.cpus}_slices_per_s": round(one, 1),
+                f"liverseg_{a.cpus}x1_slices_per_s": round(many, 1),
+                "liverseg_1_worker_to_plain": round(one / plain, 3),
+                f"scaling_{a.cpus}_workers_to_1": round(many / one, 3),
+                "date": time.strftime("%Y-%m-%d"),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -79,14 +79,25 @@ def main() -> None:
             st.volume(c)
         whole_s = time.perf_counter() - t0
         slices = sum(st.num_slices(c) for c in st.cases)
-    print(json.dumps({
-        "cases": a.cases, "shape": a.shape, "workers": a.workers, "nifti_mb": mb,
-        "nibabel_decode_mb_per_s": mb / decode_s, "ingest_mb_per_s": mb / ingest_s["all"],
-        "ingest_to_decode_ratio": decode_s / ingest_s["all"], "ingest_marginal_mb_per_s": marginal_mb_per_s,
-        "ingest_marginal_to_decode_ratio": marginal_mb_per_s / (mb / decode_s),
-        "zarr_random_slices_per_s": a.reads / zarr_s, "numpy_random_slices_per_s": a.reads / np_s,
-        "zarr_whole_case_slices_per_s": slices / whole_s, "date": time.strftime("%Y-%m-%d"),
-    }))
+    print(
+        json.dumps(
+            {
+                "cases": a.cases,
+                "shape": a.shape,
+                "workers": a.workers,
+                "nifti_mb": mb,
+                "nibabel_decode_mb_per_s": mb / decode_s,
+                "ingest_mb_per_s": mb / ingest_s["all"],
+                "ingest_to_decode_ratio": decode_s / ingest_s["all"],
+                "ingest_marginal_mb_per_s": marginal_mb_per_s,
+                "ingest_marginal_to_decode_ratio": marginal_mb_per_s / (mb / decode_s),
+                "zarr_random_slices_per_s": a.reads / zarr_s,
+                "numpy_random_slices_per_s": a.reads / np_s,
+                "zarr_whole_case_slices_per_s": slices / whole_s,
+                "date": time.strftime("%Y-%m-%d"),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -28,7 +28,10 @@ class _MemStore:
         rng = np.random.default_rng(0)
         self.size = (size, size)
         self.data = {
-            str(c): (rng.integers(-1000, 400, (z, size, size), dtype=np.int16), (rng.random((z, size, size)) > 0.7).astype(np.uint8))
+            str(c): (
+                rng.integers(-1000, 400, (z, size, size), dtype=np.int16),
+                (rng.random((z, size, size)) > 0.7).astype(np.uint8),
+            )
             for c in range(cases)
         }
 
@@ -59,10 +62,18 @@ def run(args) -> dict:
         model = torch.compile(net) if args.compile else net
         return model, torch.optim.Adam(net.parameters(), lr=1e-4)
 
-    out = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or "cpu",
-           "encoder": args.encoder, "size": S, "batch": B, "compile": args.compile, "precision": "bf16" if bf16 else "fp32",
-           "rounds": args.rounds, "steps_per_round": args.steps, "torch_threads": torch.get_num_threads(),
-           "cpus_available": len(os.sched_getaffinity(0))}
+    out = {
+        "device": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or "cpu",
+        "encoder": args.encoder,
+        "size": S,
+        "batch": B,
+        "compile": args.compile,
+        "precision": "bf16" if bf16 else "fp32",
+        "rounds": args.rounds,
+        "steps_per_round": args.steps,
+        "torch_threads": torch.get_num_threads(),
+        "cpus_available": len(os.sched_getaffinity(0)),
+    }
 
     # plain PyTorch: random data already on the device
     plain_model, plain_opt = make()

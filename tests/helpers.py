@@ -37,7 +37,9 @@ def meta(size=(64, 64)) -> dict:
     }
 
 
-def log_model_run(state: dict, experiment: str = "liverseg", val_dice: float = 0.5, store_path: str = "") -> tuple[str, str]:
+def log_model_run(
+    state: dict, experiment: str = "liverseg", val_dice: float = 0.5, store_path: str = ""
+) -> tuple[str, str]:
     """One finished MLflow run holding the model as the pyfunc training logs; returns (run id, model uri)."""
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -47,7 +49,16 @@ def log_model_run(state: dict, experiment: str = "liverseg", val_dice: float = 0
     from liverseg.tracking import experiment_id, tracking_uri
 
     client = MlflowClient(tracking_uri())
-    run = client.create_run(experiment_id(client, experiment), tags={"git_commit": "abc123", "dvc_store_md5": "d41d8cd9", "store_path": store_path, "store_digest": "f" * 64, "config_hash": "cafe"})
+    run = client.create_run(
+        experiment_id(client, experiment),
+        tags={
+            "git_commit": "abc123",
+            "dvc_store_md5": "d41d8cd9",
+            "store_path": store_path,
+            "store_digest": "f" * 64,
+            "config_hash": "cafe",
+        },
+    )
     rid = run.info.run_id
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=rid):
         save_local(Path(tmp) / "m", state, meta())

@@ -8,7 +8,20 @@ def _cli(*args):
 
 def test_help_lists_every_stage():
     out = _cli("--help").stdout
-    for cmd in ("synth", "ingest", "train", "tune", "evaluate", "score", "register", "promote", "rollback", "lineage", "predict", "serve"):
+    for cmd in (
+        "synth",
+        "ingest",
+        "train",
+        "tune",
+        "evaluate",
+        "score",
+        "register",
+        "promote",
+        "rollback",
+        "lineage",
+        "predict",
+        "serve",
+    ):
         assert cmd in out, cmd
 
 

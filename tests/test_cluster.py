@@ -26,11 +26,28 @@ def two_node_ray(tmp_path):
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     if (Path.home() / ".ray" / "auth_token").exists():
         env["RAY_AUTH_MODE"] = "token"
-    head = ["--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "1", "--include-dashboard", "true", "--dashboard-port", str(_free_port())]
+    head = [
+        "--head",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--num-cpus",
+        "1",
+        "--include-dashboard",
+        "true",
+        "--dashboard-port",
+        str(_free_port()),
+    ]
     subprocess.run([RAY, "start", *head], env=env, check=True, capture_output=True, timeout=120)
     try:
-        subprocess.run([RAY, "start", "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1", "--num-cpus", "1"],
-                       env=env, check=True, capture_output=True, timeout=120)
+        subprocess.run(
+            [RAY, "start", "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1", "--num-cpus", "1"],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
         yield f"127.0.0.1:{port}", env
     finally:
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
@@ -40,10 +57,32 @@ def two_node_ray(tmp_path):
 def test_two_workers_on_two_nodes_log_to_server(two_node_ray, mlflow_server, store_path, tmp_path):  # noqa: F811
     address, env = two_node_ray
     env = {**env, "RAY_ADDRESS": address, "MLFLOW_TRACKING_URI": mlflow_server}
-    cmd = [sys.executable, "-m", "liverseg.cli", "train", "--store", store_path,
-           "--set", "model.encoder=resnet18", "--set", "model.encoder_weights=none", "--set", "model.decoder_channels=[32,16,16,8,8]",
-           "--set", "train.epochs=2", "--set", "train.steps_per_epoch=2", "--set", "train.batch_size=8",
-           "--set", "scaling.num_workers=2", "--set", f"run.storage_path={tmp_path / 'shared'}", "--set", "run.name=cluster"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "liverseg.cli",
+        "train",
+        "--store",
+        store_path,
+        "--set",
+        "model.encoder=resnet18",
+        "--set",
+        "model.encoder_weights=none",
+        "--set",
+        "model.decoder_channels=[32,16,16,8,8]",
+        "--set",
+        "train.epochs=2",
+        "--set",
+        "train.steps_per_epoch=2",
+        "--set",
+        "train.batch_size=8",
+        "--set",
+        "scaling.num_workers=2",
+        "--set",
+        f"run.storage_path={tmp_path / 'shared'}",
+        "--set",
+        "run.name=cluster",
+    ]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     client = MlflowClient(mlflow_server)

@@ -1,6 +1,14 @@
 import pytest
 
-from liverseg.config import ConfigError, IngestConfig, TrainConfig, TuneConfig, load_config, parse_overrides, to_flat_dict
+from liverseg.config import (
+    ConfigError,
+    IngestConfig,
+    TrainConfig,
+    TuneConfig,
+    load_config,
+    parse_overrides,
+    to_flat_dict,
+)
 
 
 def test_overrides_are_yaml_and_dotted(tmp_path):

@@ -21,16 +21,29 @@ BIN = Path(sys.executable).parent
 CHROMIUM = "/usr/bin/chromium"
 # Flags for a closed network: without them Chromium keeps dialling Google's hosts.
 COLUMNS = ["val_dice", "train.lr", "loss.dice_weight", "loss.ce_weight"]
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def _env(repo: Path | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     if repo is not None:  # run the copy's own code, not the editable install's
         env["PYTHONPATH"] = str(repo / "platform")
-    return {**env, "PATH": f"{BIN}:{env['PATH']}", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    return {
+        **env,
+        "PATH": f"{BIN}:{env['PATH']}",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
 
 
 def _sh(cmd, cwd) -> str:
@@ -76,7 +89,9 @@ def test_demo_then_rerun_changes_nothing(demo):
     # the store, and the training and validation splits unchanged since training
     lineage = _sh(["liverseg", "lineage", "models:/liver-unet@champion"], repo).splitlines()
     head = _sh(["git", "rev-parse", "HEAD"], repo).strip()
-    assert any(ln.split()[:2] == ["commit", head] or ln.split()[:2] == ["commit", f"{head}-dirty"] for ln in lineage), lineage
+    assert any(ln.split()[:2] == ["commit", head] or ln.split()[:2] == ["commit", f"{head}-dirty"] for ln in lineage), (
+        lineage
+    )
     assert not any("untracked" in ln for ln in lineage), lineage
     assert {ln.split()[0] for ln in lineage if "(as trained)" in ln} == {"train", "val"}, lineage
     runs = _run_count(client)
@@ -100,9 +115,22 @@ def _free_port() -> int:
 def mlflow_ui(demo):
     repo, _ = demo
     port = _free_port()
-    proc = subprocess.Popen([str(BIN / "mlflow"), "ui", "--backend-store-uri", f"sqlite:///{repo / 'mlflow.db'}",
-                             "--host", "127.0.0.1", "--port", str(port)], env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            str(BIN / "mlflow"),
+            "ui",
+            "--backend-store-uri",
+            f"sqlite:///{repo / 'mlflow.db'}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:

@@ -1,5 +1,4 @@
 import json
-import math
 import subprocess
 import sys
 
@@ -42,12 +41,22 @@ def test_score_grid_mismatch_is_clear(tmp_path):
 
 def test_score_cli_json(tmp_path, real_ct):
     seg = real_ct / "segmentation-0.nii.gz"
-    res = subprocess.run([sys.executable, "-m", "liverseg.cli", "score", "--pred", str(seg), "--ref", str(seg), "--json"], capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "liverseg.cli", "score", "--pred", str(seg), "--ref", str(seg), "--json"],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr
     s = json.loads(res.stdout)
     assert s["dice"] == 1.0 and s["hd95_mm"] == 0.0
     empty = _nii(tmp_path / "e.nii.gz", np.zeros((122, 101, 30), np.uint8), nib.load(str(seg)).affine)
-    s2 = json.loads(subprocess.run([sys.executable, "-m", "liverseg.cli", "score", "--pred", str(empty), "--ref", str(seg), "--json"], capture_output=True, text=True).stdout)
+    s2 = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "liverseg.cli", "score", "--pred", str(empty), "--ref", str(seg), "--json"],
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
     assert s2["dice"] == 0.0 and s2["assd_mm"] is None  # undefined distance -> null
 
 
@@ -71,7 +80,9 @@ def test_evaluate_on_store_and_original_grid(mlflow_uri, store_path, phantom_dir
     run = MlflowClient(mlflow_uri).get_run(log_evaluation(ev, tmp_path / "m.json", tmp_path / "c.csv"))
     assert run.data.tags["model_uri"] == uri and run.data.metrics["test_dice"] == pytest.approx(summary["dice"]["mean"])
     (test_input,) = run.inputs.dataset_inputs
-    assert test_input.dataset.name == "slices.zarr/test" and json.loads(test_input.dataset.profile)["cases"] == len(st.cases_in("test"))
+    assert test_input.dataset.name == "slices.zarr/test" and json.loads(test_input.dataset.profile)["cases"] == len(
+        st.cases_in("test")
+    )
     assert {t.key: t.value for t in test_input.tags}["mlflow.data.context"] == "evaluation"
 
 

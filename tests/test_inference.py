@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from helpers import constant_state, meta
-from liverseg.inference import LoadedModel, predict_file, save_local, load_local, segment_volume
+from liverseg.inference import LoadedModel, load_local, predict_file, save_local, segment_volume
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +25,9 @@ def test_predict_real_ct_keeps_shape_and_affine(tmp_path, real_ct, all_liver):
 
 def test_mask_follows_any_orientation(tmp_path, real_ct):
     """A model that keys on intensity must give the same anatomy whatever the file's axis order."""
-    from liverseg.model import build_model
     import torch
+
+    from liverseg.model import build_model
 
     net = build_model("resnet18", "none", 1, [32, 16, 16, 8, 8])
     net.eval()
@@ -70,8 +71,22 @@ def test_predict_cli_folder_mode(mlflow_uri, phantom_dir, tmp_path):
     for n in ("0", "1"):
         shutil.copy(phantom_dir / f"volume-{n}.nii.gz", src)
     (src / "volume-9.nii.gz").write_bytes(b"broken")
-    res = subprocess.run([sys.executable, "-m", "liverseg.cli", "predict", str(src), str(tmp_path / "out"), "--model", uri, "--device", "cpu"],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "liverseg.cli",
+            "predict",
+            str(src),
+            str(tmp_path / "out"),
+            "--model",
+            uri,
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 1 and "2 masks written" in res.stdout and "FAILED volume-9.nii.gz" in res.stderr
     for n in ("0", "1"):
         m, v = nib.load(str(tmp_path / "out" / f"segmentation-{n}.nii.gz")), nib.load(str(src / f"volume-{n}.nii.gz"))
@@ -82,8 +97,13 @@ def test_predict_overlay_with_truth(tmp_path, real_ct, all_liver):
     import matplotlib.image as mpimg
 
     png = tmp_path / "overlay.png"
-    t = predict_file(all_liver, real_ct / "volume-0.nii.gz", tmp_path / "m.nii.gz", overlay=png,
-                     truth=real_ct / "segmentation-0.nii.gz")
+    t = predict_file(
+        all_liver,
+        real_ct / "volume-0.nii.gz",
+        tmp_path / "m.nii.gz",
+        overlay=png,
+        truth=real_ct / "segmentation-0.nii.gz",
+    )
     img = mpimg.imread(png)[..., :3]
     assert "overlay" in t and img.shape[1] > img.shape[0]
     assert (np.abs(img - [0, 1, 0]).max(-1) < 0.15).sum() > 50  # the reference liver's contour is drawn

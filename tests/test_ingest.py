@@ -123,7 +123,20 @@ def test_cli_exit_status_and_summary(tmp_path, phantom_dir):
     copy_case(phantom_dir, raw, "0")
     (raw / "volume-3.nii.gz").write_bytes(b"")
     (raw / "segmentation-3.nii.gz").write_bytes(b"")
-    cmd = [sys.executable, "-m", "liverseg.cli", "ingest", "--raw", str(raw), "--store", str(tmp_path / "s.zarr"), "--set", "size=[32,32]", "--set", "workers=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "liverseg.cli",
+        "ingest",
+        "--raw",
+        str(raw),
+        "--store",
+        str(tmp_path / "s.zarr"),
+        "--set",
+        "size=[32,32]",
+        "--set",
+        "workers=1",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 1
     assert "FAILED volume-3.nii.gz: empty file" in res.stderr
@@ -146,7 +159,18 @@ def test_interrupted_case_leaves_nothing_half_written(tmp_path, phantom_dir, sig
 
     write_phantoms(raw, 4, seed=11, shape=(96, 96, 48))
     store = tmp_path / "s.zarr"
-    cmd = [sys.executable, "-m", "liverseg.cli", "ingest", "--raw", str(raw), "--store", str(store), "--set", "workers=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "liverseg.cli",
+        "ingest",
+        "--raw",
+        str(raw),
+        "--store",
+        str(store),
+        "--set",
+        "workers=1",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 60
     while time.time() < deadline and not (store.exists() and list((store / "cases").glob("*"))):

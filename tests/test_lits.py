@@ -35,8 +35,10 @@ def test_canonical_round_trip(codes):
 
 def test_same_anatomy_whatever_the_orientation(tmp_path, real_ct):
     img = nib.load(str(real_ct / "volume-0.nii.gz"))
-    flipped = nib.Nifti1Image(np.asarray(img.dataobj)[::-1, :, ::-1].copy(), img.affine @ np.array(
-        [[-1, 0, 0, 121], [0, 1, 0, 0], [0, 0, -1, 29], [0, 0, 0, 1]], float))
+    flipped = nib.Nifti1Image(
+        np.asarray(img.dataobj)[::-1, :, ::-1].copy(),
+        img.affine @ np.array([[-1, 0, 0, 121], [0, 1, 0, 0], [0, 0, -1, 29], [0, 0, 0, 1]], float),
+    )
     nib.save(flipped, tmp_path / "volume-1.nii")
     a, b = read_volume(real_ct / "volume-0.nii.gz"), read_volume(tmp_path / "volume-1.nii")
     assert np.array_equal(a.image, b.image)

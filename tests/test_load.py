@@ -35,7 +35,11 @@ def test_load_500_requests(server, phantom_dir, tmp_path):  # noqa: F811
             out = [r for r in pool.map(one, jobs) if time.time() < deadline]
         print(json.dumps(out))
     """)
-    server_proc = next(p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] and "serve" in p.info["cmdline"] and base.rsplit(":", 1)[1] in p.info["cmdline"])
+    server_proc = next(
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if p.info["cmdline"] and "serve" in p.info["cmdline"] and base.rsplit(":", 1)[1] in p.info["cmdline"]
+    )
     proc = subprocess.Popen([sys.executable, "-c", client], stdout=subprocess.PIPE, text=True)
     peak = 0
     while proc.poll() is None:

@@ -18,7 +18,9 @@ def _versions(name="liver-unet"):
     from liverseg.tracking import tracking_uri
 
     c = MlflowClient(tracking_uri())
-    return c, {str(mv.version): c.get_model_version(name, mv.version) for mv in c.search_model_versions(f"name = '{name}'")}
+    return c, {
+        str(mv.version): c.get_model_version(name, mv.version) for mv in c.search_model_versions(f"name = '{name}'")
+    }
 
 
 def _check_flow(store_path):
@@ -84,7 +86,9 @@ def test_racing_promotions_stay_consistent(mlflow_uri, store_path, tmp_path):
     register(run_id=run)
     env = {**os.environ, "LIVERSEG_LOCK_DIR": str(tmp_path / "locks")}
     cmd = [sys.executable, "-m", "liverseg.cli", "promote", "--store", store_path, "--min-dice", "0"]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)
+    ]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     assert sorted(o.split(":")[0] for o in outs) == ["KEPT", "PROMOTED"], outs
@@ -103,9 +107,24 @@ def _free_port():
 def mlflow_server(tmp_path, monkeypatch):
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'srv.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     uri = f"http://127.0.0.1:{port}"
     import requests

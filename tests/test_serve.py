@@ -1,7 +1,6 @@
 """The REST service, started as a real process on 127.0.0.1 and called over HTTP."""
 
 import gzip
-import io
 import os
 import socket
 import subprocess
@@ -38,7 +37,9 @@ def server(mlflow_uri, store_path, tmp_path):
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "liverseg.cli", "serve", "--port", str(port), "--max-mb", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "LIVERSEG_LOCK_DIR": str(tmp_path)},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "LIVERSEG_LOCK_DIR": str(tmp_path)},
     )
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -101,7 +102,9 @@ def test_reload_follows_the_alias(server, real_ct, store_path):
 
     base, _ = server
     body = (real_ct / "volume-0.nii.gz").read_bytes()
-    before = nib.Nifti1Image.from_bytes(gzip.decompress(httpx.post(base + "/segment", content=body, timeout=120).content))
+    before = nib.Nifti1Image.from_bytes(
+        gzip.decompress(httpx.post(base + "/segment", content=body, timeout=120).content)
+    )
     assert np.asanyarray(before.dataobj).sum() == 0  # v1 predicts no liver
     run, _ = log_model_run(constant_state(liver=True), store_path=store_path)
     mv = register(run_id=run)
@@ -122,8 +125,25 @@ def test_mlflow_models_serve_works_as_is(mlflow_uri, tmp_path):
     port = _free_port()
     bin_dir = os.path.dirname(sys.executable)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    proc = subprocess.Popen([os.path.join(bin_dir, "mlflow"), "models", "serve", "-m", f"models:/liver-unet/{version}", "--env-manager", "local",
-                             "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            os.path.join(bin_dir, "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            f"models:/liver-unet/{version}",
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -133,7 +153,11 @@ def test_mlflow_models_serve_works_as_is(mlflow_uri, tmp_path):
             except httpx.HTTPError:
                 time.sleep(0.5)
         vol = np.full((32, 32, 4), 60.0)
-        r = httpx.post(f"http://127.0.0.1:{port}/invocations", json={"inputs": {"volume": vol.tolist(), "affine": np.eye(4).tolist()}}, timeout=120)
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/invocations",
+            json={"inputs": {"volume": vol.tolist(), "affine": np.eye(4).tolist()}},
+            timeout=120,
+        )
         assert r.status_code == 200, r.text
         mask = np.array(r.json()["predictions"])
         assert mask.shape == (32, 32, 4) and mask.min() == 1

@@ -27,8 +27,8 @@ def test_adding_a_case_moves_few_cases():
 
 
 def test_store_round_trip(store_path, phantom_dir):
-    from liverseg.resize import resize_slices
     from liverseg.lits import discover, read_case
+    from liverseg.resize import resize_slices
 
     st = SliceStore(store_path)
     assert st.attrs["format"] == FORMAT and st.size == (64, 64) and len(st.cases) == 6

@@ -35,4 +35,6 @@ def test_store_datasets_identify_content_not_path(mlflow_uri, store_path, tmp_pa
     rid = client.create_run(client.create_experiment("t")).info.run_id
     client.log_inputs(rid, datasets=inputs)
     logged = client.get_run(rid).inputs.dataset_inputs
-    assert sorted((i.dataset.name, i.dataset.digest) for i in logged) == sorted((i.dataset.name, i.dataset.digest) for i in inputs)
+    assert sorted((i.dataset.name, i.dataset.digest) for i in logged) == sorted(
+        (i.dataset.name, i.dataset.digest) for i in inputs
+    )

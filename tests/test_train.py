@@ -43,11 +43,23 @@ def test_two_workers_end_to_end(ray_local, mlflow_uri, store_path, tmp_path, mon
         assert [m.step for m in client.get_metric_history(res.run_id, key)] == [0, 1, 2], key
     p, t = run.data.params, run.data.tags
     assert p["train.lr"] == "0.003" and p["scaling.num_workers"] == "2" and p["loss.dice_weight"] == "1.0"
-    for tag in ("git_commit", "dvc_store_md5", "store_path", "store_digest", "format_version", "ray_version", "torch_version"):
+    for tag in (
+        "git_commit",
+        "dvc_store_md5",
+        "store_path",
+        "store_digest",
+        "format_version",
+        "ray_version",
+        "torch_version",
+    ):
         assert t.get(tag), tag
-    contexts = {i.dataset.name: {t.key: t.value for t in i.tags}["mlflow.data.context"] for i in run.inputs.dataset_inputs}
+    contexts = {
+        i.dataset.name: {t.key: t.value for t in i.tags}["mlflow.data.context"] for i in run.inputs.dataset_inputs
+    }
     assert contexts == {"slices.zarr/train": "training", "slices.zarr/val": "validation"}
-    arts = {a.path for a in client.list_artifacts(res.run_id)} | {a.path for a in client.list_artifacts(res.run_id, "plots")}
+    arts = {a.path for a in client.list_artifacts(res.run_id)} | {
+        a.path for a in client.list_artifacts(res.run_id, "plots")
+    }
     assert {"config.json", "plots/curves.png", "plots/val_overlay.png"} <= arts
     assert res.best_val_dice > _chance_dice(store_path)
     logged = " ".join([*p.keys(), *map(str, p.values()), *t.keys(), *map(str, t.values())])
@@ -64,7 +76,14 @@ def test_two_workers_end_to_end(ray_local, mlflow_uri, store_path, tmp_path, mon
 
 
 def test_resume_after_injected_failure(ray_local, mlflow_uri, store_path, tmp_path):
-    cfg = _cfg(tmp_path, "train.epochs=3", "train.steps_per_epoch=2", "run.name=crashy", "run.fail_at_epoch=1", "run.max_failures=1")
+    cfg = _cfg(
+        tmp_path,
+        "train.epochs=3",
+        "train.steps_per_epoch=2",
+        "run.name=crashy",
+        "run.fail_at_epoch=1",
+        "run.max_failures=1",
+    )
     res = train(store_path, cfg)
     client = MlflowClient(mlflow_uri)
     hist = client.get_metric_history(res.run_id, "val_dice")
@@ -102,10 +121,20 @@ def test_learns_liver_above_0_9(ray_local, mlflow_uri, tmp_path):
     assert ingest(tmp_path / "raw", store, IngestConfig(size=(64, 64), workers=2), progress=False).ok
     st = SliceStore(store)
     assert not set(st.cases_in("train")) & set(st.cases_in("val"))
-    cfg = load_config(TrainConfig, None, [
-        "model.encoder=resnet18", "model.encoder_weights=none", "model.decoder_channels=[128,64,32,16,8]",
-        "train.epochs=8", "train.batch_size=16", "train.lr=0.002", "scaling.cpus_per_worker=2",
-        f"run.storage_path={tmp_path / 'ray'}", "run.name=learn",
-    ])
+    cfg = load_config(
+        TrainConfig,
+        None,
+        [
+            "model.encoder=resnet18",
+            "model.encoder_weights=none",
+            "model.decoder_channels=[128,64,32,16,8]",
+            "train.epochs=8",
+            "train.batch_size=16",
+            "train.lr=0.002",
+            "scaling.cpus_per_worker=2",
+            f"run.storage_path={tmp_path / 'ray'}",
+            "run.name=learn",
+        ],
+    )
     res = train(store, cfg)
     assert res.best_val_dice > 0.9, res.best_val_dice

@@ -37,7 +37,10 @@ def _project_here(store_path) -> str:
     git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t"]
     subprocess.run([*git, "init", "-q"], check=True)
     subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "project"], check=True)
-    lock = {"schema": "2.0", "stages": {"ingest": {"outs": [{"path": os.path.relpath(store_path), "md5": "5t0re.dir"}]}}}
+    lock = {
+        "schema": "2.0",
+        "stages": {"ingest": {"outs": [{"path": os.path.relpath(store_path), "md5": "5t0re.dir"}]}},
+    }
     Path("dvc.lock").write_text(json.dumps(lock))  # YAML is a superset of JSON
     return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
 
@@ -55,10 +58,14 @@ def test_search_four_trials_two_concurrent(ray_local, mlflow_uri, store_path, tm
         [kids[0].info.experiment_id],
         filter_string=f"tags.`mlflow.parentRunId` = '{summary.parent_run_id}' and tags.trial_status = 'early-stopped'",
     )
-    assert {r.info.run_id for r in stopped} == {k.info.run_id for k in kids if k.data.tags["trial_status"] == "early-stopped"}
+    assert {r.info.run_id for r in stopped} == {
+        k.info.run_id for k in kids if k.data.tags["trial_status"] == "early-stopped"
+    }
     for k in kids:  # lineage read where the search was started, not in the trial's own folder
         assert k.data.tags["git_commit"].startswith(head) and k.data.tags["dvc_store_md5"] == "5t0re.dir"
-        expected = {"completed": "FINISHED", "early-stopped": "FINISHED", "failed": "FAILED"}[k.data.tags["trial_status"]]
+        expected = {"completed": "FINISHED", "early-stopped": "FINISHED", "failed": "FAILED"}[
+            k.data.tags["trial_status"]
+        ]
         assert k.info.status == expected
         if k.data.tags["trial_status"] == "completed":
             assert k.data.tags.get("model_uri") and len(client.get_metric_history(k.info.run_id, "val_dice")) == 3
@@ -89,15 +96,27 @@ def test_space_errors_list_choices():
 @pytest.mark.slow
 def test_resume_after_killed_driver(mlflow_uri, store_path, tmp_path):
     sets = [x for s in [*BASE, "tune.max_concurrent=1", f"run.storage_path={tmp_path / 'ray'}"] for x in ("--set", s)]
-    cmd = [sys.executable, "-m", "liverseg.cli", "tune", "--store", store_path, *sets, "--out", str(tmp_path / "r.json")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "liverseg.cli",
+        "tune",
+        "--store",
+        store_path,
+        *sets,
+        "--out",
+        str(tmp_path / "r.json"),
+    ]
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     client = MlflowClient(mlflow_uri)
     deadline = time.time() + 600
     finished = []
     while time.time() < deadline and proc.poll() is None:
-        runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                  filter_string="tags.`liverseg.run_key` LIKE 'liverseg-tune/%'")
+        runs = client.search_runs(
+            [e.experiment_id for e in client.search_experiments()],
+            filter_string="tags.`liverseg.run_key` LIKE 'liverseg-tune/%'",
+        )
         finished = [r for r in runs if r.data.tags.get("model_uri")]
         if finished:
             break
@@ -110,7 +129,10 @@ def test_resume_after_killed_driver(mlflow_uri, store_path, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     results = json.loads((tmp_path / "r.json").read_text())
     assert len(results["trials"]) == 4
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], filter_string="tags.`liverseg.run_key` LIKE 'liverseg-tune/%'")
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string="tags.`liverseg.run_key` LIKE 'liverseg-tune/%'",
+    )
     keys = [r.data.tags["liverseg.run_key"] for r in runs]
     assert len(keys) == len(set(keys)) == 4  # no trial's run duplicated
     first = next(r for r in runs if r.info.run_id == finished[0].info.run_id)

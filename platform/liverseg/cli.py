@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -48,14 +47,15 @@ def synth(
 def ingest(
     raw: Path = typer.Option(..., help="LiTS folder: volume-N.nii[.gz] + segmentation-N.nii[.gz]"),
     store: Path = typer.Option(..., help="Zarr v3 slice store to create or update"),
-    config: Optional[Path] = ConfigOpt,
-    set_: Optional[List[str]] = SetOpt,
-    profile: Optional[str] = ProfileOpt,
+    config: Path | None = ConfigOpt,
+    set_: list[str] | None = SetOpt,
+    profile: str | None = ProfileOpt,
     verify: bool = typer.Option(False, "--verify", help="only check the store against its hashes"),
 ) -> None:
     """Convert LiTS NIfTI volumes into the sharded Zarr slice store (incremental, atomic per case)."""
     from liverseg.config import IngestConfig
-    from liverseg.ingest import ingest as run_ingest, verify as run_verify
+    from liverseg.ingest import ingest as run_ingest
+    from liverseg.ingest import verify as run_verify
     from liverseg.lits import InputError
     from liverseg.store import StoreError
 
@@ -86,16 +86,17 @@ def ingest(
 @app.command()
 def train(
     store: str = typer.Option(..., help="slice store path or URL"),
-    config: Optional[Path] = ConfigOpt,
-    set_: Optional[List[str]] = SetOpt,
-    profile: Optional[str] = ProfileOpt,
+    config: Path | None = ConfigOpt,
+    set_: list[str] | None = SetOpt,
+    profile: str | None = ProfileOpt,
 ) -> None:
     """Train a U-Net on Ray Train from the slice store; tracked in MLflow (prints the run id)."""
     from liverseg.config import TrainConfig
     from liverseg.model import ModelError
     from liverseg.store import StoreError
     from liverseg.tracking import TrackingError
-    from liverseg.train import TrainError, train as run_train
+    from liverseg.train import TrainError
+    from liverseg.train import train as run_train
 
     cfg = _load(TrainConfig, config, set_, profile, "train")
     try:
@@ -103,16 +104,18 @@ def train(
     except (StoreError, TrackingError, TrainError, ModelError) as e:
         fail(str(e), 1)
     state = "already finished" if res.resumed_finished else "finished"
-    typer.echo(f"run {res.run_name} {state}: mlflow run {res.run_id}, best val_dice {res.best_val_dice:.4f} "
-               f"(epoch {res.best_epoch}), model {res.model_uri}")
+    typer.echo(
+        f"run {res.run_name} {state}: mlflow run {res.run_id}, best val_dice {res.best_val_dice:.4f} "
+        f"(epoch {res.best_epoch}), model {res.model_uri}"
+    )
 
 
 @app.command()
 def tune(
     store: str = typer.Option(..., help="slice store path or URL"),
-    config: Optional[Path] = ConfigOpt,
-    set_: Optional[List[str]] = SetOpt,
-    profile: Optional[str] = ProfileOpt,
+    config: Path | None = ConfigOpt,
+    set_: list[str] | None = SetOpt,
+    profile: str | None = ProfileOpt,
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted search of the same tune.name"),
     out: Path = typer.Option(Path("tune-results.json"), help="results JSON (a DVC output)"),
 ) -> None:
@@ -130,11 +133,13 @@ def tune(
         fail(str(e), 1)
     typer.echo(format_table(summary))
     best = summary.best
-    typer.echo(f"best trial {best['trial_id']}: val_dice {best['val_dice']:.4f}, mlflow run {best['run_id']}, "
-               f"checkpoint {best['checkpoint']}; results -> {out}")
+    typer.echo(
+        f"best trial {best['trial_id']}: val_dice {best['val_dice']:.4f}, mlflow run {best['run_id']}, "
+        f"checkpoint {best['checkpoint']}; results -> {out}"
+    )
 
 
-def _model_from(model: Optional[str], model_from: Optional[Path]) -> str:
+def _model_from(model: str | None, model_from: Path | None) -> str:
     if (model is None) == (model_from is None):
         fail("give exactly one of --model URI or --model-from tune-results.json")
     if model_from is not None:
@@ -148,9 +153,9 @@ def _model_from(model: Optional[str], model_from: Optional[Path]) -> str:
 @app.command()
 def evaluate(
     store: str = typer.Option(..., help="slice store path or URL"),
-    model: Optional[str] = typer.Option(None, help="MLflow model URI: runs:/..., models:/name/3, models:/name@champion"),
-    model_from: Optional[Path] = typer.Option(None, help="take the best trial's model from tune-results.json"),
-    raw: Optional[Path] = typer.Option(None, help="LiTS NIfTI folder: score on each volume's original grid"),
+    model: str | None = typer.Option(None, help="MLflow model URI: runs:/..., models:/name/3, models:/name@champion"),
+    model_from: Path | None = typer.Option(None, help="take the best trial's model from tune-results.json"),
+    raw: Path | None = typer.Option(None, help="LiTS NIfTI folder: score on each volume's original grid"),
     split: str = typer.Option("test", help="train | val | test"),
     lcc: bool = typer.Option(True, "--lcc/--no-lcc", help="3-D largest-connected-component clean-up"),
     out: Path = typer.Option(Path("metrics/test-metrics.json"), help="summary JSON (DVC metrics)"),
@@ -158,7 +163,8 @@ def evaluate(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
 ) -> None:
     """Score a model per volume (Dice, IoU, VOE, RVD, ASSD, MSD, HD95) and log an evaluation run."""
-    from liverseg.evaluate import evaluate as run_eval, log_evaluation, write_outputs
+    from liverseg.evaluate import evaluate as run_eval
+    from liverseg.evaluate import log_evaluation, write_outputs
     from liverseg.lits import InputError
     from liverseg.store import StoreError
 
@@ -170,8 +176,10 @@ def evaluate(
     write_outputs(ev, out, cases_csv)
     rid = log_evaluation(ev, out, cases_csv)
     d = ev.summary["dice"]
-    typer.echo(f"{split} ({ev.resolution} grid, {len(ev.cases)} cases): Dice mean {d['mean']:.4f} median {d['median']:.4f} "
-               f"min {d['min']:.4f}; global Dice {ev.summary['global_dice']:.4f} -> {out} (mlflow run {rid})")
+    typer.echo(
+        f"{split} ({ev.resolution} grid, {len(ev.cases)} cases): Dice mean {d['mean']:.4f} median {d['median']:.4f} "
+        f"min {d['min']:.4f}; global Dice {ev.summary['global_dice']:.4f} -> {out} (mlflow run {rid})"
+    )
 
 
 @app.command()
@@ -196,13 +204,14 @@ def score(
 
 @app.command()
 def register(
-    run: Optional[str] = typer.Option(None, "--run", help="MLflow training run id"),
-    best_of_tune: Optional[Path] = typer.Option(None, help="tune-results.json: register its best trial"),
+    run: str | None = typer.Option(None, "--run", help="MLflow training run id"),
+    best_of_tune: Path | None = typer.Option(None, help="tune-results.json: register its best trial"),
     name: str = typer.Option("liver-unet", help="registered model name"),
-    out: Optional[Path] = typer.Option(None, help="write {name, version, run_id} JSON here (DVC output)"),
+    out: Path | None = typer.Option(None, help="write {name, version, run_id} JSON here (DVC output)"),
 ) -> None:
     """Register a trained model version with lineage tags and alias it `challenger`."""
-    from liverseg.registry import RegistryError, register as run_register
+    from liverseg.registry import RegistryError
+    from liverseg.registry import register as run_register
 
     try:
         mv = run_register(run, best_of_tune, name)
@@ -223,7 +232,8 @@ def promote(
     margin: float = typer.Option(0.0, help="the challenger must beat the champion by more than this"),
 ) -> None:
     """Move @champion to @challenger only if it passes the floor and beats the champion."""
-    from liverseg.registry import RegistryError, promote as run_promote
+    from liverseg.registry import RegistryError
+    from liverseg.registry import promote as run_promote
 
     try:
         d = run_promote(store, name, min_dice, margin)
@@ -235,7 +245,8 @@ def promote(
 @app.command()
 def rollback(name: str = typer.Option("liver-unet", help="registered model name")) -> None:
     """Put @champion back on the champion it replaced."""
-    from liverseg.registry import RegistryError, rollback as run_rollback
+    from liverseg.registry import RegistryError
+    from liverseg.registry import rollback as run_rollback
 
     try:
         old, new = run_rollback(name)
@@ -247,7 +258,8 @@ def rollback(name: str = typer.Option("liver-unet", help="registered model name"
 @app.command()
 def lineage(uri: str = typer.Argument(..., help="models:/NAME@ALIAS or models:/NAME/VERSION")) -> None:
     """Print model version -> training run -> git commit -> DVC data hash -> store cases and split."""
-    from liverseg.registry import RegistryError, lineage as run_lineage
+    from liverseg.registry import RegistryError
+    from liverseg.registry import lineage as run_lineage
 
     try:
         typer.echo("\n".join(run_lineage(uri)))
@@ -262,8 +274,8 @@ def predict(
     model: str = typer.Option("models:/liver-unet@champion", help="MLflow model URI"),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     lcc: bool = typer.Option(True, "--lcc/--no-lcc", help="3-D largest-connected-component clean-up"),
-    overlay: Optional[Path] = typer.Option(None, help="single file: also write a PNG of the mask over the CT"),
-    truth: Optional[Path] = typer.Option(None, help="single file: a segmentation to draw in the overlay too"),
+    overlay: Path | None = typer.Option(None, help="single file: also write a PNG of the mask over the CT"),
+    truth: Path | None = typer.Option(None, help="single file: a segmentation to draw in the overlay too"),
 ) -> None:
     """Segment CT volumes into uint8 liver masks on each input's own grid (shape and affine)."""
     from tqdm import tqdm
@@ -279,7 +291,9 @@ def predict(
     if src.is_dir():
         if overlay or truth:
             fail(f"{src}: --overlay and --truth take a single file, not a folder", 2)
-        files = sorted(p for p in src.iterdir() if p.name.endswith((".nii", ".nii.gz")) and not p.name.startswith("segmentation-"))
+        files = sorted(
+            p for p in src.iterdir() if p.name.endswith((".nii", ".nii.gz")) and not p.name.startswith("segmentation-")
+        )
         dst.mkdir(parents=True, exist_ok=True)
         failed = 0
         for f in tqdm(files, desc="predict", unit="vol", file=sys.stderr):
@@ -295,7 +309,9 @@ def predict(
         t = predict_file(lm, src, dst, lcc, overlay, truth)
     except InputError as e:
         fail(str(e), 1)
-    typer.echo(f"wrote {dst}{f' and {overlay}' if overlay else ''} (" + ", ".join(f"{k} {v:.2f}s" for k, v in t.items()) + ")")
+    typer.echo(
+        f"wrote {dst}{f' and {overlay}' if overlay else ''} (" + ", ".join(f"{k} {v:.2f}s" for k, v in t.items()) + ")"
+    )
 
 
 @app.command()

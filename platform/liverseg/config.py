@@ -25,9 +25,7 @@ class Strict(BaseModel):
 # ---------------------------------------------------------------- ingest
 class SplitConfig(Strict):
     seed: int = Field(0, description="fixed seed: the same cases land in the same split on every machine")
-    fractions: tuple[float, float, float] = Field(
-        (0.7, 0.2, 0.1), description="train/val/test by volume, as the paper"
-    )
+    fractions: tuple[float, float, float] = Field((0.7, 0.2, 0.1), description="train/val/test by volume, as the paper")
 
     @field_validator("fractions")
     @classmethod
@@ -100,7 +98,7 @@ class LossConfig(Strict):
     dice_weight: float = Field(1.0, ge=0, description="hybrid loss, equal weights as the paper")
 
     @model_validator(mode="after")
-    def _not_both_zero(self) -> "LossConfig":
+    def _not_both_zero(self) -> LossConfig:
         if self.ce_weight == 0 and self.dice_weight == 0:
             raise ValueError("ce_weight and dice_weight cannot both be 0")
         return self

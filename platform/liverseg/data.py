@@ -82,9 +82,11 @@ class DeviceBatches:
             c = data.neighbours.shape[1]
             h, w = data.image.shape[1:]
             self.bufs = [
-                (torch.empty((batch * c, h, w), dtype=torch.int16).pin_memory(),
-                 torch.empty((batch, h, w), dtype=torch.uint8).pin_memory(),
-                 torch.cuda.Event())
+                (
+                    torch.empty((batch * c, h, w), dtype=torch.int16).pin_memory(),
+                    torch.empty((batch, h, w), dtype=torch.uint8).pin_memory(),
+                    torch.cuda.Event(),
+                )
                 for _ in range(2)
             ]
             self.turn = 0
@@ -112,7 +114,9 @@ def epoch_indices(n: int, count: int, seed: int) -> torch.Tensor:
     return torch.cat([torch.randperm(n, generator=g) for _ in range(reps)])[:count]
 
 
-def norm_stats(store: SliceStore, cases: list[str], window: tuple[float, float], samples: int, seed: int) -> tuple[float, float]:
+def norm_stats(
+    store: SliceStore, cases: list[str], window: tuple[float, float], samples: int, seed: int
+) -> tuple[float, float]:
     """Mean and std of windowed [0, 1] intensities over a seeded sample of the cases' slices."""
     rng = np.random.default_rng(seed)
     per_case = max(1, samples // max(len(cases), 1))

@@ -105,7 +105,13 @@ def evaluate(
         totals += counts(pred, ref)
         scores = score_volume(pred, ref, spacing)
         ev.cases.append({"case": case, **{m: finite(scores[m]) for m in CASE_METRICS}, "slices": int(image.shape[0])})
-    ev.summary = {**summarise(ev.cases, totals), "resolution": ev.resolution, "split": split, "lcc": lcc, "model_uri": model_uri}
+    ev.summary = {
+        **summarise(ev.cases, totals),
+        "resolution": ev.resolution,
+        "split": split,
+        "lcc": lcc,
+        "model_uri": model_uri,
+    }
     return ev
 
 
@@ -119,7 +125,9 @@ def write_outputs(ev: Evaluation, out_json: str | Path, out_csv: str | Path | No
         atomic_write_bytes(out_csv, buf.getvalue().encode())
 
 
-def log_evaluation(ev: Evaluation, out_json: str | Path, out_csv: str | Path | None, experiment: str = "liverseg") -> str:
+def log_evaluation(
+    ev: Evaluation, out_json: str | Path, out_csv: str | Path | None, experiment: str = "liverseg"
+) -> str:
     """An MLflow evaluation run linked to the model (URI, training run, registry version)."""
     from mlflow.tracking import MlflowClient
 
@@ -133,7 +141,9 @@ def log_evaluation(ev: Evaluation, out_json: str | Path, out_csv: str | Path | N
     if ev.store_path:
         from liverseg.store import SliceStore
 
-        client.log_inputs(rid, datasets=store_datasets(SliceStore(ev.store_path), ev.store_path, {ev.split: "evaluation"}))
+        client.log_inputs(
+            rid, datasets=store_datasets(SliceStore(ev.store_path), ev.store_path, {ev.split: "evaluation"})
+        )
     for m in CASE_METRICS:
         if ev.summary[m]["mean"] is not None:
             client.log_metric(rid, f"{ev.split}_{m}", ev.summary[m]["mean"])

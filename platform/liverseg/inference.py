@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,6 +20,9 @@ from liverseg.metrics import largest_component
 from liverseg.model import build_model
 from liverseg.resize import resize_slices
 from liverseg.transforms import standardise, window01
+
+if TYPE_CHECKING:
+    import nibabel as nib
 
 META_FILE = "liverseg.json"
 WEIGHTS_FILE = "weights.pt"
@@ -129,7 +132,9 @@ def segment_canonical(
     return mask.astype(np.uint8)
 
 
-def segment_volume(lm: LoadedModel, volume: np.ndarray, affine: np.ndarray, lcc: bool = True, batch: int = 64) -> np.ndarray:
+def segment_volume(
+    lm: LoadedModel, volume: np.ndarray, affine: np.ndarray, lcc: bool = True, batch: int = 64
+) -> np.ndarray:
     """A CT volume on its own grid, any orientation: (X, Y, Z) HU + 4x4 affine -> (X, Y, Z) uint8 mask."""
     if volume.ndim != 3:
         raise ValueError(f"volume must be 3-D, got shape {volume.shape}")
@@ -137,7 +142,7 @@ def segment_volume(lm: LoadedModel, volume: np.ndarray, affine: np.ndarray, lcc:
     return from_canonical(segment_canonical(lm, image, lcc, batch), affine)
 
 
-def mask_nifti_bytes(mask_xyz: np.ndarray, header: "nib.Nifti1Header", affine: np.ndarray, gz: bool = True) -> bytes:
+def mask_nifti_bytes(mask_xyz: np.ndarray, header: nib.Nifti1Header, affine: np.ndarray, gz: bool = True) -> bytes:
     """A uint8 mask as NIfTI bytes on the grid of the image with `header` and `affine` (codes and zooms kept)."""
     import nibabel as nib
     from isal import igzip

@@ -153,9 +153,7 @@ def ingest(raw: str | Path, store: str | Path, cfg: IngestConfig, progress: bool
     if todo:
         ctx = mp.get_context("spawn")  # fork after torch/zarr threads exist can deadlock
         with ProcessPoolExecutor(max_workers=min(cfg.workers, len(todo)), mp_context=ctx) as pool:
-            futures = {
-                pool.submit(ingest_case, c, str(cases_dir), cfg.size, cfg.shard_slices): c for c in todo
-            }
+            futures = {pool.submit(ingest_case, c, str(cases_dir), cfg.size, cfg.shard_slices): c for c in todo}
             from tqdm import tqdm
 
             bar = tqdm(total=len(todo), desc="ingest", unit="vol", disable=not progress, file=sys.stderr)

@@ -130,7 +130,9 @@ def load_nifti(path: Path | str, data: bytes | None = None) -> nib.Nifti1Image:
         klass = nib.Nifti2Image if raw[:4] in NIFTI2_SIZEOF_HDR else nib.Nifti1Image
         img = klass.from_bytes(raw)
     except Exception as e:  # nibabel raises several types for non-NIfTI input
-        raise InputError(f"{name}: not a NIfTI file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise InputError(
+            f"{name}: not a NIfTI file ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
     shape = img.shape
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
@@ -151,7 +153,9 @@ def _array(img: nib.Nifti1Image, name: str, integer_dtype: bool) -> np.ndarray:
     proxy = img.dataobj
     slope, inter = float(proxy.slope), float(proxy.inter)
     try:
-        raw = np.frombuffer(proxy.file_like.getbuffer(), proxy.dtype, count=int(np.prod(proxy.shape)), offset=proxy.offset)
+        raw = np.frombuffer(
+            proxy.file_like.getbuffer(), proxy.dtype, count=int(np.prod(proxy.shape)), offset=proxy.offset
+        )
     except ValueError as e:  # fewer bytes than the header promises
         raise InputError(f"{name}: cannot decode voxel data (truncated: {e})") from None
     arr = raw.reshape(proxy.shape, order=proxy.order)
@@ -199,8 +203,15 @@ def read_volume(path: Path | str, data: bytes | None = None) -> CTVolume:
         raise InputError(f"{path.name}: affine is singular or not finite")
     image, canon_affine = to_canonical(to_hu_int16(arr), affine)
     spacing = tuple(float(s) for s in np.sqrt((canon_affine[:3, :3] ** 2).sum(0)))
-    return CTVolume(image, affine, canon_affine, tuple(int(s) for s in arr.shape), spacing,
-                    hashlib.sha256(data).hexdigest(), img.header.copy())
+    return CTVolume(
+        image,
+        affine,
+        canon_affine,
+        tuple(int(s) for s in arr.shape),
+        spacing,
+        hashlib.sha256(data).hexdigest(),
+        img.header.copy(),
+    )
 
 
 def _labels_ok(seg: np.ndarray) -> bool:

@@ -56,7 +56,9 @@ def make_phantom(seed: int, case: int, shape: tuple[int, int, int]) -> tuple[np.
         hu[e <= 1] = 150 + jitter(20)
         hu[e <= 0.45] = kid
     spleen_hu = 100 + jitter(10)  # as dense as liver on purpose (portal-venous phase)
-    hu[_ellipsoid(g, (cx - 0.5, cy - 0.12, zc + 0.15), (0.15, 0.2, 0.3)) + 0.2 * _smooth_field(rng, shape) <= 1] = spleen_hu
+    hu[_ellipsoid(g, (cx - 0.5, cy - 0.12, zc + 0.15), (0.15, 0.2, 0.3)) + 0.2 * _smooth_field(rng, shape) <= 1] = (
+        spleen_hu
+    )
     hu[_ellipsoid(g, (cx - 0.08, cy - 0.42, 0), (0.06, 0.06, 9)) <= 1] = 170 + jitter(20)  # aorta
     ivc = _ellipsoid(g, (cx + 0.14, cy - 0.32, 0), (0.07, 0.06, 9)) <= 1
     e_vert = _ellipsoid(g, (cx, cy - 0.6, 0), (0.13, 0.11, 9))
@@ -98,7 +100,9 @@ def _nifti_gz(arr: np.ndarray, affine: np.ndarray) -> bytes:
     return gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)  # mtime=0: byte-identical output
 
 
-def write_phantoms(out: str | Path, cases: int, seed: int = 0, shape: tuple[int, int, int] = (128, 128, 64)) -> list[Path]:
+def write_phantoms(
+    out: str | Path, cases: int, seed: int = 0, shape: tuple[int, int, int] = (128, 128, 64)
+) -> list[Path]:
     """Write `volume-N.nii.gz` / `segmentation-N.nii.gz` for N in 0..cases-1; returns the volume paths.
 
     Even cases are stored LPS (as most LiTS files), odd ones RAS, so readers must reorient.

@@ -77,7 +77,10 @@ def mask_overlay_png(
     liver = mask >= 1
     z = int(np.argmax(liver.sum((1, 2))))
     y = int(np.round(np.nonzero(liver[z])[0].mean())) if liver[z].any() else image.shape[1] // 2
-    cuts = [("axial", np.s_[z], spacing[1] / spacing[0], f"z={z}"), ("coronal", np.s_[:, y], spacing[2] / spacing[0], f"y={y}")]
+    cuts = [
+        ("axial", np.s_[z], spacing[1] / spacing[0], f"z={z}"),
+        ("coronal", np.s_[:, y], spacing[2] / spacing[0], f"y={y}"),
+    ]
     fig, axes = plt.subplots(1, 2, figsize=(8, 4.4))
     for ax, (name, cut, aspect, where) in zip(axes, cuts):
         # [..., ::-1]: radiological convention, the patient's right (+x in RAS) on the viewer's left

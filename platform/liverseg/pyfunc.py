@@ -36,7 +36,12 @@ def log_pyfunc(model_dir: str | Path, name: str = "model") -> Any:
     from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
     signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1), "volume"), TensorSpec(np.dtype(np.float64), (4, 4), "affine")]),
+        inputs=Schema(
+            [
+                TensorSpec(np.dtype(np.float32), (-1, -1, -1), "volume"),
+                TensorSpec(np.dtype(np.float64), (4, 4), "affine"),
+            ]
+        ),
         outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]),
         params=ParamSchema([ParamSpec("lcc", "boolean", True)]),
     )

@@ -98,8 +98,10 @@ class Decision:
     def line(self) -> str:
         champ = f"v{self.champion_before} test Dice {self.champion_dice:.4f}" if self.champion_before else "none"
         verdict = "PROMOTED" if self.promoted else "KEPT"
-        return (f"{verdict}: {self.name} challenger v{self.challenger} test Dice {self.challenger_dice:.4f}; "
-                f"champion before: {champ}; champion now: v{self.champion_after}; {self.reason}")
+        return (
+            f"{verdict}: {self.name} challenger v{self.challenger} test Dice {self.challenger_dice:.4f}; "
+            f"champion before: {champ}; champion now: v{self.champion_after}; {self.reason}"
+        )
 
 
 class _Lock:
@@ -121,7 +123,14 @@ class _Lock:
         self.lock.release()
 
 
-def promote(store_path: str, name: str = DEFAULT_NAME, min_dice: float = 0.9, margin: float = 0.0, split: str = "test", scorer=None) -> Decision:
+def promote(
+    store_path: str,
+    name: str = DEFAULT_NAME,
+    min_dice: float = 0.9,
+    margin: float = 0.0,
+    split: str = "test",
+    scorer=None,
+) -> Decision:
     """Evaluate challenger and champion on the same split; move `champion` only if the challenger passes
     the floor and beats the champion by `margin` (strictly). Decision, scores and reason become tags.
 
@@ -137,8 +146,16 @@ def promote(store_path: str, name: str = DEFAULT_NAME, min_dice: float = 0.9, ma
             raise RegistryError(f"{name}: no '{CHALLENGER}' alias; run `liverseg register` first")
         champ = _alias(client, name, CHAMPION)
         if champ is not None and str(champ.version) == str(chal.version):
-            return Decision(name, str(chal.version), str(champ.version), str(champ.version), float(champ.tags.get("test_dice", "nan")),
-                            float(champ.tags.get("test_dice", "nan")), False, "challenger is already champion")
+            return Decision(
+                name,
+                str(chal.version),
+                str(champ.version),
+                str(champ.version),
+                float(champ.tags.get("test_dice", "nan")),
+                float(champ.tags.get("test_dice", "nan")),
+                False,
+                "challenger is already champion",
+            )
         chal_dice = float(scorer(f"models:/{name}/{chal.version}"))
         champ_dice = float(scorer(f"models:/{name}/{champ.version}")) if champ else None
         if chal_dice < min_dice:
@@ -151,10 +168,14 @@ def promote(store_path: str, name: str = DEFAULT_NAME, min_dice: float = 0.9, ma
             client.set_registered_model_alias(name, CHAMPION, chal.version)
             client.set_model_version_tag(name, chal.version, "previous_champion", str(champ.version) if champ else "")
         decided = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        for k, v in {"promotion_decision": "promoted" if ok else "rejected", "test_dice": f"{chal_dice:.6f}",
-                     "champion_test_dice": "" if champ_dice is None else f"{champ_dice:.6f}",
-                     "promotion_reason": reason, "decided_at": decided,
-                     "compared_with": str(champ.version) if champ else ""}.items():
+        for k, v in {
+            "promotion_decision": "promoted" if ok else "rejected",
+            "test_dice": f"{chal_dice:.6f}",
+            "champion_test_dice": "" if champ_dice is None else f"{champ_dice:.6f}",
+            "promotion_reason": reason,
+            "decided_at": decided,
+            "compared_with": str(champ.version) if champ else "",
+        }.items():
             client.set_model_version_tag(name, chal.version, k, v)
         before = str(champ.version) if champ else None
         after = str(chal.version) if ok else before
@@ -172,7 +193,9 @@ def rollback(name: str = DEFAULT_NAME) -> tuple[str, str]:
         if not prev:
             raise RegistryError(f"{name}: champion v{champ.version} replaced no earlier champion")
         client.set_registered_model_alias(name, CHAMPION, prev)
-        client.set_model_version_tag(name, champ.version, "rolled_back_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        client.set_model_version_tag(
+            name, champ.version, "rolled_back_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        )
         return str(champ.version), prev
 
 

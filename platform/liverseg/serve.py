@@ -8,8 +8,6 @@ POST /reload   re-resolve the alias and swap the model in without dropping reque
 Bad input is a 4xx with a one-line message; the server stays up.
 """
 
-
-
 import signal
 import threading
 from dataclasses import dataclass
@@ -45,7 +43,11 @@ def load_served(uri: str, device: str = "auto") -> Served:
             version=str(mv.version),
             alias=ref.split("@", 1)[1] if "@" in ref else None,
             metrics={k: mv.tags[k] for k in ("test_dice", "val_dice", "champion_test_dice") if k in mv.tags},
-            lineage={k: mv.tags[k] for k in ("training_run_id", "git_commit", "dvc_store_md5", "store_digest", "config_hash") if k in mv.tags},
+            lineage={
+                k: mv.tags[k]
+                for k in ("training_run_id", "git_commit", "dvc_store_md5", "store_digest", "config_hash")
+                if k in mv.tags
+            },
         )
         uri = f"models:/{mv.name}/{mv.version}"  # pin: the alias may move while we load
     lm = load_model(uri, device)
@@ -92,7 +94,9 @@ def create_app(holder: ModelHolder, max_bytes: int = DEFAULT_MAX_BYTES):
         try:
             return holder.reload()
         except Exception as e:
-            raise HTTPException(503, f"reload failed, still serving v{holder.current.info.get('version')}: {e}") from None
+            raise HTTPException(
+                503, f"reload failed, still serving v{holder.current.info.get('version')}: {e}"
+            ) from None
 
     @app.post("/segment")
     async def segment(request: Request) -> Response:
@@ -120,13 +124,18 @@ def create_app(holder: ModelHolder, max_bytes: int = DEFAULT_MAX_BYTES):
         with holder.slots:
             mask = segment_canonical(served.lm, vol.image)
         out = from_canonical(mask, vol.affine).reshape(vol.shape)
-        headers = {"X-Model-Version": str(served.info.get("version")), "Content-Disposition": "attachment; filename=mask.nii.gz"}
+        headers = {
+            "X-Model-Version": str(served.info.get("version")),
+            "Content-Disposition": "attachment; filename=mask.nii.gz",
+        }
         return Response(mask_nifti_bytes(out, vol.header, vol.affine), media_type="application/gzip", headers=headers)
 
     return app
 
 
-def serve(uri: str, host: str = "127.0.0.1", port: int = 8080, device: str = "auto", max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+def serve(
+    uri: str, host: str = "127.0.0.1", port: int = 8080, device: str = "auto", max_bytes: int = DEFAULT_MAX_BYTES
+) -> None:
     """Run the service until interrupted; SIGHUP reloads the alias."""
     import uvicorn
 

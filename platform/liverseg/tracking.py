@@ -59,15 +59,21 @@ def experiment_id(client: Any, name: str) -> str:
 
 def find_run(client: Any, exp_id: str, key: str) -> Any | None:
     """The newest run tagged with RUN_KEY == key, or None."""
-    runs = client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY}` = '{key}'", max_results=1, order_by=["attributes.start_time DESC"])
+    runs = client.search_runs(
+        [exp_id], filter_string=f"tags.`{RUN_KEY}` = '{key}'", max_results=1, order_by=["attributes.start_time DESC"]
+    )
     return runs[0] if runs else None
 
 
 def git_commit(cwd: str | Path | None = None) -> str:
     """HEAD commit, with '-dirty' when tracked files changed; 'unknown' outside git."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=cwd, capture_output=True, text=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "-uno"], cwd=cwd, capture_output=True, text=True
+        ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

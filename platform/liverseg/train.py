@@ -154,7 +154,9 @@ def train(
     run, existed = _open_run(client, cfg, key, name, tags, parent_run_id)
     run_id = run.info.run_id
     if not existed:
-        client.log_inputs(run_id, datasets=store_datasets(store, store_path, {"train": "training", "val": "validation"}))
+        client.log_inputs(
+            run_id, datasets=store_datasets(store, store_path, {"train": "training", "val": "validation"})
+        )
     if existed and run.info.status == "FINISHED" and run.data.tags.get("model_uri"):
         t = run.data.tags
         return TrainResult(run_id, name, float(t["best_val_dice"]), int(t["best_epoch"]), t["model_uri"], True)
@@ -196,7 +198,9 @@ def train(
         result = trainer.fit()
     except Exception as e:
         client.set_terminated(run_id, "FAILED")
-        raise TrainError(f"training run {name} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        raise TrainError(
+            f"training run {name} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from e
     if result.checkpoint is None:
         client.set_terminated(run_id, "FAILED")
         raise TrainError(f"training run {name} reported no checkpoint")
@@ -210,13 +214,15 @@ def train(
     return TrainResult(run_id, name, float(best["val_dice"]), int(best["epoch"]), model_uri)
 
 
-def log_best_model(client, run_id: str, best: dict[str, Any], meta: dict[str, Any], store: SliceStore, cfg: TrainConfig) -> str:
+def log_best_model(
+    client, run_id: str, best: dict[str, Any], meta: dict[str, Any], store: SliceStore, cfg: TrainConfig
+) -> str:
     """Log the best weights as a pyfunc, the config snapshot, curves and overlay PNGs; returns the model URI."""
     import mlflow
 
     from liverseg.inference import load_local, save_local
+    from liverseg.plots import curves_png, overlay_png
     from liverseg.pyfunc import log_pyfunc
-    from liverseg.plots import overlay_png, curves_png
 
     meta = {**meta, "best_epoch": int(best["epoch"]), "val_dice": float(best["val_dice"]), "train_run_id": run_id}
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):

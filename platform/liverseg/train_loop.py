@@ -70,7 +70,9 @@ class MetricLogger:
             print(f"[liverseg] MLflow write failed, will retry: {type(e).__name__}", flush=True)
 
 
-def _validate(model, val_set: SliceSet, case_pos: list[int], n_cases: int, cfg: TrainConfig, stats: dict, device, loss_fn) -> torch.Tensor:
+def _validate(
+    model, val_set: SliceSet, case_pos: list[int], n_cases: int, cfg: TrainConfig, stats: dict, device, loss_fn
+) -> torch.Tensor:
     """Per-case (tp, fp, fn, loss_sum, slices) of this worker's validation cases, summed over workers.
 
     `model` must be the unwrapped module: DDP forwards sync buffers, and workers run unequal counts.
@@ -90,7 +92,13 @@ def _validate(model, val_set: SliceSet, case_pos: list[int], n_cases: int, cfg: 
                 pred, ref = logits.argmax(1) == 1, msk >= 1
                 tp = (pred & ref).sum()
                 out[pos] += torch.stack(
-                    [tp, pred.sum() - tp, ref.sum() - tp, loss_fn(logits, (msk >= 1).long()) * len(img), torch.tensor(len(img), device=device)]
+                    [
+                        tp,
+                        pred.sum() - tp,
+                        ref.sum() - tp,
+                        loss_fn(logits, (msk >= 1).long()) * len(img),
+                        torch.tensor(len(img), device=device),
+                    ]
                 ).double()
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(out)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from liverseg.config import ConfigError, TrainConfig, TuneConfig, set_dotted, to_flat_dict, valid_keys
+from liverseg.config import ConfigError, TrainConfig, TuneConfig, set_dotted, valid_keys
 from liverseg.storage import atomic_write_json
 from liverseg.tracking import RUN_KEY, check_tracking, experiment_id, find_run, tracking_uri
 
@@ -85,7 +85,8 @@ def make_scheduler(cfg: TuneConfig):
         time_attr="training_iteration",
         metric=cfg.tune.metric,
         mode=cfg.tune.mode,
-        max_t=cfg.train.epochs + 1,  # never reached: ASHA must not stop a trial at its last epoch (model logging follows)
+        max_t=cfg.train.epochs
+        + 1,  # never reached: ASHA must not stop a trial at its last epoch (model logging follows)
         grace_period=min(cfg.tune.grace_period, cfg.train.epochs),
         reduction_factor=cfg.tune.reduction_factor,
     )
@@ -138,7 +139,9 @@ def _parent_run(client, cfg: TuneConfig, resume: bool, lineage: dict[str, str]) 
     return rid
 
 
-def tune_search(store_path: str, cfg: TuneConfig, resume: bool = False, results_path: str | Path = "tune-results.json") -> TuneSummary:
+def tune_search(
+    store_path: str, cfg: TuneConfig, resume: bool = False, results_path: str | Path = "tune-results.json"
+) -> TuneSummary:
     """Run (or resume) a search; writes `results_path` (JSON for DVC) and returns trials best-first."""
     from mlflow.tracking import MlflowClient
     from ray import tune
@@ -228,7 +231,13 @@ def _summarise(client, cfg: TuneConfig, grid, parent: str) -> TuneSummary:
         )
     sign = -1 if cfg.tune.mode == "max" else 1
     # best first; among equal scores a completed trial (one with a logged model) wins
-    trials.sort(key=lambda t: (t["val_dice"] != t["val_dice"], sign * (t["val_dice"] if t["val_dice"] == t["val_dice"] else 0), t["model_uri"] is None))
+    trials.sort(
+        key=lambda t: (
+            t["val_dice"] != t["val_dice"],
+            sign * (t["val_dice"] if t["val_dice"] == t["val_dice"] else 0),
+            t["model_uri"] is None,
+        )
+    )
     return TuneSummary(parent, cfg.tune.metric, cfg.tune.mode, trials)
 
 
@@ -262,7 +271,19 @@ def format_table(summary: TuneSummary) -> str:
     keys = sorted({k for t in summary.trials for k in t["params"]})
     head = ["trial", "status", "epochs", "val_dice", *keys, "mlflow run"]
     rows = [
-        [t["trial_id"], t["status"], str(t["epochs"]), f"{t['val_dice']:.4f}", *[f"{t['params'].get(k, ''):.4g}" if isinstance(t["params"].get(k), float) else str(t["params"].get(k, "")) for k in keys], str(t["run_id"])]
+        [
+            t["trial_id"],
+            t["status"],
+            str(t["epochs"]),
+            f"{t['val_dice']:.4f}",
+            *[
+                f"{t['params'].get(k, ''):.4g}"
+                if isinstance(t["params"].get(k), float)
+                else str(t["params"].get(k, ""))
+                for k in keys
+            ],
+            str(t["run_id"]),
+        ]
         for t in summary.trials
     ]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
