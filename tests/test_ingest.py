@@ -39,9 +39,12 @@ def test_incremental_and_changed_source(tmp_path, phantom_dir):
     assert third.written == ["1"]
     (raw / "volume-2.nii.gz").unlink()
     (raw / "segmentation-2.nii.gz").unlink()
-    fourth = ingest(raw, tmp_path / "s.zarr", cfg, progress=False)
-    assert SliceStore(str(tmp_path / "s.zarr")).cases == ["0", "1"] and fourth.ok
+    fourth = ingest(raw, tmp_path / "s.zarr", cfg, progress=False)  # a vanished source is not a removal order
+    assert SliceStore(str(tmp_path / "s.zarr")).cases == ["0", "1", "2"] and fourth.ok and fourth.kept == ["2"]
+    fifth = ingest(raw, tmp_path / "s.zarr", cfg, progress=False, prune=True)
+    assert SliceStore(str(tmp_path / "s.zarr")).cases == ["0", "1"] and fifth.ok and fifth.pruned == ["2"]
     assert not (tmp_path / "s.zarr" / "cases" / "2").exists()
+    assert SliceStore(str(tmp_path / "s.zarr")).verify() == {}
 
 
 def _save(path: Path, arr, affine=None):
@@ -214,3 +217,170 @@ def test_ingest_workers_do_not_import_torch(tmp_path, phantom_dir):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert int(out[0]) > 0 and out[1] == "False"
+
+
+def _cli(*args: str, **kw):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "liverseg.cli", *args], capture_output=True, text=True, **kw)
+
+
+def _tree(path: Path) -> dict[str, int]:
+    return {str(p.relative_to(path)): p.stat().st_mtime_ns for p in sorted(path.rglob("*"))}
+
+
+@pytest.mark.parametrize("content", ["empty", "not-lits", "only-segmentations"])
+def test_raw_folder_without_cases_touches_nothing(tmp_path, phantom_dir, content):
+    """Pointing ingest at the wrong folder once deleted every case and exited 0."""
+    good = tmp_path / "good"
+    copy_case(phantom_dir, good, "0")
+    copy_case(phantom_dir, good, "1")
+    store = tmp_path / "s.zarr"
+    assert ingest(good, store, IngestConfig(size=(32, 32), workers=1), progress=False).ok
+    before = _tree(store)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    if content == "not-lits":
+        shutil.copy(phantom_dir / "volume-0.nii.gz", raw / "ct.nii.gz")
+    elif content == "only-segmentations":
+        shutil.copy(phantom_dir / "segmentation-0.nii.gz", raw / "segmentation-0.nii.gz")
+    for target in (store, tmp_path / "new.zarr"):
+        res = _cli("ingest", "--raw", str(raw), "--store", str(target), "--set", "size=[32,32]", "--prune")
+        assert res.returncode == 1, res.stdout
+        assert res.stderr.count("\n") == 1 and "no LiTS cases" in res.stderr and str(raw) in res.stderr
+    assert _tree(store) == before and not (tmp_path / "new.zarr").exists()
+    assert SliceStore(str(store)).cases == ["0", "1"]
+
+
+def _rebuild_and_kill(raw: Path, store: Path) -> None:
+    """Start a re-ingest at a new size; SIGKILL it once its first rebuilt case is in place."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "liverseg.cli", "ingest", "--raw", str(raw), "--store", str(store)]
+    proc = subprocess.Popen(
+        [*cmd, "--set", "size=[48,48]", "--set", "workers=1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 120
+    beside = lambda: list(store.parent.glob(f".{store.name}.new-*/cases/[0-9]*"))  # noqa: E731
+    in_place = lambda: [g for g in (store / "cases").glob("[0-9]*") if '"size": [48' in (g / "zarr.json").read_text()]  # noqa: E731
+    while time.time() < deadline and proc.poll() is None and not beside() and not in_place():
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_geometry_change_killed_midway_leaves_the_old_store(tmp_path):
+    """A new `size` rebuilds beside the store: SIGKILL midway leaves the old one whole and consistent."""
+    from liverseg.phantoms import write_phantoms
+
+    raw = tmp_path / "raw"
+    write_phantoms(raw, 4, seed=11, shape=(96, 96, 48))
+    store = tmp_path / "s.zarr"
+    assert ingest(raw, store, IngestConfig(size=(32, 32), workers=2), progress=False).ok
+    _rebuild_and_kill(raw, store)
+    st = SliceStore(str(store))
+    assert st.size == (32, 32) and st.cases == ["0", "1", "2", "3"]
+    assert st.verify() == {}
+    assert {st.volume(c)[0].shape[1:] for c in st.cases} == {(32, 32)}
+    rep = ingest(raw, store, IngestConfig(size=(48, 48), workers=2), progress=False)
+    assert rep.ok and sorted(rep.written) == ["0", "1", "2", "3"]
+    st = SliceStore(str(store))
+    assert st.size == (48, 48) and st.verify() == {}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw", "s.zarr"]  # no sibling left behind
+
+
+def test_geometry_change_needs_prune_for_vanished_cases(tmp_path, phantom_dir):
+    raw = tmp_path / "raw"
+    for n in ("0", "1", "2"):
+        copy_case(phantom_dir, raw, n)
+    store = tmp_path / "s.zarr"
+    assert ingest(raw, store, IngestConfig(size=(32, 32), workers=1), progress=False).ok
+    for f in raw.glob("*-2.nii.gz"):
+        f.unlink()
+    from liverseg.lits import InputError
+
+    with pytest.raises(InputError, match="--prune"):
+        ingest(raw, store, IngestConfig(size=(40, 40), workers=1), progress=False)
+    assert SliceStore(str(store)).size == (32, 32) and SliceStore(str(store)).cases == ["0", "1", "2"]
+    rep = ingest(raw, store, IngestConfig(size=(40, 40), workers=1), progress=False, prune=True)
+    assert rep.ok and rep.pruned == ["2"] and SliceStore(str(store)).cases == ["0", "1"]
+
+
+def test_verify_checks_arrays_against_root_and_splits(tmp_path, phantom_dir):
+    """A case of another size, or a split list that disagrees with the cases, is a problem for --verify."""
+    import json
+
+    raw = tmp_path / "raw"
+    for n in ("0", "1", "2"):
+        copy_case(phantom_dir, raw, n)
+    a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
+    cfg = IngestConfig(size=(32, 32), workers=1)
+    assert ingest(raw, a, cfg, progress=False).ok
+    assert ingest(raw, b, IngestConfig(size=(40, 40), workers=1), progress=False).ok
+    shutil.rmtree(a / "cases" / "1")
+    shutil.copytree(b / "cases" / "1", a / "cases" / "1")  # what a killed in-place re-ingest left
+    problems = SliceStore(str(a)).verify()
+    assert list(problems) == ["1"] and "size" in problems["1"], problems
+    res = _cli("ingest", "--raw", str(raw), "--store", str(a), "--verify")
+    assert res.returncode == 1 and "case 1:" in res.stderr
+    from liverseg.store import StoreError
+
+    with pytest.raises(StoreError, match="case 1"):  # the reader never serves the wrong size
+        SliceStore(str(a)).volume("1")
+    meta = json.loads((b / "zarr.json").read_text())
+    meta["attributes"]["splits"]["train"] = meta["attributes"]["splits"]["train"][1:]
+    (b / "zarr.json").write_text(json.dumps(meta))
+    assert "store" in SliceStore(str(b)).verify()
+
+
+def test_workers_die_with_a_killed_parent(tmp_path):
+    """SIGKILL of the ingest process alone (not its group): no worker keeps running or writing."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from liverseg.phantoms import write_phantoms
+
+    raw = tmp_path / "raw"
+    write_phantoms(raw, 6, seed=5, shape=(160, 160, 96))
+    store = tmp_path / "s.zarr"
+    cmd = [sys.executable, "-m", "liverseg.cli", "ingest", "--raw", str(raw), "--store", str(store)]
+    proc = subprocess.Popen([*cmd, "--set", "workers=2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children = lambda: subprocess.run(  # noqa: E731
+        ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
+    ).stdout.split()
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(store.glob("cases/.tmp-*")):
+        time.sleep(0.05)  # the workers are writing their first cases
+    workers = [int(p) for p in children()]
+    assert workers
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    alive = workers
+    deadline = time.time() + 20
+    while alive and time.time() < deadline:
+        time.sleep(0.1)
+        alive = [p for p in alive if os.path.exists(f"/proc/{p}") and "Z" not in _state(p)]
+    for p in alive:  # never leave them running, but fail
+        os.kill(p, signal.SIGKILL)
+    assert not alive, f"workers {alive} outlived their parent"
+    written = sorted(p.name for p in store.glob("cases/[0-9]*"))
+    time.sleep(1)
+    assert sorted(p.name for p in store.glob("cases/[0-9]*")) == written
+
+
+def _state(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"

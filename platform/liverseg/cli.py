@@ -50,7 +50,8 @@ def ingest(
     config: Path | None = ConfigOpt,
     set_: list[str] | None = SetOpt,
     profile: str | None = ProfileOpt,
-    verify: bool = typer.Option(False, "--verify", help="only check the store against its hashes"),
+    verify: bool = typer.Option(False, "--verify", help="only check the store: listing, shapes, dtypes, hashes"),
+    prune: bool = typer.Option(False, "--prune", help="remove stored cases whose files left the raw folder"),
 ) -> None:
     """Convert LiTS NIfTI volumes into the sharded Zarr slice store (incremental, atomic per case)."""
     from liverseg.config import IngestConfig
@@ -70,11 +71,15 @@ def ingest(
         raise typer.Exit(1 if problems else 0)
     cfg = _load(IngestConfig, config, set_, profile, "ingest")
     try:
-        report = run_ingest(raw, store, cfg)
+        report = run_ingest(raw, store, cfg, prune=prune)
     except (InputError, StoreError) as e:
         fail(str(e), 1)
     for msg in report.failed.values():
         typer.echo(f"FAILED {msg}", err=True)
+    if report.kept:
+        typer.echo(f"kept {', '.join(report.kept)}: no files in {raw} (--prune removes them)", err=True)
+    if report.pruned:
+        typer.echo(f"pruned {', '.join(report.pruned)}: no files in {raw}")
     sizes = {k: len(v) for k, v in report.splits.items()}
     typer.echo(
         f"ingest: {len(report.written)} written, {len(report.skipped)} unchanged, "

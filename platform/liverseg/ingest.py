@@ -2,6 +2,9 @@
 
 A case is written into a hidden temporary group and renamed into `cases/<id>` only when complete, so
 an interrupted ingest (Ctrl-C, SIGKILL) leaves no half-written case; the next run finishes the job.
+A new geometry (`size`) rebuilds the whole store beside the old one and swaps only when complete.
+Nothing is removed that the user did not name: a raw folder without cases is an error, and cases
+whose files vanished stay in the store unless `prune` is given. Workers die with their parent.
 """
 
 from __future__ import annotations
@@ -9,7 +12,10 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
+import threading
+import time
 import uuid
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -29,6 +35,8 @@ if TYPE_CHECKING:  # spawned workers import this module: keep pydantic and tqdm 
     from liverseg.config import IngestConfig
 
 TMP_PREFIX = ".tmp-"
+NEW_SUFFIX, OLD_SUFFIX = ".new-", ".old-"  # sibling stores of a geometry change: `.<name>.new-<hex>`
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")  # ~3x on CT, fast to decode
 
 
@@ -38,11 +46,34 @@ class IngestReport:
     written: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # case id (or file) -> one-line reason
+    kept: list[str] = field(default_factory=list)  # stored cases whose files vanished (no --prune)
+    pruned: list[str] = field(default_factory=list)  # stored cases removed because their files vanished
     splits: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         return not self.failed
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Pool initializer: a worker must never outlive (and keep writing for) a killed ingest.
+
+    The kernel sends SIGKILL when the parent dies (Linux prctl); a watchdog thread covers other systems
+    and the window before prctl took effect (the parent may already be gone).
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the watchdog alone
+        pass
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 
 def _write_array(group: zarr.Group, name: str, data: np.ndarray, shard_slices: int) -> None:
@@ -121,14 +152,89 @@ def _is_current(root: zarr.Group, case: CasePaths, size: tuple[int, int]) -> boo
     )
 
 
-def ingest(raw: str | Path, store: str | Path, cfg: IngestConfig, progress: bool = True) -> IngestReport:
+def case_order(case_id: str) -> tuple[int, str]:
+    """LiTS ids in numeric order: 2 before 10."""
+    return len(case_id), case_id
+
+
+def ingest(
+    raw: str | Path, store: str | Path, cfg: IngestConfig, progress: bool = True, prune: bool = False
+) -> IngestReport:
     """Convert every valid case of a LiTS folder into the store; bad cases are reported, not fatal.
 
-    The store must be a local path (shards are renamed into place); copy it to object storage after.
+    Raises InputError, with the store untouched, when the folder holds no LiTS case, or when a new
+    `size` would drop cases whose files vanished and `prune` is not given. `prune`: remove stored cases
+    whose files left the raw folder (kept otherwise). The store must be a local path (shards are
+    renamed into place); copy it to object storage after.
     """
     store_path = Path(store)
-    report = IngestReport(store=str(store_path))
     cases, errors = discover(raw)
+    if not cases:
+        raise InputError(
+            f"{raw}: no LiTS cases (volume-N.nii[.gz] with segmentation-N.nii[.gz]) found; {store_path} left untouched"
+        )
+    _recover_swap(store_path)
+    old = _existing_attrs(store_path)
+    if old.get("cases") and old.get("size") != list(cfg.size):
+        return _rebuild(raw, store_path, cases, errors, cfg, progress, prune, old)
+    return _update(store_path, cases, errors, cfg, progress, prune)
+
+
+def _existing_attrs(store_path: Path) -> dict:
+    """Root attributes of an existing store ({} when there is none); refuses a store of another format."""
+    if not (store_path / "zarr.json").exists():
+        return {}
+    attrs = dict(zarr.open_group(str(store_path), mode="r", zarr_format=3).attrs)
+    if attrs.get("format", FORMAT) != FORMAT:
+        raise StoreError(f"{store_path}: exists and is not a {FORMAT} store")
+    return attrs
+
+
+def _siblings(store_path: Path, suffix: str) -> list[Path]:
+    return sorted(store_path.parent.glob(f".{store_path.name}{suffix}*"))
+
+
+def _recover_swap(store_path: Path) -> None:
+    """Undo what an interrupted geometry change left: its half-built store, or the moved-away old one."""
+    for half_built in _siblings(store_path, NEW_SUFFIX):
+        shutil.rmtree(half_built, ignore_errors=True)
+    olds = _siblings(store_path, OLD_SUFFIX)
+    if olds and not store_path.exists():  # killed between the two renames of the swap
+        os.rename(olds.pop(), store_path)
+    for old in olds:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _rebuild(raw, store_path: Path, cases, errors, cfg: IngestConfig, progress: bool, prune: bool, old: dict):
+    """A new geometry: build a complete store beside the old one and swap; the old one serves until then."""
+    vanished = sorted(set(old["cases"]) - {c.case_id for c in cases}, key=case_order)
+    if vanished and not prune:
+        raise InputError(
+            f"{store_path}: size {old.get('size')} -> {list(cfg.size)} rebuilds every case, but case(s) "
+            f"{', '.join(vanished)} have no files in {raw}; give --prune to drop them ({store_path} left untouched)"
+        )
+    new = store_path.with_name(f".{store_path.name}{NEW_SUFFIX}{uuid.uuid4().hex[:8]}")
+    report = _update(new, cases, errors, cfg, progress, prune=True)
+    report.store, report.pruned = str(store_path), vanished
+    lost = sorted(set(report.failed) & set(old["cases"]), key=case_order)
+    if lost:  # the old store still holds these cases: keep it rather than lose them
+        shutil.rmtree(new, ignore_errors=True)
+        report.failed["store"] = (
+            f"{store_path}: size change abandoned, old store kept (size {old.get('size')}): "
+            f"case(s) {', '.join(lost)} could not be rebuilt"
+        )
+        report.written, report.pruned, report.splits = [], [], dict(old.get("splits", {}))
+        return report
+    trash = store_path.with_name(f".{store_path.name}{OLD_SUFFIX}{uuid.uuid4().hex[:8]}")
+    os.rename(store_path, trash)
+    os.rename(new, store_path)
+    shutil.rmtree(trash, ignore_errors=True)
+    return report
+
+
+def _update(store_path: Path, cases, errors, cfg: IngestConfig, progress: bool, prune: bool) -> IngestReport:
+    """Ingest into a store of this geometry (or a new one): changed and new cases only."""
+    report = IngestReport(store=str(store_path))
     for line in errors:
         report.failed[line.split(":")[0]] = line
     root = zarr.open_group(str(store_path), mode="a", zarr_format=3)
@@ -148,39 +254,13 @@ def ingest(raw: str | Path, store: str | Path, cfg: IngestConfig, progress: bool
             report.skipped.append(case.case_id)
         else:
             todo.append(case)
-
     done: dict[str, int] = {cid: slices[cid] for cid in report.skipped}
     if todo:
-        ctx = mp.get_context("spawn")  # fork after torch/zarr threads exist can deadlock
-        with ProcessPoolExecutor(max_workers=min(cfg.workers, len(todo)), mp_context=ctx) as pool:
-            futures = {pool.submit(ingest_case, c, str(cases_dir), cfg.size, cfg.shard_slices): c for c in todo}
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(todo), desc="ingest", unit="vol", disable=not progress, file=sys.stderr)
-            try:
-                for fut in as_completed(futures):
-                    case = futures[fut]
-                    try:
-                        cid, z = fut.result()
-                        done[cid] = z
-                        report.written.append(cid)
-                    except InputError as e:
-                        report.failed[case.case_id] = str(e)
-                    except Exception as e:  # one bad volume never loses the good ones
-                        report.failed[case.case_id] = f"{case.volume.name}: {type(e).__name__}: {e}"
-                    bar.update()
-            except KeyboardInterrupt:
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
-            finally:
-                bar.close()
-
-    present = {c.case_id for c in cases}
-    for stale in set(slices) - present:  # source removed: the store follows the raw folder
-        shutil.rmtree(cases_dir / stale, ignore_errors=True)
-    ordered = sorted(done, key=lambda c: (len(c), c))
+        done.update(_run_pool(todo, cases_dir, cfg, report, progress))
+    _reconcile(cases_dir, {c.case_id for c in cases}, slices, done, report, prune)
+    ordered = sorted(done, key=case_order)
     report.splits = split_cases(ordered, cfg.split.fractions, cfg.split.seed)
-    report.written.sort(key=lambda c: (len(c), c))
+    report.written.sort(key=case_order)
     root.attrs.update(
         {
             "format": FORMAT,
@@ -201,6 +281,53 @@ def ingest(raw: str | Path, store: str | Path, cfg: IngestConfig, progress: bool
     return report
 
 
+def _reconcile(cases_dir: Path, present: set[str], slices: dict[str, int], done: dict[str, int], report, prune):
+    """Stored cases not (re)written this run: vanished sources are kept unless pruned; a case whose new
+    source failed keeps its stored version (same geometry), so one bad file never loses a good case."""
+    for cid in sorted(set(slices) - set(done), key=case_order):
+        if cid not in present and prune:
+            shutil.rmtree(cases_dir / cid, ignore_errors=True)
+            report.pruned.append(cid)
+        elif (cases_dir / cid / "zarr.json").exists():
+            done[cid] = slices[cid]
+            if cid not in present:
+                report.kept.append(cid)
+
+
+def _run_pool(todo: list[CasePaths], cases_dir: Path, cfg: IngestConfig, report: IngestReport, progress: bool):
+    """Write cases in worker processes that die with this one; returns {case id: slices} written."""
+    from tqdm import tqdm
+
+    done: dict[str, int] = {}
+    ctx = mp.get_context("spawn")  # fork after torch/zarr threads exist can deadlock
+    with ProcessPoolExecutor(
+        max_workers=min(cfg.workers, len(todo)),
+        mp_context=ctx,
+        initializer=_die_with_parent,
+        initargs=(os.getpid(),),
+    ) as pool:
+        futures = {pool.submit(ingest_case, c, str(cases_dir), cfg.size, cfg.shard_slices): c for c in todo}
+        bar = tqdm(total=len(todo), desc="ingest", unit="vol", disable=not progress, file=sys.stderr)
+        try:
+            for fut in as_completed(futures):
+                case = futures[fut]
+                try:
+                    cid, z = fut.result()
+                    done[cid] = z
+                    report.written.append(cid)
+                except InputError as e:
+                    report.failed[case.case_id] = str(e)
+                except Exception as e:  # one bad volume never loses the good ones
+                    report.failed[case.case_id] = f"{case.volume.name}: {type(e).__name__}: {e}"
+                bar.update()
+        except KeyboardInterrupt:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        finally:
+            bar.close()
+    return done
+
+
 def verify(store: str) -> dict[str, str]:
-    """Check every case of a store against its recorded hashes; {case: problem} (empty when sound)."""
+    """Check the store's listing and every case (shape, dtype, hashes); {case or "store": problem}."""
     return SliceStore(store).verify()

@@ -23,6 +23,7 @@ import zarr
 FORMAT = "liverseg-slices"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
+ARRAYS = {"image": np.int16, "mask": np.uint8}  # per case, (Z, H, W)
 
 
 class StoreError(RuntimeError):
@@ -105,9 +106,18 @@ class SliceStore:
             raise StoreError(f"{self.url}: case {case}: group unreadable ({type(e).__name__}: {e})") from None
 
     def _array(self, case: str, name: str) -> zarr.Array:
+        """A case's array, refused when its slices are not of the store's declared size (never served)."""
         key = (case, name)
         if key not in self._arrays:
-            self._arrays[key] = self._group(case)[name]
+            try:
+                arr = self._group(case)[name]
+            except KeyError:
+                raise StoreError(f"{self.url}: case {case}: no '{name}' array") from None
+            if tuple(arr.shape[1:]) != self.size:
+                raise StoreError(
+                    f"{self.url}: case {case}: {name} slices are {tuple(arr.shape[1:])}, the store declares {self.size}"
+                )
+            self._arrays[key] = arr
         return self._arrays[key]
 
     def _read(self, case: str, name: str, sel: Any) -> np.ndarray:
@@ -128,16 +138,50 @@ class SliceStore:
         return self._read(case, "image", slice(None)), self._read(case, "mask", slice(None))
 
     def verify(self) -> dict[str, str]:
-        """Re-hash every case against the hashes recorded at ingest; returns {case: problem}."""
+        """Check the listing and every case; returns {case (or "store"): problem}, empty when sound.
+
+        Listing: the splits partition `cases` and `case_slices` has exactly those cases. Each case:
+        image (Z, H, W) int16 and mask (Z, H, W) uint8 with Z its `case_slices` and (H, W) the root
+        `size`, group `size` equal to the root's, data equal to the sha256 recorded at ingest.
+        """
         problems = {}
+        listing = self._listing_problem()
+        if listing:
+            problems["store"] = listing
         for case in self.cases:
             try:
-                img, msk = self.volume(case)
-                attrs = self.case_attrs(case)
-                if array_sha256(img) != attrs["image_sha256"]:
-                    problems[case] = "image data does not match its recorded sha256"
-                elif array_sha256(msk) != attrs["mask_sha256"]:
-                    problems[case] = "mask data does not match its recorded sha256"
+                problem = self._case_problem(case)
             except StoreError as e:
-                problems[case] = str(e)
+                problem = str(e)
+            if problem:
+                problems[case] = problem
         return problems
+
+    def _listing_problem(self) -> str | None:
+        cases, counted = set(self.cases), set(self.attrs.get("case_slices", {}))
+        in_splits = [c for split in self.attrs.get("splits", {}).values() for c in split]
+        if len(in_splits) != len(set(in_splits)) or set(in_splits) != cases:
+            return f"splits list {len(in_splits)} case(s), not a partition of the {len(cases)} stored cases"
+        if counted != cases:
+            return f"case_slices covers {len(counted)} case(s), the store lists {len(cases)}"
+        return None
+
+    def _case_problem(self, case: str) -> str | None:
+        if self.case_attrs(case).get("size") != list(self.size):
+            return (
+                f"case {case}: built at size {self.case_attrs(case).get('size')}, the store declares {list(self.size)}"
+            )
+        z = self.attrs.get("case_slices", {}).get(case)
+        if z is None:
+            return f"case {case}: no slice count in case_slices"
+        expect = (int(z), *self.size)
+        for name, dtype in ARRAYS.items():
+            arr = self._array(case, name)
+            if tuple(arr.shape) != expect or arr.dtype != dtype:
+                return f"case {case}: {name} is {tuple(arr.shape)} {arr.dtype}, the store declares {expect} {np.dtype(dtype)}"
+        img, msk = self.volume(case)
+        if array_sha256(img) != self.case_attrs(case)["image_sha256"]:
+            return "image data does not match its recorded sha256"
+        if array_sha256(msk) != self.case_attrs(case)["mask_sha256"]:
+            return "mask data does not match its recorded sha256"
+        return None
