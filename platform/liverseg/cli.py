@@ -281,42 +281,29 @@ def predict(
     lcc: bool = typer.Option(True, "--lcc/--no-lcc", help="3-D largest-connected-component clean-up"),
     overlay: Path | None = typer.Option(None, help="single file: also write a PNG of the mask over the CT"),
     truth: Path | None = typer.Option(None, help="single file: a segmentation to draw in the overlay too"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace existing output files"),
 ) -> None:
     """Segment CT volumes into uint8 liver masks on each input's own grid (shape and affine)."""
-    from tqdm import tqdm
-
     from liverseg.evaluate import load_model
-    from liverseg.inference import predict_file
-    from liverseg.lits import InputError
+    from liverseg.predict import PredictError, one_line, plan, predict_jobs
 
+    try:
+        jobs = plan(src, dst, overwrite, overlay, truth)  # before the model: a typo costs no load
+    except PredictError as e:
+        fail(str(e), 1)
     try:
         lm = load_model(model, device)
     except Exception as e:
-        fail(f"{model}: cannot load model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", 1)
+        fail(f"{model}: cannot load model ({one_line(e)})", 1)
+    report = predict_jobs(lm, jobs, lcc, overwrite, overlay, truth, progress=src.is_dir())
+    for msg in report.failed.values():
+        typer.echo(f"FAILED {msg}", err=True)
     if src.is_dir():
-        if overlay or truth:
-            fail(f"{src}: --overlay and --truth take a single file, not a folder", 2)
-        files = sorted(
-            p for p in src.iterdir() if p.name.endswith((".nii", ".nii.gz")) and not p.name.startswith("segmentation-")
-        )
-        dst.mkdir(parents=True, exist_ok=True)
-        failed = 0
-        for f in tqdm(files, desc="predict", unit="vol", file=sys.stderr):
-            name = f.name.replace("volume-", "segmentation-").removesuffix(".gz").removesuffix(".nii") + ".nii.gz"
-            try:
-                predict_file(lm, f, dst / name, lcc)
-            except InputError as e:
-                failed += 1
-                typer.echo(f"FAILED {e}", err=True)
-        typer.echo(f"predict: {len(files) - failed} masks written to {dst}, {failed} failed")
-        raise typer.Exit(1 if failed else 0)
-    try:
-        t = predict_file(lm, src, dst, lcc, overlay, truth)
-    except InputError as e:
-        fail(str(e), 1)
-    typer.echo(
-        f"wrote {dst}{f' and {overlay}' if overlay else ''} (" + ", ".join(f"{k} {v:.2f}s" for k, v in t.items()) + ")"
-    )
+        typer.echo(f"predict: {len(report.written)} masks written to {dst}, {len(report.failed)} failed")
+    elif report.written:
+        times = ", ".join(f"{k} {v:.2f}s" for k, v in report.timings.items())
+        typer.echo(f"wrote {dst}{f' and {overlay}' if overlay else ''} ({times})")
+    raise typer.Exit(1 if report.failed else 0)
 
 
 @app.command()

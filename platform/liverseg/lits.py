@@ -151,6 +151,9 @@ def _array(img: nib.Nifti1Image, name: str, integer_dtype: bool) -> np.ndarray:
     An image from `load_nifti` holds its decompressed bytes; the voxels are a read-only view of them.
     """
     proxy = img.dataobj
+    if proxy.dtype.kind not in "iuf":  # RGB (structured) or complex: no single intensity per voxel
+        kind = img.header.get_value_label("datatype")
+        raise InputError(f"{name}: voxel type {kind} is not a real scalar; expected integer or float voxels")
     slope, inter = float(proxy.slope), float(proxy.inter)
     try:
         raw = np.frombuffer(

@@ -1,0 +1,143 @@
+"""Predict: CT volumes (one file or a folder) -> uint8 liver masks, nothing overwritten unasked.
+
+Every input and output is planned and checked before the model is loaded (seconds saved on a typo):
+inputs exist and are readable, no output is an input, no two inputs map to one output (`x.nii` and
+`x.nii.gz`), an existing output needs `overwrite`, outputs can be created. A folder run then goes
+on past any failing file, whatever it raises, and reports what was really written.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SUFFIXES = (".nii", ".nii.gz")
+
+
+class PredictError(ValueError):
+    """Inputs or outputs of a predict run are unusable; one line naming the path."""
+
+
+@dataclass
+class Job:
+    src: Path
+    dst: Path
+
+
+@dataclass
+class PredictReport:
+    written: list[Path] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # input path -> one-line reason
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase, summed over files
+
+
+def mask_name(src: Path) -> str:
+    """volume-7.nii -> segmentation-7.nii.gz (LiTS naming); ct.nii -> ct.nii.gz."""
+    stem = src.name.removesuffix(".gz").removesuffix(".nii")
+    return stem.replace("volume-", "segmentation-", 1) + ".nii.gz"
+
+
+def _inputs(src: Path) -> list[Path]:
+    files = sorted(
+        p
+        for p in src.iterdir()
+        if p.name.endswith(SUFFIXES) and not p.name.startswith(("segmentation-", ".")) and p.is_file()
+    )
+    if not files:
+        raise PredictError(f"{src}: no .nii / .nii.gz volumes in this folder")
+    return files
+
+
+def plan(
+    src: Path, dst: Path, overwrite: bool = False, overlay: Path | None = None, truth: Path | None = None
+) -> list[Job]:
+    """Map inputs to outputs and check them all; raises PredictError before anything is read or written."""
+    if not src.exists():
+        raise PredictError(f"{src}: no such file or folder")
+    if src.is_dir():
+        if overlay or truth:
+            raise PredictError(f"{src}: --overlay and --truth take a single file, not a folder")
+        if dst.exists() and not dst.is_dir():
+            raise PredictError(f"{dst}: exists and is not a folder (the input is a folder)")
+        jobs = [Job(f, dst / mask_name(f)) for f in _inputs(src)]
+    else:
+        if dst.is_dir():
+            raise PredictError(f"{dst}: is a folder; give the mask's file name (e.g. {dst / mask_name(src)})")
+        jobs = [Job(src, dst)]
+    for path in [j.src for j in jobs] + ([truth] if truth else []):
+        if not path.is_file() or not os.access(path, os.R_OK):
+            raise PredictError(f"{path}: not a readable file")
+    outputs = [j.dst for j in jobs] + ([overlay] if overlay else [])
+    _check_outputs(outputs, [j.src for j in jobs] + ([truth] if truth else []), overwrite)
+    return jobs
+
+
+def _check_outputs(outputs: list[Path], inputs: list[Path], overwrite: bool) -> None:
+    sources = {p.resolve() for p in inputs}
+    seen: dict[Path, Path] = {}
+    for out in outputs:
+        key = out.resolve()
+        if key in sources:
+            raise PredictError(f"{out}: is an input; choose another output")
+        if key in seen:
+            raise PredictError(f"{seen[key]} and {out}: two outputs with one name; rename an input")
+        seen[key] = out
+        if out.exists() and not overwrite:
+            raise PredictError(f"{out}: exists; give --overwrite to replace it")
+    for parent in {o.parent for o in outputs}:
+        _check_creatable(parent)
+
+
+def _check_creatable(folder: Path) -> None:
+    """The folder exists and is writable, or can be created (its nearest existing ancestor is)."""
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise PredictError(f"{folder}: cannot create (a path component, {probe}, is a file)")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PredictError(f"{probe}: not writable")
+
+
+def one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def predict_jobs(
+    lm: Any,
+    jobs: list[Job],
+    lcc: bool = True,
+    overwrite: bool = False,
+    overlay: Path | None = None,
+    truth: Path | None = None,
+    progress: bool = False,
+) -> PredictReport:
+    """Run planned jobs; a failing file (any exception) is recorded and the next one runs."""
+    import sys
+
+    from tqdm import tqdm
+
+    from liverseg.inference import predict_file
+    from liverseg.lits import InputError
+
+    report = PredictReport()
+    for job in tqdm(jobs, desc="predict", unit="vol", file=sys.stderr, disable=not progress):
+        if job.dst.exists() and not overwrite:  # appeared since planning
+            report.failed[str(job.src)] = f"{job.dst}: exists; give --overwrite to replace it"
+            continue
+        try:
+            t = predict_file(lm, job.src, job.dst, lcc, overlay, truth)
+        except InputError as e:
+            report.failed[str(job.src)] = str(e)
+        except OSError as e:
+            report.failed[str(job.src)] = f"{e.filename or job.dst}: cannot write ({e.strerror or one_line(e)})"
+        except Exception as e:  # one bad volume never stops the others
+            report.failed[str(job.src)] = f"{job.src.name}: {one_line(e)}"
+        else:
+            report.written.append(job.dst)
+            for k, v in t.items():
+                report.timings[k] = report.timings.get(k, 0.0) + v
+    return report
