@@ -88,6 +88,23 @@ def test_gunzip_limit_truncation_and_passthrough():
         gunzip(gz.compress(data)[:-20], "a.nii.gz")
 
 
+def test_gunzip_limit_holds_for_every_layer_together():
+    """A nested gzip once passed the limit layer by layer: 2.6 kB in, 1.5 GB in memory."""
+    import gzip as gz
+
+    from liverseg.lits import gunzip
+
+    data = bytes(range(256)) * 100
+    nested = gz.compress(gz.compress(gz.compress(data)))
+    assert gunzip(nested, "a.nii.gz") == data
+    assert gunzip(nested, "a.nii.gz", limit=2 * len(data)) == data
+    with pytest.raises(InputError, match="too large"):
+        gunzip(nested, "a.nii.gz", limit=len(data))  # the outer layers count too
+    bomb = gz.compress(gz.compress(bytes(200_000_000)))  # ~0.3 MB in, 200 MB out
+    with pytest.raises(InputError, match="more than 4000000 bytes"):
+        gunzip(bomb, "bomb.nii.gz", limit=4_000_000)
+
+
 @pytest.mark.parametrize("klass", [nib.Nifti1Image, nib.Nifti2Image])
 def test_nifti1_and_nifti2_read_alike(tmp_path, klass):
     a = np.arange(24, dtype=np.int16).reshape(2, 3, 4)

@@ -53,3 +53,60 @@ def test_load_500_requests(server, phantom_dir, tmp_path):  # noqa: F811
     report = {"p50_s": lat[len(lat) // 2], "p95_s": lat[int(len(lat) * 0.95)], "peak_rss_mb": peak / 2**20}
     print("load:", json.dumps(report))
     assert peak < 4 * 2**30  # bounded: a few GB at most for a CPU model
+
+
+@pytest.fixture
+def big_server(mlflow_uri, store_path, tmp_path):
+    from test_serve import start_server
+
+    yield from start_server(store_path, tmp_path, max_mb=MAX_MB, upload_timeout=120)
+
+
+MAX_MB = 32
+CLIENTS = 6
+
+
+@pytest.mark.slow
+def test_concurrent_maximal_uploads_stay_bounded(big_server, tmp_path):  # noqa: F811
+    """CLIENTS at once, each a maximal upload (an uncompressed NIfTI of random HU just under the limit)
+    and a nested gzip bomb (decoding to 20x the limit): peak server RSS stays within what the limits
+    allow (every body in memory, decoding only in the two model slots), and is printed for the docs."""
+    import gzip
+
+    import nibabel as nib
+    import numpy as np
+
+    base, _ = big_server
+    limit = MAX_MB * 2**20
+    z = (limit - 352) // (512 * 512 * 2)
+    vol = np.random.default_rng(0).integers(-1000, 1000, (512, 512, z), dtype=np.int16)
+    (tmp_path / "max.nii").write_bytes(nib.Nifti1Image(vol, np.eye(4)).to_bytes())
+    (tmp_path / "bomb.gz").write_bytes(gzip.compress(gzip.compress(bytes(20 * limit))))
+    client = textwrap.dedent(f"""
+        import json, concurrent.futures as cf, httpx
+        bodies = [open({str(tmp_path / "max.nii")!r}, "rb").read(), open({str(tmp_path / "bomb.gz")!r}, "rb").read()]
+        def one(i):
+            return httpx.post({base!r} + "/segment", content=bodies[i % 2], timeout=300).status_code
+        with cf.ThreadPoolExecutor({CLIENTS}) as pool:
+            print(json.dumps(list(pool.map(one, range(2 * {CLIENTS})))))
+    """)
+    port = base.rsplit(":", 1)[1]
+    server_proc = next(
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if p.info["cmdline"] and "serve" in p.info["cmdline"] and port in p.info["cmdline"]
+    )
+    idle = server_proc.memory_info().rss
+    proc = subprocess.Popen([sys.executable, "-c", client], stdout=subprocess.PIPE, text=True)
+    peak = idle
+    while proc.poll() is None:
+        peak = max(peak, server_proc.memory_info().rss)
+        time.sleep(0.05)
+    codes = json.loads(proc.stdout.read())
+    assert codes == [200, 413] * CLIENTS
+    report = {"max_mb": MAX_MB, "clients": CLIENTS, "idle_rss_mb": idle / 2**20, "peak_rss_mb": peak / 2**20}
+    print("uploads:", json.dumps(report))
+    # every body at once (twice: a growing buffer is reallocated), plus two slots decoding and segmenting
+    # (nibabel's copy, canonical copy, float32 probabilities at full size, mask, reply: ~12 bodies' worth
+    # each); six bombs decoded outside the slots, as before, would need 6 x 20 x the limit
+    assert peak - idle < (2 * CLIENTS + 2 * 12) * limit

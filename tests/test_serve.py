@@ -28,6 +28,11 @@ def _nii_bytes(arr, affine=None, gz=True):
 
 @pytest.fixture
 def server(mlflow_uri, store_path, tmp_path):
+    yield from start_server(store_path, tmp_path, max_mb=1, upload_timeout=3)
+
+
+def start_server(store_path, tmp_path, max_mb: int, upload_timeout: float):
+    """Register and promote a no-liver model, start `liverseg serve` on a free port; yields (base URL, store)."""
     from liverseg.registry import promote, register
 
     run, _ = log_model_run(constant_state(liver=False), store_path=store_path)
@@ -35,8 +40,9 @@ def server(mlflow_uri, store_path, tmp_path):
     promote(store_path, min_dice=0.0)
     port = _free_port()
     log = open(tmp_path / "serve.log", "w")
+    cmd = ["serve", "--port", str(port), "--max-mb", str(max_mb), "--upload-timeout", str(upload_timeout)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "liverseg.cli", "serve", "--port", str(port), "--max-mb", "1"],
+        [sys.executable, "-m", "liverseg.cli", *cmd],
         stdout=log,
         stderr=subprocess.STDOUT,
         env={**os.environ, "LIVERSEG_LOCK_DIR": str(tmp_path)},
@@ -92,6 +98,40 @@ def test_segment_health_model_and_bad_requests(server, real_ct):
         assert r.status_code == status, (label, r.status_code, r.text)
         assert fragment in r.json()["detail"], (label, r.text)
     assert httpx.get(base + "/health").status_code == 200  # still up
+
+
+def _raw_request(base: str, declared: int, sent: bytes, close: bool) -> bytes:
+    """POST /segment by hand: `declared` Content-Length, `sent` bytes of body; close or wait for the answer."""
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        head = f"POST /segment HTTP/1.1\r\nHost: {host}\r\nContent-Length: {declared}\r\n\r\n"
+        sock.sendall(head.encode() + sent)
+        if close:
+            return b""
+        return sock.recv(65536)
+
+
+def test_hostile_uploads_get_one_line_4xx(server, tmp_path):
+    """Nested gzip, RGB and complex voxels, a short body, a client that leaves: 4xx, no hang, no traceback."""
+    base, _ = server
+    vol = np.zeros((8, 8, 4), np.int16)
+    rgb = np.zeros((8, 8, 4), [("R", "u1"), ("G", "u1"), ("B", "u1")])
+    bad = {
+        "nested gzip bomb": (gzip.compress(gzip.compress(bytes(64_000_000))), 413, "too large"),
+        "RGB voxels": (_nii_bytes(rgb), 400, "voxel type RGB is not a real scalar"),
+        "complex voxels": (_nii_bytes(vol.astype(np.complex64)), 400, "voxel type complex64 is not a real scalar"),
+    }
+    for label, (payload, status, fragment) in bad.items():
+        r = httpx.post(base + "/segment", content=payload, timeout=60)
+        assert r.status_code == status, (label, r.status_code, r.text)
+        assert fragment in r.json()["detail"] and "\n" not in r.json()["detail"], (label, r.text)
+    short = _raw_request(base, 5000, b"x" * 100, close=False)  # the rest never comes
+    assert short.startswith(b"HTTP/1.1 408") and b"not received within 3 s" in short, short[:200]
+    _raw_request(base, 500_000, b"x" * 1000, close=True)  # the client goes away mid-upload
+    time.sleep(1)  # let the server notice before the log is read
+    assert httpx.get(base + "/health").status_code == 200
+    log = (tmp_path / "serve.log").read_text()
+    assert "Traceback" not in log and "Exception" not in log, log[-2000:]
 
 
 def test_reload_follows_the_alias(server, real_ct, store_path):

@@ -312,13 +312,14 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="bind address; 0.0.0.0 only behind a proxy you trust"),
     port: int = typer.Option(8080, help="TCP port"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    max_mb: int = typer.Option(512, help="largest accepted upload (MiB)"),
+    max_mb: int = typer.Option(512, help="largest accepted upload (MiB), every gzip layer decompressed included"),
+    upload_timeout: float = typer.Option(120.0, help="seconds for a whole upload to arrive; slower gets 408"),
 ) -> None:
     """Serve the model over REST: POST /segment, GET /health, GET /model, POST /reload (or SIGHUP)."""
     from liverseg.serve import serve as run_serve
 
     try:
-        run_serve(model, host, port, device, max_mb * 1024 * 1024)
+        run_serve(model, host, port, device, max_mb * 1024 * 1024, upload_timeout)
     except Exception as e:
         fail(f"cannot serve {model}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", 1)
 

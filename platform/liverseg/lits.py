@@ -97,15 +97,25 @@ def read_file(path: Path | str) -> bytes:
 
 
 def gunzip(data: bytes, name: str, limit: int = 0) -> bytes:
-    """Decompress gzip bytes with ISA-L (about 2x zlib); other bytes pass through.
+    """Decompress gzip bytes with ISA-L (about 2x zlib), layer after layer (gzip of gzip ...); other
+    bytes pass through.
 
-    limit: refuse more than this many decompressed bytes (0: no limit), so a gzip bomb stays small.
+    limit: refuse when the layers together decompress to more than this many bytes (0: no limit), so
+    neither a gzip bomb nor a nested one grows past it in memory.
     """
-    if data[:2] != b"\x1f\x8b":
-        return data
+    budget = limit
+    while data[:2] == b"\x1f\x8b":
+        if limit and budget <= 0:
+            raise InputError(f"{name}: decompresses to more than {limit} bytes (too large)")
+        data = _gunzip_layer(data, name, budget, limit)
+        budget -= len(data)
+    return data
+
+
+def _gunzip_layer(data: bytes, name: str, budget: int, limit: int) -> bytes:
     d = isal_zlib.decompressobj(wbits=31)
     try:
-        out = d.decompress(data, limit) if limit else d.decompress(data)
+        out = d.decompress(data, budget) if limit else d.decompress(data)
     except (isal_zlib.error, zlib.error) as e:
         raise InputError(f"{name}: cannot decode (gzip: {e})") from None
     if limit and d.unconsumed_tail:

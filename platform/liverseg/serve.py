@@ -8,6 +8,7 @@ POST /reload   re-resolve the alias and swap the model in without dropping reque
 Bad input is a 4xx with a one-line message; the server stays up.
 """
 
+import asyncio
 import signal
 import threading
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Any
 from liverseg.lits import InputError
 
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024  # a 512x512x1000 int16 volume, uncompressed
+DEFAULT_UPLOAD_TIMEOUT_S = 120.0  # a 512 MiB body at ~5 MB/s; a stalled or short body ends in 408 after this
 
 
 @dataclass
@@ -72,7 +74,37 @@ class ModelHolder:
             return {"previous_version": old, "version": new.info.get("version")}
 
 
-def create_app(holder: ModelHolder, max_bytes: int = DEFAULT_MAX_BYTES):
+async def read_body(request, max_bytes: int, timeout_s: float) -> bytearray:
+    """The whole request body within `max_bytes` and `timeout_s` (for all of it, not per chunk).
+
+    413 over the limit, 408 when it does not arrive in time (a stalled upload, or a body shorter than
+    its Content-Length on an open connection), 400 when the client goes away or the length is wrong.
+    """
+    from fastapi import HTTPException
+    from starlette.requests import ClientDisconnect
+
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise HTTPException(413, f"body of {declared} bytes exceeds the limit of {max_bytes}")
+    body = bytearray()
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > max_bytes:
+                    raise HTTPException(413, f"body exceeds the limit of {max_bytes} bytes")
+    except TimeoutError:
+        raise HTTPException(408, f"body not received within {timeout_s:g} s ({len(body)} bytes arrived)") from None
+    except ClientDisconnect:  # nobody is left to answer; no traceback in the log either
+        raise HTTPException(400, f"client disconnected after {len(body)} bytes") from None
+    if declared and declared.isdigit() and len(body) != int(declared):
+        raise HTTPException(400, f"body of {len(body)} bytes, Content-Length declared {declared}")
+    return body  # not copied into bytes: one body-sized buffer less per request
+
+
+def create_app(
+    holder: ModelHolder, max_bytes: int = DEFAULT_MAX_BYTES, upload_timeout_s: float = DEFAULT_UPLOAD_TIMEOUT_S
+):
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.responses import Response
 
@@ -100,28 +132,20 @@ def create_app(holder: ModelHolder, max_bytes: int = DEFAULT_MAX_BYTES):
 
     @app.post("/segment")
     async def segment(request: Request) -> Response:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > max_bytes:
-            raise HTTPException(413, f"body of {declared} bytes exceeds the limit of {max_bytes}")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > max_bytes:
-                raise HTTPException(413, f"body exceeds the limit of {max_bytes} bytes")
+        body = await read_body(request, max_bytes, upload_timeout_s)
         from starlette.concurrency import run_in_threadpool
 
-        return await run_in_threadpool(_segment_bytes, bytes(body))
+        return await run_in_threadpool(_segment_bytes, body)
 
-    def _segment_bytes(body: bytes) -> Response:
+    def _segment_bytes(body: bytearray) -> Response:
         if not body:
             raise HTTPException(400, "empty body: send a NIfTI volume (.nii or .nii.gz bytes)")
-        try:
-            body = gunzip(body, "upload.nii.gz", limit=4 * max_bytes)
-            vol = read_volume("upload.nii", data=body)
-        except InputError as e:
-            raise HTTPException(400 if "too large" not in str(e) else 413, str(e)) from None
         served = holder.current
-        with holder.slots:
+        with holder.slots:  # decoding counts against the bound too: it is most of a request's memory
+            try:  # every gzip layer together within the upload limit (a nested bomb stays small)
+                vol = read_volume("upload.nii", data=gunzip(body, "upload.nii.gz", limit=max_bytes))
+            except InputError as e:
+                raise HTTPException(400 if "too large" not in str(e) else 413, str(e)) from None
             mask = segment_canonical(served.lm, vol.image)
         out = from_canonical(mask, vol.affine).reshape(vol.shape)
         headers = {
@@ -134,13 +158,18 @@ def create_app(holder: ModelHolder, max_bytes: int = DEFAULT_MAX_BYTES):
 
 
 def serve(
-    uri: str, host: str = "127.0.0.1", port: int = 8080, device: str = "auto", max_bytes: int = DEFAULT_MAX_BYTES
+    uri: str,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    device: str = "auto",
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    upload_timeout_s: float = DEFAULT_UPLOAD_TIMEOUT_S,
 ) -> None:
     """Run the service until interrupted; SIGHUP reloads the alias."""
     import uvicorn
 
     holder = ModelHolder(uri, device)
-    app = create_app(holder, max_bytes)
+    app = create_app(holder, max_bytes, upload_timeout_s)
     signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=holder.reload, daemon=True).start())
     info = holder.current.info
     print(f"serving {info.get('name', uri)} v{info.get('version', '?')} on http://{host}:{port}", flush=True)
