@@ -298,7 +298,7 @@ def test_serving_replicas_follow_the_champion_with_secrets(objects):
     sts = _by_kind(objects, "StatefulSet")["liverseg-serve"]
     assert sts["spec"]["replicas"] >= 2
     (serve,) = _containers(sts)
-    assert serve["args"][:2] == ["liverseg", "serve"] and "models:/liver-unet@champion" in serve["args"]
+    assert serve["args"][:2] == ["liverseg", "serve"] and "--model=models:/liver-unet@champion" in serve["args"]
     env = _env(serve)
     for var in ("LIVERSEG_RELOAD_TOKEN", "LIVERSEG_WEBHOOK_SECRET", "MLFLOW_TRACKING_PASSWORD"):
         assert env[var]["valueFrom"]["secretKeyRef"]["name"] == "liverseg-serve", var
@@ -474,3 +474,26 @@ def test_make_bucket_names_an_unreachable_store_in_one_line():
     assert r.returncode == 1 and r.stdout == ""
     (line,) = r.stderr.strip().splitlines()
     assert line.startswith("bucket liverseg at http://127.0.0.1:") and "EndpointConnectionError" in line
+
+
+def test_pipeline_files_named_by_pods_are_in_the_image(objects):
+    """The image copies pipelines/: every `pipelines/*.yaml` a pod names must exist there."""
+    named = set()
+    for o in objects:
+        for c in _containers(o):
+            named |= set(re.findall(r"pipelines/[\w.-]+\.yaml", " ".join(c.get("command", []) + c.get("args", []))))
+        named |= set(re.findall(r"pipelines/[\w.-]+\.yaml", o.get("spec", {}).get("entrypoint", "")))
+    assert {"pipelines/serve.yaml", "pipelines/tune.yaml"} <= named
+    assert "COPY pipelines ./pipelines" in _dockerfile()
+    for rel in named:
+        assert (REPO / rel).is_file(), rel
+
+
+def test_cluster_doc_names_files_that_exist():
+    doc = (REPO / "docs" / "cluster.md").read_text()
+    paths = set(re.findall(r"(?<![\w/.])((?:deploy|pipelines|tests)/[\w./-]+\.(?:yaml|yml|sh|py|md))", doc))
+    assert {"deploy/k8s/namespace.yaml", "deploy/k8s/ray/rayjob-tune.yaml", "deploy/gen-secrets.sh"} <= paths
+    for rel in paths:
+        assert (REPO / rel).is_file(), f"docs/cluster.md names {rel}, which does not exist"
+    for name in re.findall(r"`([\w-]+\.yaml)`", doc):  # the table's bare file names live in deploy/k8s
+        assert list((REPO / "deploy" / "k8s").rglob(name)) or list(REPO.glob(f"*/{name}")), name
