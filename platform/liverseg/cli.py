@@ -89,6 +89,23 @@ def ingest(
 
 
 @app.command()
+def publish(
+    store: Path = typer.Option(..., help="local slice store written by `liverseg ingest`"),
+    to: str = typer.Option(..., help="object-store URL, e.g. s3://bucket/stores/lits.zarr (AWS_* variables)"),
+) -> None:
+    """Upload a slice store to object storage for Ray workers on any node (incremental, root metadata last)."""
+    from liverseg.publish import publish_store
+    from liverseg.store import StoreError
+
+    try:
+        rep = publish_store(store, to)
+    except (StoreError, OSError) as e:
+        fail(str(e), 1)
+    extra = f"; {len(rep.extra)} object(s) there not in {store} (kept)" if rep.extra else ""
+    typer.echo(f"publish: {len(rep.uploaded)} uploaded, {len(rep.unchanged)} unchanged -> {to}{extra}")
+
+
+@app.command()
 def train(
     store: str = typer.Option(..., help="slice store path or URL"),
     config: Path | None = ConfigOpt,
@@ -211,6 +228,9 @@ def score(
 def register(
     run: str | None = typer.Option(None, "--run", help="MLflow training run id"),
     best_of_tune: Path | None = typer.Option(None, help="tune-results.json: register its best trial"),
+    best_of_tune_run: str | None = typer.Option(
+        None, help="MLflow parent run id of a search: register its best trial (no local file needed)"
+    ),
     name: str = typer.Option("liver-unet", help="registered model name"),
     out: Path | None = typer.Option(None, help="write {name, version, run_id} JSON here (DVC output)"),
 ) -> None:
@@ -219,7 +239,7 @@ def register(
     from liverseg.registry import register as run_register
 
     try:
-        mv = run_register(run, best_of_tune, name)
+        mv = run_register(run, best_of_tune, name, tune_run=best_of_tune_run)
     except (RegistryError, FileNotFoundError) as e:
         fail(str(e), 1)
     if out:
@@ -308,20 +328,56 @@ def predict(
 
 @app.command()
 def serve(
-    model: str = typer.Option("models:/liver-unet@champion", help="MLflow model URI (an alias is followed on reload)"),
+    model: str = typer.Option("models:/liver-unet@champion", help="MLflow model URI (an alias is followed)"),
     host: str = typer.Option("127.0.0.1", help="bind address; 0.0.0.0 only behind a proxy you trust"),
     port: int = typer.Option(8080, help="TCP port"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     max_mb: int = typer.Option(512, help="largest accepted upload (MiB), every gzip layer decompressed included"),
-    upload_timeout: float = typer.Option(120.0, help="seconds for a whole upload to arrive; slower gets 408"),
+    config: Path | None = typer.Option(None, "--config", "-c", help="serve YAML (pipelines/serve.yaml)"),
+    set_: list[str] | None = SetOpt,
 ) -> None:
-    """Serve the model over REST: POST /segment, GET /health, GET /model, POST /reload (or SIGHUP)."""
+    """Serve the model over REST: POST /segment, GET /health, GET /model, POST /reload, POST /webhook.
+
+    Follows the alias of --model: on MLflow's signed webhook (secret in LIVERSEG_WEBHOOK_SECRET) and by
+    polling every serve.poll_s seconds. POST /reload needs Authorization: Bearer $LIVERSEG_RELOAD_TOKEN.
+    """
+    from liverseg.config import ServeConfig
     from liverseg.serve import serve as run_serve
 
+    cfg = _load(ServeConfig, config, set_, None, "serve")
     try:
-        run_serve(model, host, port, device, max_mb * 1024 * 1024, upload_timeout)
+        run_serve(model, host, port, device, max_mb * 1024 * 1024, cfg.serve)
     except Exception as e:
         fail(f"cannot serve {model}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", 1)
+
+
+webhook_app = typer.Typer(no_args_is_help=True, help="MLflow registry webhooks that tell replicas of new aliases")
+app.add_typer(webhook_app, name="webhook")
+
+
+@webhook_app.command("add")
+def webhook_add(
+    urls: list[str] = typer.Argument(..., help="replica webhook URLs, e.g. http://serve-0:8080/webhook"),
+) -> None:
+    """Register (or refresh) a model_version_alias.created webhook per replica URL (MLflow admin;
+    secret from LIVERSEG_WEBHOOK_SECRET, the same one the replicas read)."""
+    from liverseg.webhook import add_webhook
+
+    for url in urls:
+        try:
+            hook = add_webhook(url)
+        except Exception as e:
+            fail(f"webhook {url}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", 1)
+        typer.echo(f"webhook {hook.webhook_id} -> {url} ({', '.join(str(e) for e in hook.events)})")
+
+
+@webhook_app.command("remove")
+def webhook_remove(urls: list[str] = typer.Argument(..., help="replica webhook URLs")) -> None:
+    """Delete the webhooks that deliver to these URLs."""
+    from liverseg.webhook import remove_webhook
+
+    for url in urls:
+        typer.echo(f"removed {remove_webhook(url)} webhook(s) -> {url}")
 
 
 def main() -> None:  # pragma: no cover - console entry
