@@ -21,6 +21,7 @@ def test_help_lists_every_stage():
         "lineage",
         "predict",
         "serve",
+        "webhook",
     ):
         assert cmd in out, cmd
 

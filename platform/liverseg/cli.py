@@ -316,19 +316,56 @@ def predict(
 
 @app.command()
 def serve(
-    model: str = typer.Option("models:/liver-unet@champion", help="MLflow model URI (an alias is followed on reload)"),
+    model: str = typer.Option("models:/liver-unet@champion", help="MLflow model URI (an alias is followed)"),
     host: str = typer.Option("127.0.0.1", help="bind address; 0.0.0.0 only behind a proxy you trust"),
     port: int = typer.Option(8080, help="TCP port"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     max_mb: int = typer.Option(512, help="largest accepted upload (MiB)"),
+    config: Path | None = typer.Option(None, "--config", "-c", help="serve YAML (pipelines/serve.yaml)"),
+    set_: list[str] | None = SetOpt,
 ) -> None:
-    """Serve the model over REST: POST /segment, GET /health, GET /model, POST /reload (or SIGHUP)."""
+    """Serve the model over REST: POST /segment, GET /health, GET /model, POST /reload, POST /webhook.
+
+    Follows the alias of --model: on MLflow's signed webhook (secret in LIVERSEG_WEBHOOK_SECRET) and by
+    polling every serve.poll_s seconds. POST /reload needs Authorization: Bearer $LIVERSEG_RELOAD_TOKEN.
+    """
+    from liverseg.config import ServeConfig
     from liverseg.serve import serve as run_serve
 
+    cfg = _load(ServeConfig, config, set_, None, "serve")
     try:
-        run_serve(model, host, port, device, max_mb * 1024 * 1024)
+        run_serve(model, host, port, device, max_mb * 1024 * 1024, cfg.serve)
     except Exception as e:
         fail(f"cannot serve {model}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", 1)
+
+
+webhook_app = typer.Typer(no_args_is_help=True, help="MLflow registry webhooks that tell replicas of new aliases")
+app.add_typer(webhook_app, name="webhook")
+
+
+@webhook_app.command("add")
+def webhook_add(
+    urls: list[str] = typer.Argument(..., help="replica webhook URLs, e.g. http://serve-0:8080/webhook"),
+) -> None:
+    """Register (or refresh) a model_version_alias.created webhook per replica URL (MLflow admin;
+    secret from LIVERSEG_WEBHOOK_SECRET, the same one the replicas read)."""
+    from liverseg.webhook import add_webhook
+
+    for url in urls:
+        try:
+            hook = add_webhook(url)
+        except Exception as e:
+            fail(f"webhook {url}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", 1)
+        typer.echo(f"webhook {hook.webhook_id} -> {url} ({', '.join(str(e) for e in hook.events)})")
+
+
+@webhook_app.command("remove")
+def webhook_remove(urls: list[str] = typer.Argument(..., help="replica webhook URLs")) -> None:
+    """Delete the webhooks that deliver to these URLs."""
+    from liverseg.webhook import remove_webhook
+
+    for url in urls:
+        typer.echo(f"removed {remove_webhook(url)} webhook(s) -> {url}")
 
 
 def main() -> None:  # pragma: no cover - console entry

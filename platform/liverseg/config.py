@@ -152,6 +152,20 @@ class TuneConfig(TrainConfig):
     )
 
 
+# ---------------------------------------------------------------- serve
+class ServeSection(Strict):
+    poll_s: float = Field(
+        30.0, ge=0, description="alias check interval, the fallback when a webhook is lost; 0 = webhook only"
+    )
+    webhook_max_age_s: float = Field(
+        300.0, gt=0, description="older signed deliveries are refused as replays (Standard Webhooks' 5 min)"
+    )
+
+
+class ServeConfig(Strict):
+    serve: ServeSection = Field(default_factory=ServeSection)
+
+
 Cfg = TypeVar("Cfg", bound=BaseModel)
 
 

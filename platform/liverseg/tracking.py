@@ -69,7 +69,8 @@ def find_run(client: Any, exp_id: str, key: str) -> Any | None:
 
 
 def git_commit(cwd: str | Path | None = None) -> str:
-    """HEAD commit, with '-dirty' when tracked files changed; 'unknown' outside git."""
+    """HEAD commit, with '-dirty' when tracked files changed; outside git (a container image) the
+    commit the image was built from, LIVERSEG_GIT_COMMIT, else 'unknown'."""
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
@@ -79,7 +80,7 @@ def git_commit(cwd: str | Path | None = None) -> str:
         ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("LIVERSEG_GIT_COMMIT") or "unknown"
 
 
 def dvc_hash(path: str | Path, lock: str | Path = "dvc.lock") -> str:
