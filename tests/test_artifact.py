@@ -169,7 +169,9 @@ def test_no_liverseg_command_runs_code_from_the_artifact_store(mlflow_uri, store
     evaluate("models:/liver-unet@challenger", store_path, "test", device="cpu")
     assert promote(store_path, min_dice=0.0).promoted
     holder = ModelHolder("models:/liver-unet@champion", "cpu")
-    assert TestClient(create_app(holder)).post("/reload").json()["version"] == "1"
+    app = TestClient(create_app(holder, reload_token="t0ken"))
+    assert app.post("/reload").status_code == 401  # unauthenticated: refused before anything loads
+    assert app.post("/reload", headers={"Authorization": "Bearer t0ken"}).json()["version"] == "1"
     assert not marker.exists()
     pickle.loads((_location(client(), uri) / "python_model.pkl").read_bytes())  # the trap is real
     assert marker.exists()
