@@ -252,7 +252,9 @@ def test_mlflow_server_auth_admin_and_auth_database(objects, secrets_yaml):
     env = _env(mlflow)
     for var in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
         assert "secretKeyRef" in env[var]["valueFrom"], var  # the variables MLflow 3.17 reads, from a Secret
-    assert env["MLFLOW_BACKEND_STORE_URI"]["value"].startswith("postgresql://mlflow:$(POSTGRES_PASSWORD)@postgres:")
+    assert env["MLFLOW_BACKEND_STORE_URI"]["value"].startswith(
+        "postgresql+psycopg://mlflow:$(POSTGRES_PASSWORD)@postgres:"
+    )
     # the auth settings file is on a read-only Secret mount: its database must live elsewhere
     mount = next(
         m for m in mlflow["volumeMounts"] if env["MLFLOW_AUTH_CONFIG_PATH"]["value"].startswith(m["mountPath"])
@@ -263,7 +265,7 @@ def test_mlflow_server_auth_admin_and_auth_database(objects, secrets_yaml):
     ini.read_string(_by_kind(objects, "Secret")["mlflow-auth"]["stringData"]["basic_auth.ini"])
     assert "admin_password" not in ini["mlflow"]
     uri = ini["mlflow"]["database_uri"]
-    assert uri.startswith("postgresql://mlflow:") and uri.endswith("@postgres:5432/mlflow_auth"), uri
+    assert uri.startswith("postgresql+psycopg://mlflow:") and uri.endswith("@postgres:5432/mlflow_auth"), uri
     init_sql = _by_kind(objects, "ConfigMap")["postgres-init"]["data"]
     assert any("CREATE DATABASE mlflow_auth;" in sql for sql in init_sql.values())
     pg_password = _by_kind(objects, "Secret")["postgres"]["stringData"]["POSTGRES_PASSWORD"]
@@ -354,7 +356,7 @@ def test_compose_hands_mlflow_its_passwords_from_the_environment():
         "--app-name=basic-auth" in mlflow["command"]
         and "--artifacts-destination=s3://liverseg/artifacts" in mlflow["command"]
     )
-    assert env["MLFLOW_BACKEND_STORE_URI"] == "postgresql://mlflow:${POSTGRES_PASSWORD}@postgres:5432/mlflow"
+    assert env["MLFLOW_BACKEND_STORE_URI"] == "postgresql+psycopg://mlflow:${POSTGRES_PASSWORD}@postgres:5432/mlflow"
     assert env["MLFLOW_AUTH_ADMIN_PASSWORD"].startswith("${MLFLOW_AUTH_ADMIN_PASSWORD:?")
     assert mlflow["depends_on"]["bucket"]["condition"] == "service_completed_successfully"
     assert services["bucket"]["command"][-2:] == ["/app/deploy/make_bucket.py", "liverseg"]
@@ -497,3 +499,165 @@ def test_cluster_doc_names_files_that_exist():
         assert (REPO / rel).is_file(), f"docs/cluster.md names {rel}, which does not exist"
     for name in re.findall(r"`([\w-]+\.yaml)`", doc):  # the table's bare file names live in deploy/k8s
         assert list((REPO / "deploy" / "k8s").rglob(name)) or list(REPO.glob(f"*/{name}")), name
+
+
+# --- the manifests' PostgreSQL, bucket Job and MLflow pod, run here as written ------------------------------
+
+
+def _resolved_env(container: dict, objects: list[dict]) -> dict[str, str]:
+    """A container's environment as the kubelet builds it: envFrom, then env (Secret and ConfigMap keys
+    looked up, $(VAR) expanded from the variables defined before)."""
+    secrets = {n: o["stringData"] for n, o in _by_kind(objects, "Secret").items()}
+    maps = {n: o["data"] for n, o in _by_kind(objects, "ConfigMap").items()}
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        env |= secrets[source["secretRef"]["name"]] if "secretRef" in source else maps[source["configMapRef"]["name"]]
+    for e in container.get("env", []):
+        ref = e.get("valueFrom", {})
+        if "secretKeyRef" in ref:
+            env[e["name"]] = secrets[ref["secretKeyRef"]["name"]][ref["secretKeyRef"]["key"]]
+        elif "configMapKeyRef" in ref:
+            env[e["name"]] = maps[ref["configMapKeyRef"]["name"]][ref["configMapKeyRef"]["key"]]
+        else:
+            env[e["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], e["value"])
+    return env
+
+
+def _here(text: str, pg_port: int, s3: str) -> str:
+    """Service names of the namespace -> the servers this test started on 127.0.0.1."""
+    return text.replace("@postgres:5432", f"@127.0.0.1:{pg_port}").replace("http://minio.liverseg.svc:9000", s3)
+
+
+@pytest.fixture
+def manifest_postgres(objects):
+    """PostgreSQL on 127.0.0.1 set up as postgres.yaml's image would set it up: superuser POSTGRES_USER with
+    the generated password, database POSTGRES_DB, then the SQL of ConfigMap postgres-init."""
+    import os
+    import tempfile
+
+    from helpers import free_port
+
+    initdb = shutil.which("initdb") or sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))[-1]
+    bindir = Path(initdb).resolve().parent
+    (pg,) = _containers(_by_kind(objects, "StatefulSet")["postgres"])
+    env = _resolved_env(pg, objects)
+    root = Path(tempfile.mkdtemp(prefix="pg-", dir="/tmp"))  # short: the Unix socket lives here
+    as_pg = ["runuser", "-u", "postgres", "--"] if os.getuid() == 0 else []  # initdb refuses root
+    os.chmod(root, 0o777)
+    (root / "pw").write_text(env["POSTGRES_PASSWORD"] + "\n")
+    port = free_port()
+    run = lambda *cmd: subprocess.run([*as_pg, *map(str, cmd)], check=True, capture_output=True)  # noqa: E731
+    run(
+        bindir / "initdb",
+        "-D",
+        root / "data",
+        "-U",
+        env["POSTGRES_USER"],
+        "--auth=scram-sha-256",
+        f"--pwfile={root / 'pw'}",
+    )
+    run(
+        bindir / "pg_ctl",
+        "-D",
+        root / "data",
+        "-w",
+        "-l",
+        root / "log",
+        "-o",
+        f"-h 127.0.0.1 -p {port} -k {root}",
+        "start",
+    )
+    try:
+        psql = [bindir / "psql", "-h", "127.0.0.1", "-p", port, "-U", env["POSTGRES_USER"], "-v", "ON_ERROR_STOP=1"]
+        pw = {**os.environ, "PGPASSWORD": env["POSTGRES_PASSWORD"]}
+        subprocess.run(
+            list(map(str, [*psql, "-d", "postgres", "-c", f"CREATE DATABASE {env['POSTGRES_DB']}"])), env=pw, check=True
+        )
+        for sql in _by_kind(objects, "ConfigMap")["postgres-init"]["data"].values():
+            subprocess.run(list(map(str, [*psql, "-d", env["POSTGRES_DB"], "-c", sql])), env=pw, check=True)
+        yield (
+            port,
+            lambda db, q: subprocess.run(
+                list(map(str, [*psql, "-d", db, "-tA", "-c", q])), env=pw, check=True, capture_output=True, text=True
+            ).stdout.split(),
+        )
+    finally:
+        run(bindir / "pg_ctl", "-D", root / "data", "-m", "fast", "stop")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_mlflow_pod_as_written_serves_here(objects, manifest_postgres, s3_server, tmp_path):
+    """mlflow.yaml's container, with its Secrets and ConfigMap, against the PostgreSQL and bucket the other
+    manifests describe: basic auth on, admin from MLFLOW_AUTH_ADMIN_*, users in PostgreSQL, the Host names
+    pods use accepted, artifacts proxied into the bucket."""
+    import os
+
+    import boto3
+    import httpx
+    from mlflow.tracking import MlflowClient
+
+    from helpers import free_port, stop, wait_http
+
+    pg_port, query = manifest_postgres
+    (job,) = _containers(_by_kind(objects, "Job")["make-bucket"])
+    job_env = {k: _here(v, pg_port, s3_server) for k, v in _resolved_env(job, objects).items()}
+    made = subprocess.run(
+        [sys.executable, str(DEPLOY / "make_bucket.py"), *job["command"][2:]], env={**os.environ, **job_env}
+    )
+    assert made.returncode == 0
+    (pod,) = _containers(_by_kind(objects, "Deployment")["mlflow"])
+    env = {k: _here(v, pg_port, s3_server) for k, v in _resolved_env(pod, objects).items()}
+    (mount,) = pod["volumeMounts"]  # the Secret mlflow-auth, its key as a file
+    ini = _by_kind(objects, "Secret")["mlflow-auth"]["stringData"]["basic_auth.ini"]
+    assert env["MLFLOW_AUTH_CONFIG_PATH"] == f"{mount['mountPath']}/basic_auth.ini"
+    (tmp_path / "basic_auth.ini").write_text(_here(ini, pg_port, s3_server))
+    (tmp_path / "basic_auth.ini").chmod(0o444)
+    env["MLFLOW_AUTH_CONFIG_PATH"] = str(tmp_path / "basic_auth.ini")
+    port = free_port()  # instead of 5000: the local port of a `kubectl port-forward svc/mlflow 5000:5000`
+    env["MLFLOW_SERVER_ALLOWED_HOSTS"] = env["MLFLOW_SERVER_ALLOWED_HOSTS"].replace(
+        "127.0.0.1:5000", f"127.0.0.1:{port}"
+    )
+    args = [
+        a.replace("--host=0.0.0.0", "--host=127.0.0.1").replace("--port=5000", f"--port={port}") for a in pod["args"]
+    ]
+    log = tmp_path / "mlflow.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / pod["command"][0]), *pod["command"][1:], *args],
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/health", proc, log, 180)
+        search = url + "/api/2.0/mlflow/experiments/search?max_results=1"
+        admin = (env["MLFLOW_AUTH_ADMIN_USERNAME"], env["MLFLOW_AUTH_ADMIN_PASSWORD"])
+        pod_host = {"Host": "mlflow.liverseg.svc:5000"}  # what ConfigMap liverseg's MLFLOW_TRACKING_URI sends
+        assert httpx.get(search, headers=pod_host).status_code == 401
+        assert httpx.get(search, headers=pod_host, auth=(admin[0], "wrong")).status_code == 401
+        assert httpx.get(search, headers=pod_host, auth=admin).status_code == 200
+        assert httpx.get(search, headers={"Host": "attacker.example:5000"}, auth=admin).status_code == 403
+        assert query("mlflow_auth", "SELECT username FROM users") == [admin[0]]  # users in PostgreSQL
+        os.environ.update(MLFLOW_TRACKING_USERNAME=admin[0], MLFLOW_TRACKING_PASSWORD=admin[1])
+        try:
+            client = MlflowClient(url)
+            run = client.create_run(client.create_experiment("deploy-check"))
+            client.log_text(run.info.run_id, "through the proxy", "note.txt")
+        finally:
+            for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+                os.environ.pop(k)
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=s3_server,
+            region_name="us-east-1",
+            aws_access_key_id=job_env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=job_env["AWS_SECRET_ACCESS_KEY"],
+        )
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket="liverseg", Prefix="artifacts/").get("Contents", [])]
+        assert any(k.endswith(f"{run.info.run_id}/artifacts/note.txt") for k in keys), keys
+        assert query("mlflow", "SELECT name FROM experiments ORDER BY name") == ["Default", "deploy-check"]
+    finally:
+        stop(proc)

@@ -84,6 +84,23 @@ def ingest(
 
 
 @app.command()
+def publish(
+    store: Path = typer.Option(..., help="local slice store written by `liverseg ingest`"),
+    to: str = typer.Option(..., help="object-store URL, e.g. s3://bucket/stores/lits.zarr (AWS_* variables)"),
+) -> None:
+    """Upload a slice store to object storage for Ray workers on any node (incremental, root metadata last)."""
+    from liverseg.publish import publish_store
+    from liverseg.store import StoreError
+
+    try:
+        rep = publish_store(store, to)
+    except (StoreError, OSError) as e:
+        fail(str(e), 1)
+    extra = f"; {len(rep.extra)} object(s) there not in {store} (kept)" if rep.extra else ""
+    typer.echo(f"publish: {len(rep.uploaded)} uploaded, {len(rep.unchanged)} unchanged -> {to}{extra}")
+
+
+@app.command()
 def train(
     store: str = typer.Option(..., help="slice store path or URL"),
     config: Path | None = ConfigOpt,
@@ -206,6 +223,9 @@ def score(
 def register(
     run: str | None = typer.Option(None, "--run", help="MLflow training run id"),
     best_of_tune: Path | None = typer.Option(None, help="tune-results.json: register its best trial"),
+    best_of_tune_run: str | None = typer.Option(
+        None, help="MLflow parent run id of a search: register its best trial (no local file needed)"
+    ),
     name: str = typer.Option("liver-unet", help="registered model name"),
     out: Path | None = typer.Option(None, help="write {name, version, run_id} JSON here (DVC output)"),
 ) -> None:
@@ -214,7 +234,7 @@ def register(
     from liverseg.registry import register as run_register
 
     try:
-        mv = run_register(run, best_of_tune, name)
+        mv = run_register(run, best_of_tune, name, tune_run=best_of_tune_run)
     except (RegistryError, FileNotFoundError) as e:
         fail(str(e), 1)
     if out:

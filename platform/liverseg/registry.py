@@ -31,18 +31,44 @@ def _alias(client, name: str, alias: str):
         return None
 
 
-def register(run_id: str | None = None, tune_results: str | Path | None = None, name: str = DEFAULT_NAME) -> Any:
-    """Register a training run's logged model as a new version with lineage tags; alias it `challenger`."""
+def best_of_tune_run(client, parent_run_id: str) -> str:
+    """The best trial's run id of a finished search, from its MLflow parent run (tag `best_run_id`):
+    a cluster job needs no tune-results.json on a pod's disk."""
+    try:
+        parent = client.get_run(parent_run_id)
+    except Exception:
+        raise RegistryError(f"tune run {parent_run_id}: not found in {tracking_uri()}") from None
+    best = parent.data.tags.get("best_run_id", "None")
+    if parent.data.tags.get("liverseg.kind") != "tune" or best == "None":
+        raise RegistryError(f"run {parent_run_id}: not a finished liverseg tuning search (no best_run_id tag)")
+    return best
+
+
+def register(
+    run_id: str | None = None,
+    tune_results: str | Path | None = None,
+    name: str = DEFAULT_NAME,
+    tune_run: str | None = None,
+) -> Any:
+    """Register a training run's logged model as a new version with lineage tags; alias it `challenger`.
+
+    The run is given directly, as the best trial of tune-results.json, or as the best trial of the
+    search whose MLflow parent run is `tune_run`.
+    """
     import mlflow
 
-    if (run_id is None) == (tune_results is None):
-        raise RegistryError("give exactly one of --run RUN_ID or --best-of-tune tune-results.json")
+    if sum(x is not None for x in (run_id, tune_results, tune_run)) != 1:
+        raise RegistryError(
+            "give exactly one of --run RUN_ID, --best-of-tune tune-results.json or --best-of-tune-run PARENT_RUN_ID"
+        )
     if tune_results is not None:
         best = json.loads(Path(tune_results).read_text())["best"]
         run_id = best.get("run_id")
         if not run_id:
             raise RegistryError(f"{tune_results}: best trial has no MLflow run id")
     client = mlflow_client()
+    if tune_run is not None:
+        run_id = best_of_tune_run(client, tune_run)
     try:
         run = client.get_run(run_id)
     except Exception:
