@@ -152,7 +152,8 @@ def tune(
     best = summary.best
     typer.echo(
         f"best trial {best['trial_id']}: val_dice {best['val_dice']:.4f}, mlflow run {best['run_id']}, "
-        f"checkpoint {best['checkpoint']}; results -> {out}"
+        f"checkpoint {best['checkpoint']}; results -> {out}; search run {summary.parent_run_id} "
+        f"(liverseg register --best-of-tune-run {summary.parent_run_id})"
     )
 
 
