@@ -348,6 +348,17 @@ def test_nothing_committed_holds_a_password():
 # --- docker compose -------------------------------------------------------------------------------------
 
 
+def test_compose_file_matches_the_compose_spec():
+    """The Compose Specification's schema, as check-jsonschema ships it (offline)."""
+    vendor = resources.files("check_jsonschema") / "builtin_schemas" / "vendor"
+    schema = json.loads((vendor / "compose-spec.json").read_text())
+    compose = yaml.safe_load(COMPOSE.read_text())
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    assert not [e.message for e in validator.iter_errors(compose)]
+    compose["services"]["mlflow"]["enviroment"] = {}  # a misspelt key is refused
+    assert not validator.is_valid(compose)
+
+
 def test_compose_hands_mlflow_its_passwords_from_the_environment():
     compose = yaml.safe_load(COMPOSE.read_text())
     services = compose["services"]
