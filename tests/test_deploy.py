@@ -63,8 +63,8 @@ def _pod_templates(obj: dict) -> list[dict]:
     if obj["kind"] in WORKLOADS:
         return [spec["template"]]
     if obj["kind"] == "RayJob":
-        spec = spec["rayClusterSpec"]
-    if obj["kind"] in ("RayJob", "RayCluster"):
+        spec = spec.get("rayClusterSpec") or {}  # none: the job runs on an existing cluster (clusterSelector)
+    if obj["kind"] in ("RayJob", "RayCluster") and spec:
         return [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec.get("workerGroupSpecs", [])]
     return []
 
@@ -138,12 +138,14 @@ def _kuberay_rule_errors(obj: dict) -> list[str]:
             errors.append("one of rayClusterSpec or clusterSelector must be set")
         if not isinstance(yaml.safe_load(spec.get("runtimeEnvYAML", "{}")), dict):
             errors.append("runtimeEnvYAML is not a YAML mapping")
-        spec = spec["rayClusterSpec"]
+        spec = spec.get("rayClusterSpec") or {}
     for g in spec.get("workerGroupSpecs", []):
-        lo, n, hi = g["minReplicas"], g.get("replicas", g["minReplicas"]), g["maxReplicas"]
+        lo, hi = g.get("minReplicas", 0), g.get("maxReplicas", 2**31 - 1)  # the CRD's defaults
+        n = g.get("replicas", lo)
         if not 0 <= lo <= n <= hi:
             errors.append(f"worker group {g['groupName']}: need 0 <= minReplicas <= replicas <= maxReplicas")
-    if len({c["image"] for c in _containers(obj)}) != 1:
+    # ours on top: the Ray container (KubeRay's first) of every group runs one image, one Python and Ray
+    if len({t["spec"]["containers"][0]["image"] for t in _pod_templates(obj)}) > 1:
         errors.append("head and workers must run one image (same Python and Ray on every node)")
     return errors
 
@@ -155,6 +157,10 @@ def test_kuberay_resources_pass_the_controllers_rules(objects):
     broken = copy.deepcopy(_by_kind(objects, "RayCluster")["liverseg"])
     broken["spec"]["workerGroupSpecs"][0]["minReplicas"] = 9
     assert "need 0 <= minReplicas" in " ".join(_kuberay_rule_errors(broken))
+    broken = copy.deepcopy(_by_kind(objects, "RayJob")["liverseg-tune"])
+    broken["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["image"] = "x:1"
+    broken["spec"]["shutdownAfterJobFinishes"] = False
+    assert len(_kuberay_rule_errors(broken)) == 2  # ttl without shutdown; two images
 
 
 # --- references between objects -------------------------------------------------------------------------
@@ -348,6 +354,17 @@ def test_nothing_committed_holds_a_password():
 # --- docker compose -------------------------------------------------------------------------------------
 
 
+def test_compose_file_matches_the_compose_spec():
+    """The Compose Specification's schema, as check-jsonschema ships it (offline)."""
+    vendor = resources.files("check_jsonschema") / "builtin_schemas" / "vendor"
+    schema = json.loads((vendor / "compose-spec.json").read_text())
+    compose = yaml.safe_load(COMPOSE.read_text())
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    assert not [e.message for e in validator.iter_errors(compose)]
+    compose["services"]["mlflow"]["enviroment"] = {}  # a misspelt key is refused
+    assert not validator.is_valid(compose)
+
+
 def test_compose_hands_mlflow_its_passwords_from_the_environment():
     compose = yaml.safe_load(COMPOSE.read_text())
     services = compose["services"]
@@ -426,8 +443,8 @@ def test_dockerfile_runs_unprivileged_and_holds_no_secret():
     assert user == ["${UID}"] and int(uid) >= 1000  # numeric: runAsNonRoot can check it
     for name in re.findall(r"^(?:ARG|ENV)\s+(\w+)", text, re.M) + re.findall(r"^\s+(\w+)=", text, re.M):
         assert not re.search(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY", name), name
-    ignored = (REPO / ".dockerignore").read_text().splitlines()
-    assert ignored[ignored.index("*") if "*" in ignored else -1] == "*", "the context starts from nothing"
+    rules = [line for line in (REPO / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
+    assert rules[0] == "*", ".dockerignore: the context starts from nothing (no .env, .venv, .git, data)"
 
 
 # --- the bucket job, against a real S3-compatible server --------------------------------------------------
@@ -690,3 +707,44 @@ def test_compose_mlflow_as_written_serves_here(s3_server, tmp_path, monkeypatch)
             assert query("mlflow", "SELECT name FROM experiments ORDER BY name") == ["Default", "deploy-check"]
         assert (volume / "basic_auth.db").is_file()  # the auth database, on the volume
     assert f"artifacts/1/{run_id}/artifacts/note.txt" in _bucket_keys(s3_server, bucket_env)
+
+
+def test_ray_pods_carry_what_a_tuning_job_needs(objects):
+    """Every Ray node reaches the tracking server as its own MLflow user and the bucket with S3 keys; the
+    rayVersion KubeRay is told is one the image's pip may install (pyproject's range)."""
+    from packaging.requirements import Requirement
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    ray_range = next(Requirement(d) for d in deps if d.startswith("ray[")).specifier
+    need = {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "AWS_ENDPOINT_URL"}
+    need |= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    for obj in objects:
+        if obj["kind"] not in ("RayCluster", "RayJob"):
+            continue
+        spec = obj["spec"].get("rayClusterSpec", obj["spec"])
+        assert spec["rayVersion"] in ray_range, (obj["metadata"]["name"], spec["rayVersion"], str(ray_range))
+        for c in _containers(obj):
+            missing = need - _resolved_env(c, objects).keys()
+            assert not missing, (obj["metadata"]["name"], c["name"], missing)
+
+
+def test_the_build_context_builds_the_package(tmp_path):
+    """What .dockerignore lets into the build context and the Dockerfile copies before `pip install` is
+    enough to build liverseg (a wheel, offline, with the console script)."""
+    import zipfile
+
+    text = _dockerfile()
+    (tmp_path / "ctx").mkdir()
+    for src in re.findall(r"^COPY (.+) \S+$", text[: text.index("RUN pip install")], re.M):
+        for rel in src.split():
+            if (REPO / rel).is_dir():
+                shutil.copytree(REPO / rel, tmp_path / "ctx" / rel, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy2(REPO / rel, tmp_path / "ctx" / rel)
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "w")]
+    subprocess.run([*cmd, str(tmp_path / "ctx")], check=True, capture_output=True, cwd=tmp_path)
+    (wheel,) = (tmp_path / "w").glob("liverseg-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "liverseg/cli.py" in names and "liverseg/serve.py" in names
+    entry = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "liverseg = liverseg.cli:app" in zipfile.ZipFile(wheel).read(entry).decode()
