@@ -9,9 +9,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from helpers import constant_state, meta
-from liverseg.inference import load_local, save_local
-from liverseg.predict import PredictError, plan, predict_jobs
+from helpers import constant_state, spec
+from liverseg.artifact import load_local, save_local
+from liverseg.errors import PredictError
+from liverseg.predict import plan, predict_jobs
 
 NO_MODEL = "models:/no-such-model@champion"  # any load would fail: errors below come from the plan
 
@@ -76,7 +77,7 @@ def _odd_voxels(path: Path, dtype) -> None:
 def test_folder_run_continues_past_any_failure(tmp_path, phantom_dir):
     """RGB voxels once aborted a folder run on its first file; complex voxels were cast to real."""
     d = tmp_path / "m"
-    save_local(d, constant_state(liver=True), meta())
+    save_local(d, constant_state(liver=True), spec())
     lm = load_local(d, "cpu")
     src = tmp_path / "in"
     src.mkdir()

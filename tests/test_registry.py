@@ -175,3 +175,56 @@ def test_register_best_of_tune_run_from_mlflow(mlflow_uri):
         register(tune_run=best)
     with pytest.raises(RegistryError, match="exactly one of"):
         register(run_id=best, tune_run=parent)
+
+
+def _race_register(run_ids: list[str]) -> list[set[str]]:
+    """Two `liverseg register --run R` started together per run; returns the versions each pair printed."""
+    import re
+
+    seen = []
+    for rid in run_ids:
+        cmd = [sys.executable, "-m", "liverseg.cli", "register", "--run", rid]
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        outs = [p.communicate(timeout=300) for p in procs]
+        assert all(p.returncode == 0 for p in procs), outs
+        seen.append({re.search(r" v(\d+) ", out).group(1) for out, _ in outs})
+    return seen
+
+
+def _check_register_race(store_path):
+    """Two registrations of one run racing (2 of 3 tries made two versions): one version per run, and
+    both commands name it."""
+    runs = [log_model_run(constant_state(liver=True), store_path=store_path)[0] for _ in range(2)]
+    printed = _race_register(runs)
+    _, vs = _versions()
+    per_run = {r: sorted(v for v, mv in vs.items() if mv.run_id == r) for r in runs}
+    assert all(len(v) == 1 for v in per_run.values()), per_run
+    assert printed == [set(per_run[r]) for r in runs]
+
+
+def test_racing_registrations_make_one_version_sqlite(mlflow_uri, store_path):
+    _check_register_race(store_path)
+
+
+@pytest.mark.slow
+def test_racing_registrations_make_one_version_server(mlflow_server, store_path):
+    _check_register_race(store_path)
+
+
+def test_rollback_to_a_deleted_version_is_one_line(mlflow_uri, store_path):
+    from mlflow.tracking import MlflowClient
+
+    from liverseg.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri())
+    for liver in (False, True):
+        register(run_id=log_model_run(constant_state(liver=liver), store_path=store_path)[0])
+    client.set_registered_model_alias("liver-unet", "champion", "2")
+    client.set_model_version_tag("liver-unet", "2", "previous_champion", "1")
+    client.delete_model_version("liver-unet", "1")
+    with pytest.raises(RegistryError, match="cannot roll back to v1"):
+        rollback()
+    res = subprocess.run([sys.executable, "-m", "liverseg.cli", "rollback"], capture_output=True, text=True)
+    assert res.returncode == 1 and res.stderr.count("\n") == 1 and "cannot roll back to v1" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert client.get_model_version_by_alias("liver-unet", "champion").version == "2"

@@ -64,11 +64,11 @@ def test_two_workers_end_to_end(ray_local, mlflow_uri, store_path, tmp_path, mon
     assert res.best_val_dice > _chance_dice(store_path)
     logged = " ".join([*p.keys(), *map(str, p.values()), *t.keys(), *map(str, t.values())])
     assert canary not in logged
-    import mlflow.pyfunc
+    from liverseg.artifact import load_model
 
-    model = mlflow.pyfunc.load_model(res.model_uri)
-    meta = model.unwrap_python_model().lm.meta
-    assert meta["window"] == [-200.0, 250.0] and meta["size"] == [64, 64] and 0 < meta["std"] < 1
+    spec = load_model(res.model_uri, "cpu").spec
+    assert spec.window == (-200.0, 250.0) and spec.size == (64, 64) and 0 < spec.std < 1
+    assert spec.train_run_id == res.run_id and spec.best_epoch == res.best_epoch
     assert list((tmp_path / "ray" / "e2e").glob("checkpoint_*"))
     again = train(store_path, cfg)  # same name: finished run is returned, nothing retrained
     assert again.resumed_finished and again.run_id == res.run_id
@@ -138,3 +138,34 @@ def test_learns_liver_above_0_9(ray_local, mlflow_uri, tmp_path):
     )
     res = train(store, cfg)
     assert res.best_val_dice > 0.9, res.best_val_dice
+
+
+def test_preflight_fails_in_seconds_before_ray(tmp_path, monkeypatch, store_path, mlflow_uri):
+    """No GPU with scaling.use_gpu=true, or ImageNet weights offline: one line, no Ray, no MLflow run
+    (the `paper` profile on a CPU machine once retried for ever and left its run RUNNING)."""
+    import subprocess
+    import sys
+
+    from liverseg.config import TrainConfig, load_config
+    from liverseg.errors import ModelError, TrainError
+    from liverseg.train import preflight
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache: nothing downloaded before
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(TrainError, match="no GPU in the Ray cluster .*set scaling.use_gpu=false"):
+        preflight(load_config(TrainConfig, None, ["scaling.use_gpu=true", "scaling.num_workers=64"]))
+    with pytest.raises(ModelError, match="unavailable offline: use encoder_weights=none or a local file"):
+        preflight(load_config(TrainConfig, None, ["model.encoder=resnet18", "model.encoder_weights=imagenet"]))
+    sets = ["--set", "scaling.use_gpu=true", "--set", "scaling.num_workers=64"]
+    res = subprocess.run(
+        [sys.executable, "-m", "liverseg.cli", "train", "--store", store_path, *sets],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 1 and res.stderr.count("\n") == 1 and "no GPU in the Ray cluster" in res.stderr
+    from mlflow.tracking import MlflowClient
+
+    assert not MlflowClient(mlflow_uri).search_runs([e.experiment_id for e in MlflowClient().search_experiments()])

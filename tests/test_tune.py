@@ -174,3 +174,105 @@ def test_search_reads_store_and_keeps_state_in_s3(s3, mlflow_uri, store_path, tm
     ]
     assert any("/checkpoint_" in k for k in keys), keys[:20]  # Ray Train checkpoints of the trials
     assert any(k.startswith("ray/liverseg-tune/") and "experiment_state" in k for k in keys), keys[:20]  # Tune state
+
+
+@pytest.mark.parametrize("epochs", [2, 4])
+def test_asha_never_stops_a_trial_at_its_last_epoch(ray_local, tmp_path, epochs):
+    """With a power-of-2 epoch count ASHA had a rung at the last epoch and stopped a trial there, before
+    its model was logged. A real Tune run with the project's scheduler: trial B is good until its last
+    epoch, then the worst; C is bad from the start (ASHA must really stop it)."""
+    from ray import tune
+
+    from liverseg.tune import make_scheduler
+
+    cfg = load_config(TuneConfig, None, [f"train.epochs={epochs}", "tune.grace_period=1", "tune.reduction_factor=2"])
+    curves = {"A": [0.5] * (epochs - 1) + [0.9], "B": [0.6] * (epochs - 1) + [0.1], "C": [0.1] * epochs}
+
+    def trainable(config):  # nested: Ray ships it by value
+        for epoch, dice in enumerate(config["curves"][config["trial"]]):
+            tune.report({"val_dice": dice, "epoch": epoch})
+        Path(config["out"], config["trial"]).write_text("model")  # what a trial logs after its last epoch
+
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search(list(curves)), "curves": curves, "out": str(tmp_path)},
+        tune_config=tune.TuneConfig(scheduler=make_scheduler(cfg), max_concurrent_trials=1),
+        run_config=tune.RunConfig(storage_path=str(tmp_path / "ray"), verbose=0),
+    )
+    ran = {r.config["trial"]: int(r.metrics["epoch"]) + 1 for r in tuner.fit()}
+    models = {p.name for p in tmp_path.iterdir() if p.is_file()}
+    assert ran["C"] < epochs and "C" not in models  # early stopping really stops
+    assert ran["B"] == epochs and "B" in models  # never stopped at its last epoch
+    assert all(name in models for name, n in ran.items() if n == epochs)  # every full trial has its model
+
+
+def _tune_cmd(store_path, tmp_path, *sets: str) -> list[str]:
+    args = [x for s in [*BASE, f"run.storage_path={tmp_path / 'ray'}", *sets] for x in ("--set", s)]
+    return [
+        sys.executable,
+        "-m",
+        "liverseg.cli",
+        "tune",
+        "--store",
+        store_path,
+        *args,
+        "--out",
+        str(tmp_path / "r.json"),
+    ]
+
+
+@pytest.mark.slow
+def test_search_finishes_beside_a_cpu_hog(mlflow_uri, store_path, tmp_path):
+    """The search that hung twice (4 trials, 2 concurrent, 3 epochs, 6 phantoms, ASHA stopping half),
+    with a process burning a core beside it: it ends, every trial with a model or early-stopped."""
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        res = subprocess.run(
+            _tune_cmd(store_path, tmp_path, "tune.max_concurrent=2"),
+            env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri},
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+    finally:
+        hog.kill()
+        hog.wait()
+    assert res.returncode == 0, res.stderr[-3000:]
+    trials = json.loads((tmp_path / "r.json").read_text())["trials"]
+    assert len(trials) == 4 and {t["status"] for t in trials} == {"completed", "early-stopped"}
+    assert all(t["model_uri"] for t in trials if t["status"] == "completed")
+    assert all(t["epochs"] < 3 or t["model_uri"] for t in trials)  # only a trial stopped early lacks a model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["tune", "train"])
+def test_ctrl_c_ends_the_run_in_seconds_marked_killed(mlflow_uri, store_path, tmp_path, command):
+    """SIGINT to the process group (what Ctrl-C sends): exit 130 with one line, MLflow runs KILLED."""
+    long = ["train.epochs=40", "train.steps_per_epoch=4"]
+    if command == "tune":
+        cmd = _tune_cmd(store_path, tmp_path, "tune.max_concurrent=1", *long)
+    else:
+        sets = [x for s in [*BASE[:4], *long, f"run.storage_path={tmp_path / 'ray'}"] for x in ("--set", s)]
+        cmd = [sys.executable, "-m", "liverseg.cli", "train", "--store", store_path, *sets]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    client = MlflowClient(mlflow_uri)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # wait for an epoch: training is under way
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        if any(r.data.metrics.get("val_dice") is not None for r in runs):
+            break
+        time.sleep(1)
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("still running 60 s after Ctrl-C")
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("error: interrupted")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert runs and {r.info.status for r in runs} == {"KILLED"}, [(r.info.run_name, r.info.status) for r in runs]

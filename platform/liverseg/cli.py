@@ -125,6 +125,8 @@ def train(
         res = run_train(store, cfg)
     except (StoreError, TrackingError, TrainError, ModelError) as e:
         fail(str(e), 1)
+    except KeyboardInterrupt:
+        fail("interrupted: the MLflow run is marked KILLED; the same run.name resumes it", 130)
     state = "already finished" if res.resumed_finished else "finished"
     typer.echo(
         f"run {res.run_name} {state}: mlflow run {res.run_id}, best val_dice {res.best_val_dice:.4f} "
@@ -143,6 +145,7 @@ def tune(
 ) -> None:
     """Search learning rate and loss weights with Ray Tune (ASHA); each trial an MLflow child run."""
     from liverseg.config import ConfigError, TuneConfig
+    from liverseg.errors import TrainError
     from liverseg.model import ModelError
     from liverseg.store import StoreError
     from liverseg.tracking import TrackingError
@@ -151,8 +154,10 @@ def tune(
     cfg = _load(TuneConfig, config, set_, profile, "tune")
     try:
         summary = tune_search(store, cfg, resume=resume, results_path=out)
-    except (ConfigError, StoreError, TrackingError, ModelError) as e:
+    except (ConfigError, StoreError, TrackingError, ModelError, TrainError) as e:
         fail(str(e), 1)
+    except KeyboardInterrupt:
+        fail("interrupted: the search and its running trials are marked KILLED; --resume continues it", 130)
     typer.echo(format_table(summary))
     best = summary.best
     typer.echo(
@@ -305,8 +310,9 @@ def predict(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace existing output files"),
 ) -> None:
     """Segment CT volumes into uint8 liver masks on each input's own grid (shape and affine)."""
-    from liverseg.evaluate import load_model
-    from liverseg.predict import PredictError, one_line, plan, predict_jobs
+    from liverseg.artifact import load_model
+    from liverseg.errors import PredictError
+    from liverseg.predict import one_line, plan, predict_jobs
 
     try:
         jobs = plan(src, dst, overwrite, overlay, truth)  # before the model: a typo costs no load
@@ -382,7 +388,19 @@ def webhook_remove(urls: list[str] = typer.Argument(..., help="replica webhook U
 
 
 def main() -> None:  # pragma: no cover - console entry
-    app()
+    """Errors liverseg or MLflow raise about the user's request end as one line and exit 1, never a
+    traceback (a command that forgot to catch one included); anything else is a bug and shows its trace."""
+    from liverseg.errors import LiversegError
+
+    try:
+        app()
+    except LiversegError as e:
+        typer.echo(f"error: {e}", err=True)
+    except Exception as e:
+        if not type(e).__module__.startswith("mlflow."):
+            raise
+        typer.echo(f"error: MLflow: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
+    sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

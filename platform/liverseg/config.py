@@ -13,9 +13,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-
-class ConfigError(ValueError):
-    """A config file, profile or override is invalid; the message is one line naming the key."""
+from liverseg.errors import ConfigError
 
 
 class Strict(BaseModel):
@@ -116,6 +114,12 @@ class RunSection(Strict):
     storage_path: str | None = Field(None, description="None: ./ray_results (absolute); s3:// on clusters")
     max_failures: int = Field(2, ge=-1, description="worker crashes survived, resuming from checkpoint")
     ray_address: str | None = Field(None, description="None: RAY_ADDRESS or a local Ray")
+    worker_start_timeout_s: float = Field(
+        300.0, gt=0, description="a worker group must start within this; Ray's 60 s is short on a busy machine"
+    )
+    start_retries: int = Field(
+        2, ge=0, description="worker-group start failures retried before the run fails (Ray: forever)"
+    )
     fail_at_epoch: int | None = Field(None, ge=0, description="fault injection for tests: crash once there")
 
 

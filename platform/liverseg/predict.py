@@ -13,11 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from liverseg.errors import PredictError
+
 SUFFIXES = (".nii", ".nii.gz")
-
-
-class PredictError(ValueError):
-    """Inputs or outputs of a predict run are unusable; one line naming the path."""
 
 
 @dataclass
@@ -120,8 +118,8 @@ def predict_jobs(
 
     from tqdm import tqdm
 
+    from liverseg.errors import InputError
     from liverseg.inference import predict_file
-    from liverseg.lits import InputError
 
     report = PredictReport()
     for job in tqdm(jobs, desc="predict", unit="vol", file=sys.stderr, disable=not progress):

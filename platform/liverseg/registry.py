@@ -15,20 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from liverseg.artifact import digests, fetch, resolve_version
+from liverseg.errors import RegistryError
+from liverseg.tracking import client as mlflow_client
 from liverseg.tracking import store_datasets, tracking_uri
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 DEFAULT_NAME = "liver-unet"
-
-
-class RegistryError(RuntimeError):
-    """A registry operation cannot proceed; one line saying why."""
-
-
-def _client():
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri())
 
 
 def _alias(client, name: str, alias: str):
@@ -73,7 +66,7 @@ def register(
         run_id = best.get("run_id")
         if not run_id:
             raise RegistryError(f"{tune_results}: best trial has no MLflow run id")
-    client = _client()
+    client = mlflow_client()
     if tune_run is not None:
         run_id = best_of_tune_run(client, tune_run)
     try:
@@ -83,11 +76,10 @@ def register(
     t = run.data.tags
     if "model_uri" not in t:
         raise RegistryError(f"run {run_id}: has no logged model (did training finish?)")
-    for mv in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
-        version = mv  # registering the same run twice returns its existing version (idempotent, for DVC)
-        break
-    else:
+    version = _version_of_run(client, name, run_id)  # registering a run twice returns its version (DVC)
+    if version is None:
         lineage = {
+            **_model_digests(client, t["model_uri"]),
             "training_run_id": run_id,
             "git_commit": t.get("git_commit", "unknown"),
             "dvc_store_md5": t.get("dvc_store_md5", "untracked"),
@@ -96,10 +88,36 @@ def register(
             "config_hash": t.get("config_hash", ""),
             "val_dice": t.get("best_val_dice", ""),
         }
-        version = mlflow.register_model(t["model_uri"], name, tags=lineage)
-        _wait_ready(client, name, version.version)
+        version = _settle_race(client, name, run_id, mlflow.register_model(t["model_uri"], name, tags=lineage))
     client.set_registered_model_alias(name, CHALLENGER, version.version)
     return client.get_model_version(name, version.version)
+
+
+def _version_of_run(client, name: str, run_id: str):
+    """The registered version of a run: the lowest number, should racing registrations have made several."""
+    found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    return min(found, key=lambda mv: int(mv.version), default=None)
+
+
+def _settle_race(client, name: str, run_id: str, mine):
+    """Registrations of one run that raced (other processes, other hosts, one registry server) agree on
+    the lowest version number: versions are numbered in creation order, so whoever created a higher one
+    sees the lower one on re-reading and deletes its own. Works on any MLflow backend, no lock needed."""
+    winner = _version_of_run(client, name, run_id)
+    if winner is not None and int(winner.version) < int(mine.version):
+        client.delete_model_version(name, mine.version)
+        mine = winner
+    _wait_ready(client, name, mine.version)
+    return mine
+
+
+def _model_digests(client, model_uri: str) -> dict[str, str]:
+    """sha256 of the logged model's weights and spec, as the version tags `artifact.load_model` checks."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="liverseg-register-") as tmp:
+        model_dir, _ = fetch(client, model_uri, tmp)
+        return digests(model_dir)
 
 
 def _wait_ready(client, name: str, version: str, timeout_s: float = 60) -> None:
@@ -165,7 +183,7 @@ def promote(
     from liverseg.evaluate import evaluate
 
     scorer = scorer or (lambda uri: evaluate(uri, store_path, split).summary["dice"]["mean"])
-    client = _client()
+    client = mlflow_client()
     with _Lock(name):  # compare-and-set: nobody moves the champion between our read and our write
         chal = _alias(client, name, CHALLENGER)
         if chal is None:
@@ -210,7 +228,7 @@ def promote(
 
 def rollback(name: str = DEFAULT_NAME) -> tuple[str, str]:
     """Put `champion` back on the champion it replaced. Returns (from version, to version)."""
-    client = _client()
+    client = mlflow_client()
     with _Lock(name):
         champ = _alias(client, name, CHAMPION)
         if champ is None:
@@ -218,6 +236,13 @@ def rollback(name: str = DEFAULT_NAME) -> tuple[str, str]:
         prev = champ.tags.get("previous_champion", "")
         if not prev:
             raise RegistryError(f"{name}: champion v{champ.version} replaced no earlier champion")
+        try:
+            client.get_model_version(name, prev)
+        except Exception as e:  # deleted since (RESOURCE_DOES_NOT_EXIST), or the registry went away
+            raise RegistryError(
+                f"{name}: cannot roll back to v{prev}, the champion before v{champ.version} "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'not found'}); champion kept"
+            ) from None
         client.set_registered_model_alias(name, CHAMPION, prev)
         client.set_model_version_tag(
             name, champ.version, "rolled_back_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -225,25 +250,12 @@ def rollback(name: str = DEFAULT_NAME) -> tuple[str, str]:
         return str(champ.version), prev
 
 
-def resolve_version(client, uri: str):
-    """models:/name@alias or models:/name/N -> ModelVersion."""
-    if not uri.startswith("models:/"):
-        raise RegistryError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
-    ref = uri[len("models:/") :]
-    try:
-        if "@" in ref:
-            return client.get_model_version_by_alias(*ref.split("@", 1))
-        return client.get_model_version(*ref.split("/", 1))
-    except Exception as e:
-        raise RegistryError(f"{uri}: not found in the registry ({type(e).__name__})") from None
-
-
 def lineage(uri: str) -> list[str]:
     """The chain model version -> training run -> git commit -> DVC data hash -> store cases and split,
     each split checked against the digest the run recorded as its input (as trained / changed)."""
     from liverseg.store import SliceStore, StoreError
 
-    client = _client()
+    client = mlflow_client()
     mv = resolve_version(client, uri)
     run = client.get_run(mv.run_id)
     t = run.data.tags

@@ -10,14 +10,17 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from liverseg.artifact import ModelSpec, load_local, log_model, save_local, spec_for
 from liverseg.config import TrainConfig, to_flat_dict
 from liverseg.data import assign_cases, norm_stats
+from liverseg.errors import ModelError, TrainError
+from liverseg.plots import curves_png, overlay_png
 from liverseg.store import FORMAT_VERSION, SliceStore
 from liverseg.tracking import (
     RUN_KEY,
@@ -30,15 +33,11 @@ from liverseg.tracking import (
     store_datasets,
     store_digest,
     tracking_uri,
-    versions,
 )
 from liverseg.train_loop import BEST_FILE, worker_loop
 
 MODEL_NAME = "model"
-
-
-class TrainError(RuntimeError):
-    """Training cannot start or did not finish; one line saying why."""
+WORKER_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # Ray Train V2 (2.60): 60 s by default
 
 
 @dataclass
@@ -57,6 +56,29 @@ def storage_path(cfg: TrainConfig) -> str:
     return p if "://" in p else str(Path(p).expanduser().resolve())
 
 
+def preflight(cfg: TrainConfig) -> None:
+    """What Ray would retry for minutes, checked in seconds before it starts: ImageNet weights (fetched
+    once, or cached) and, for a local Ray, the GPUs `scaling.use_gpu` asks for. A remote cluster may
+    autoscale GPU nodes in: there the bounded worker-group start (run.worker_start_timeout_s x
+    run.start_retries) ends a search that cannot be placed."""
+    if cfg.model.encoder_weights == "imagenet":
+        from liverseg.model import build_model
+
+        try:
+            build_model(cfg.model.encoder, "imagenet", cfg.model.in_channels, tuple(cfg.model.decoder_channels))
+        except ModelError:
+            raise ModelError(
+                f"model.encoder_weights=imagenet: ImageNet weights of {cfg.model.encoder} unavailable offline: "
+                "use encoder_weights=none or a local file"
+            ) from None
+    if cfg.scaling.use_gpu and not (cfg.run.ray_address or os.environ.get("RAY_ADDRESS")):
+        have = torch.cuda.device_count()
+        if have < cfg.scaling.num_workers:
+            raise TrainError(
+                f"no GPU in the Ray cluster ({have} of {cfg.scaling.num_workers} needed): set scaling.use_gpu=false"
+            )
+
+
 def ensure_ray(address: str | None) -> None:
     import ray
 
@@ -70,6 +92,8 @@ def ensure_ray(address: str | None) -> None:
 
 
 def lineage_tags(store: SliceStore, store_path: str) -> dict[str, str]:
+    import ray
+
     commit = git_commit()
     digest = store_digest(store.attrs, {c: store.case_attrs(c) for c in store.cases})
     return {
@@ -79,24 +103,8 @@ def lineage_tags(store: SliceStore, store_path: str) -> dict[str, str]:
         "store_path": store_path,
         "store_digest": digest,
         "format_version": str(FORMAT_VERSION),
-        **versions(),
-    }
-
-
-def model_meta(cfg: TrainConfig, store: SliceStore, stats: dict[str, float]) -> dict[str, Any]:
-    """What inference needs besides the weights."""
-    return {
-        "encoder": cfg.model.encoder,
-        "in_channels": cfg.model.in_channels,
-        "decoder_channels": list(cfg.model.decoder_channels),
-        "classes": ["background", "liver"],
-        "window": list(cfg.data.window),
-        "mean": stats["mean"],
-        "std": stats["std"],
-        "size": list(store.size),
-        "orientation": "RAS",
-        "units": "HU",
-        "lcc": True,
+        "ray_version": ray.__version__,
+        "torch_version": torch.__version__,
     }
 
 
@@ -126,6 +134,7 @@ def train(
     parent_run_id: str | None = None,
     callbacks: list[Any] | None = None,
     lineage: dict[str, str] | None = None,
+    check_first: bool = True,
 ) -> TrainResult:
     """Train (or resume) one model and log it to MLflow; returns the run id and the logged model URI.
 
@@ -140,6 +149,8 @@ def train(
 
     uri = tracking_uri()
     check_tracking(uri)
+    if check_first:  # before any MLflow run or Ray: what cannot work fails in seconds
+        preflight(cfg)
     if "://" not in store_path:  # Ray workers run in other directories
         store_path = str(Path(store_path).resolve())
     store = SliceStore(store_path)
@@ -164,13 +175,13 @@ def train(
         client.update_run(run_id, status="RUNNING")
 
     mean, std = norm_stats(store, train_cases, cfg.data.window, cfg.data.norm_sample_slices, cfg.train.seed)
-    stats = {"mean": mean, "std": std}
+    spec = spec_for(cfg, store.size, mean, std)
     workers = cfg.scaling.num_workers
     slices = {c: store.num_slices(c) for c in train_cases}
     loop_config = {
         "cfg": cfg.model_dump(mode="json"),
         "store": store_path,
-        "stats": stats,
+        "spec": spec.to_dict(),
         "train_shares": assign_cases(slices, workers),
         "train_slices": sum(slices.values()),
         "val_cases": val_cases,
@@ -180,6 +191,7 @@ def train(
         "fault_marker": f"{storage_path(cfg)}/{name}/.fault-injected" if "://" not in storage_path(cfg) else None,
     }
     ensure_ray(cfg.run.ray_address)
+    os.environ[WORKER_START_TIMEOUT_ENV] = str(cfg.run.worker_start_timeout_s)  # Train passes it to its controller
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config=loop_config,
@@ -189,13 +201,18 @@ def train(
         run_config=RunConfig(
             name=name,
             storage_path=storage_path(cfg),
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            failure_config=FailureConfig(
+                max_failures=cfg.run.max_failures, controller_failure_limit=cfg.run.start_retries
+            ),
             checkpoint_config=CheckpointConfig(num_to_keep=2),  # latest two; each holds the best weights so far
             callbacks=callbacks or [],
         ),
     )
     try:
         result = trainer.fit()
+    except KeyboardInterrupt:  # Ctrl-C: the run is over, say so in MLflow rather than leave it RUNNING
+        client.set_terminated(run_id, "KILLED")
+        raise
     except Exception as e:
         client.set_terminated(run_id, "FAILED")
         raise TrainError(
@@ -206,7 +223,7 @@ def train(
         raise TrainError(f"training run {name} reported no checkpoint")
     with result.checkpoint.as_directory() as d:
         best = torch.load(Path(d) / BEST_FILE, map_location="cpu", weights_only=True)
-    model_uri = log_best_model(client, run_id, best, model_meta(cfg, store, stats), store, cfg)
+    model_uri = log_best_model(client, run_id, best, spec, store, cfg)
     client.set_tag(run_id, "best_val_dice", f"{best['val_dice']:.6f}")
     client.set_tag(run_id, "best_epoch", str(best["epoch"]))
     client.set_tag(run_id, "model_uri", model_uri)
@@ -215,23 +232,20 @@ def train(
 
 
 def log_best_model(
-    client, run_id: str, best: dict[str, Any], meta: dict[str, Any], store: SliceStore, cfg: TrainConfig
+    client, run_id: str, best: dict[str, Any], spec: ModelSpec, store: SliceStore, cfg: TrainConfig
 ) -> str:
-    """Log the best weights as a pyfunc, the config snapshot, curves and overlay PNGs; returns the model URI."""
+    """Log the best weights (artifact + pyfunc flavour), the config snapshot, curves and overlay PNGs;
+    returns the model URI."""
     import mlflow
 
-    from liverseg.inference import load_local, save_local
-    from liverseg.plots import curves_png, overlay_png
-    from liverseg.pyfunc import log_pyfunc
-
-    meta = {**meta, "best_epoch": int(best["epoch"]), "val_dice": float(best["val_dice"]), "train_run_id": run_id}
+    spec = replace(spec, best_epoch=int(best["epoch"]), val_dice=float(best["val_dice"]), train_run_id=run_id)
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
         model_dir = Path(tmp) / "model_files"
-        save_local(model_dir, best["model"], meta)
-        info = log_pyfunc(model_dir, MODEL_NAME)
+        save_local(model_dir, best["model"], spec)
+        info = log_model(model_dir, MODEL_NAME)
         (Path(tmp) / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
         mlflow.log_artifact(str(Path(tmp) / "config.json"))
-        mlflow.log_dict(meta, "liverseg_model_meta.json")
+        mlflow.log_dict(spec.to_dict(), "liverseg_model_meta.json")
         history = {k: client.get_metric_history(run_id, k) for k in ("train_loss", "val_loss", "val_dice")}
         curves_png({k: [(m.step, m.value) for m in v] for k, v in history.items()}, Path(tmp) / "curves.png")
         mlflow.log_artifact(str(Path(tmp) / "curves.png"), "plots")

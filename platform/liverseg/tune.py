@@ -77,19 +77,46 @@ def make_search(cfg: TuneConfig, space: dict[str, Any]):
 
 
 def make_scheduler(cfg: TuneConfig):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    """ASHA on the epoch count that never stops a trial at its last epoch (its model is logged after it)."""
+    from ray.tune.schedulers import FIFOScheduler
+
+    from liverseg.tune_guard import LastEpochKeptASHA
 
     if cfg.tune.scheduler == "none":
         return FIFOScheduler()
-    return ASHAScheduler(
+    return LastEpochKeptASHA(
+        last_epoch=cfg.train.epochs,
         time_attr="training_iteration",
         metric=cfg.tune.metric,
         mode=cfg.tune.mode,
-        max_t=cfg.train.epochs
-        + 1,  # never reached: ASHA must not stop a trial at its last epoch (model logging follows)
+        max_t=cfg.train.epochs + 1,  # never reached: the last epoch is kept whatever the rungs
         grace_period=min(cfg.tune.grace_period, cfg.train.epochs),
         reduction_factor=cfg.tune.reduction_factor,
     )
+
+
+def fit_concurrency(cfg: TuneConfig) -> TuneConfig:
+    """Cap `tune.max_concurrent` at what the cluster can place (each trial: its driver and its workers).
+
+    More would leave a trial's worker group waiting for resources that never free (a hang); fewer
+    than one is a one-line error.
+    """
+    from liverseg.errors import TrainError
+    from liverseg.tune_guard import placeable_trials
+
+    workers = cfg.scaling.num_workers
+    need = {"CPU": cfg.tune.cpus_per_trial + workers * cfg.scaling.cpus_per_worker}
+    if cfg.scaling.use_gpu:
+        need["GPU"] = float(workers)
+    fits = placeable_trials(need)
+    if fits < 1:
+        raise TrainError(f"a trial needs {need} but the Ray cluster has too little: lower scaling.* or add nodes")
+    if fits >= cfg.tune.max_concurrent:
+        return cfg
+    print(f"tune.max_concurrent {cfg.tune.max_concurrent} -> {fits}: the cluster places {fits} trial(s) of {need}")
+    capped = cfg.model_copy(deep=True)
+    capped.tune.max_concurrent = fits
+    return capped
 
 
 def trial_config(base: dict[str, Any], sampled: dict[str, Any]) -> TrainConfig:
@@ -118,6 +145,7 @@ def trial_fn(config: dict[str, Any]) -> None:
         parent_run_id=config["parent_run_id"],
         callbacks=[TuneReportCallback()],
         lineage=config.get("lineage"),  # absent in searches started by an older version
+        check_first=False,  # the search's driver checked; a trial's node may have no GPU of its own
     )
 
 
@@ -147,7 +175,8 @@ def tune_search(
     from ray import tune
 
     from liverseg.store import SliceStore
-    from liverseg.train import ensure_ray, lineage_tags, storage_path
+    from liverseg.train import ensure_ray, lineage_tags, preflight, storage_path
+    from liverseg.tune_guard import ReleaseStoppedTrials
 
     uri = tracking_uri()
     check_tracking(uri)
@@ -156,11 +185,13 @@ def tune_search(
     space = build_space(cfg.space)
     # git commit and DVC hash are read here, in the project directory: trials run in their own
     lineage = lineage_tags(SliceStore(store_path), store_path)
-    search = make_search(cfg, space)
     client = MlflowClient(uri)
     root = storage_path(cfg)
     exp_dir = f"{root.rstrip('/')}/{cfg.tune.name}"
+    preflight(cfg)
     ensure_ray(cfg.run.ray_address)
+    cfg = fit_concurrency(cfg)
+    search = make_search(cfg, space)
     trainable = tune.with_resources(trial_fn, {"cpu": cfg.tune.cpus_per_trial})
     if resume and tune.Tuner.can_restore(exp_dir):
         parent = _parent_run(client, cfg, resume=True, lineage=lineage)
@@ -186,13 +217,32 @@ def tune_search(
                 search_alg=search,
                 scheduler=make_scheduler(cfg),
             ),  # concurrency is limited by the search algorithm (see make_search)
-            run_config=tune.RunConfig(name=cfg.tune.name, storage_path=root),
+            run_config=tune.RunConfig(name=cfg.tune.name, storage_path=root, callbacks=[ReleaseStoppedTrials()]),
         )
-    grid = tuner.fit()
+    grid = _fit(tuner, client, parent)
     summary = _summarise(client, cfg, grid, parent)
     _log_parent(client, parent, summary)
     atomic_write_json(results_path, _results_json(summary, cfg))
     return summary
+
+
+def _fit(tuner, client, parent: str):
+    """tuner.fit(), with Ctrl-C ending the search in seconds: the parent run and its running trials are
+    marked KILLED, and the local Ray (with every trial) is shut down, before KeyboardInterrupt goes on."""
+    import ray
+
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Tune's own handler waits for trials to wind down
+    try:
+        return tuner.fit()
+    except KeyboardInterrupt:
+        exp = client.get_run(parent).info.experiment_id
+        running = client.search_runs(
+            [exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'RUNNING'"
+        )
+        for run in [*running, client.get_run(parent)]:
+            client.set_terminated(run.info.run_id, "KILLED")
+        ray.shutdown()
+        raise
 
 
 def _summarise(client, cfg: TuneConfig, grid, parent: str) -> TuneSummary:
@@ -203,14 +253,14 @@ def _summarise(client, cfg: TuneConfig, grid, parent: str) -> TuneSummary:
         trial_id = metrics.get("trial_id") or Path(str(res.path)).name.split("_")[-2]
         run = find_run(client, exp, f"{cfg.tune.name}/{trial_id}")
         epochs = int(metrics.get("epoch", -1)) + 1
+        run_id = run.info.run_id if run else None
+        model_uri = run.data.tags.get("model_uri") if run else None
         if res.error is not None:
             status = "failed"
-        elif epochs < cfg.train.epochs:
+        elif epochs < cfg.train.epochs or not model_uri:  # completed means: a model to register
             status = "early-stopped"
         else:
             status = "completed"
-        run_id = run.info.run_id if run else None
-        model_uri = run.data.tags.get("model_uri") if run else None
         if run is not None:
             client.set_tag(run_id, "trial_status", status)
             # a pruned trial ran correctly: FINISHED, as Ray's and Optuna's MLflow loggers mark it (KILLED
