@@ -34,7 +34,14 @@ def test_two_workers_end_to_end(ray_local, mlflow_uri, store_path, tmp_path, mon
     canary = "liverseg-canary-Secret-7f3a9"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", canary)  # a secret in the environment must not be logged
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", canary)
-    cfg = _cfg(tmp_path, "train.epochs=3", "scaling.num_workers=2", "run.name=e2e", "train.lr=0.003")
+    cfg = _cfg(
+        tmp_path,
+        "train.epochs=3",
+        "scaling.num_workers=2",
+        "run.name=e2e",
+        "train.lr=0.003",
+        "run.system_metrics_s=0.5",
+    )
     res = train(store_path, cfg)
     client = MlflowClient(mlflow_uri)
     run = client.get_run(res.run_id)
@@ -62,6 +69,14 @@ def test_two_workers_end_to_end(ray_local, mlflow_uri, store_path, tmp_path, mon
     }
     assert {"config.json", "plots/curves.png", "plots/val_overlay.png"} <= arts
     assert res.best_val_dice > _chance_dice(store_path)
+    assert "system/cpu_utilization_percentage" in run.data.metrics and "system/system_memory_usage_megabytes" in (
+        run.data.metrics
+    )
+    # the LoggedModel carries the scores of the epoch its weights come from, not epoch 0's
+    saved = client.get_logged_model(res.model_uri.removeprefix("models:/"))
+    model_metrics = {m.key: m for m in saved.metrics}
+    assert {m.step for m in saved.metrics} == {res.best_epoch}
+    assert model_metrics["val_dice"].value == pytest.approx(res.best_val_dice)
     logged = " ".join([*p.keys(), *map(str, p.values()), *t.keys(), *map(str, t.values())])
     assert canary not in logged
     import mlflow.pyfunc

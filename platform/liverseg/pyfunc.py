@@ -30,8 +30,12 @@ class LiverSegPythonModel(mlflow.pyfunc.PythonModel):
         return segment_volume(self.lm, np.asarray(volume, dtype=np.float32), np.asarray(affine, dtype=np.float64), lcc)
 
 
-def log_pyfunc(model_dir: str | Path, name: str = "model") -> Any:
-    """Log a saved model directory as an MLflow pyfunc in the active run; returns mlflow's ModelInfo."""
+def log_pyfunc(model_dir: str | Path, name: str = "model", step: int = 0) -> Any:
+    """Log a saved model directory as an MLflow pyfunc in the active run; returns mlflow's ModelInfo.
+
+    `step`: the epoch the weights come from; MLflow copies the run's metrics of that step onto the
+    LoggedModel (its page and the models table then show the saved epoch's scores, not epoch 0's).
+    """
     from mlflow.models import ModelSignature
     from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
@@ -54,6 +58,7 @@ def log_pyfunc(model_dir: str | Path, name: str = "model") -> Any:
         input_example=example,
         code_paths=[str(Path(__file__).parent)],
         pip_requirements=_requirements(),
+        step=step,
     )
 
 

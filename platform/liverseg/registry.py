@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from liverseg.modelcard import TEST_GRID, update_descriptions
 from liverseg.tracking import store_datasets, tracking_uri
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -38,8 +39,15 @@ def _alias(client, name: str, alias: str):
         return None
 
 
-def register(run_id: str | None = None, tune_results: str | Path | None = None, name: str = DEFAULT_NAME) -> Any:
-    """Register a training run's logged model as a new version with lineage tags; alias it `challenger`."""
+def register(
+    run_id: str | None = None,
+    tune_results: str | Path | None = None,
+    name: str = DEFAULT_NAME,
+    test_metrics: str | Path | None = None,
+    alias: str | None = CHALLENGER,
+) -> Any:
+    """Register a training run's logged model as a new version with lineage tags; alias it `alias` (None:
+    no alias moves). `test_metrics`: `liverseg evaluate`'s JSON for this model, tagged on the version."""
     import mlflow
 
     if (run_id is None) == (tune_results is None):
@@ -57,6 +65,7 @@ def register(run_id: str | None = None, tune_results: str | Path | None = None, 
     t = run.data.tags
     if "model_uri" not in t:
         raise RegistryError(f"run {run_id}: has no logged model (did training finish?)")
+    test_tags = test_metric_tags(test_metrics, t["model_uri"]) if test_metrics is not None else {}
     for mv in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
         version = mv  # registering the same run twice returns its existing version (idempotent, for DVC)
         break
@@ -72,8 +81,28 @@ def register(run_id: str | None = None, tune_results: str | Path | None = None, 
         }
         version = mlflow.register_model(t["model_uri"], name, tags=lineage)
         _wait_ready(client, name, version.version)
-    client.set_registered_model_alias(name, CHALLENGER, version.version)
+    for k, v in test_tags.items():  # also on an existing version: a later evaluation of the same model
+        client.set_model_version_tag(name, str(version.version), k, v)
+    if alias:
+        client.set_registered_model_alias(name, alias, version.version)
+    update_descriptions(client, name, str(version.version))
     return client.get_model_version(name, version.version)
+
+
+def test_metric_tags(path: str | Path, model_uri: str) -> dict[str, str]:
+    """Version tags from `liverseg evaluate`'s JSON of this model: `test_dice` only for the LiTS convention
+    (original grid), a store-grid figure as `test_dice_store_grid` (never two test Dices)."""
+    s = json.loads(Path(path).read_text())
+    if s.get("model_uri") != model_uri:
+        raise RegistryError(f"{path}: scores {s.get('model_uri')}, not this run's model {model_uri}")
+    original = s.get("resolution") == "original"
+    hd95 = (s.get("hd95_mm") or {}).get("mean")
+    return {
+        "test_dice" if original else "test_dice_store_grid": f"{s['dice']['mean']:.6f}",
+        "test_dice_grid": TEST_GRID if original else "store grid (not LiTS)",
+        "test_hd95_mm": "" if hd95 is None else f"{hd95:.3f}",
+        "test_cases": str(s.get("n_cases", "")),
+    }
 
 
 def _wait_ready(client, name: str, version: str, timeout_s: float = 60) -> None:
@@ -94,13 +123,14 @@ class Decision:
     champion_dice: float | None
     promoted: bool
     reason: str
+    grid: str = TEST_GRID
 
     def line(self) -> str:
-        champ = f"v{self.champion_before} test Dice {self.champion_dice:.4f}" if self.champion_before else "none"
+        champ = f"v{self.champion_before} {self.champion_dice:.4f}" if self.champion_before else "none"
         verdict = "PROMOTED" if self.promoted else "KEPT"
         return (
-            f"{verdict}: {self.name} challenger v{self.challenger} test Dice {self.challenger_dice:.4f}; "
-            f"champion before: {champ}; champion now: v{self.champion_after}; {self.reason}"
+            f"{verdict}: {self.name} test Dice ({self.grid}): challenger v{self.challenger} "
+            f"{self.challenger_dice:.4f}; champion before: {champ}; champion now: v{self.champion_after}; {self.reason}"
         )
 
 
@@ -130,15 +160,21 @@ def promote(
     margin: float = 0.0,
     split: str = "test",
     scorer=None,
+    raw: str | Path | None = None,
 ) -> Decision:
     """Evaluate challenger and champion on the same split; move `champion` only if the challenger passes
     the floor and beats the champion by `margin` (strictly). Decision, scores and reason become tags.
 
+    `raw`: the LiTS NIfTI folder, so that the gate scores on each volume's original grid (the one test
+    Dice, tagged `test_dice`); without it the store grid, tagged and labelled as such.
     `scorer(uri) -> mean test Dice` defaults to `evaluate` on the store (tests may pass a cheaper one).
     """
+    import getpass
+
     from liverseg.evaluate import evaluate
 
-    scorer = scorer or (lambda uri: evaluate(uri, store_path, split).summary["dice"]["mean"])
+    scorer = scorer or (lambda uri: evaluate(uri, store_path, split, raw).summary["dice"]["mean"])
+    dice_tag, grid = ("test_dice", TEST_GRID) if raw else ("test_dice_store_grid", "store grid, not LiTS")
     client = _client()
     with _Lock(name):  # compare-and-set: nobody moves the champion between our read and our write
         chal = _alias(client, name, CHALLENGER)
@@ -146,16 +182,9 @@ def promote(
             raise RegistryError(f"{name}: no '{CHALLENGER}' alias; run `liverseg register` first")
         champ = _alias(client, name, CHAMPION)
         if champ is not None and str(champ.version) == str(chal.version):
-            return Decision(
-                name,
-                str(chal.version),
-                str(champ.version),
-                str(champ.version),
-                float(champ.tags.get("test_dice", "nan")),
-                float(champ.tags.get("test_dice", "nan")),
-                False,
-                "challenger is already champion",
-            )
+            dice = float(champ.tags.get(dice_tag) or "nan")
+            v = str(champ.version)
+            return Decision(name, v, v, v, dice, dice, False, "challenger is already champion", grid)
         chal_dice = float(scorer(f"models:/{name}/{chal.version}"))
         champ_dice = float(scorer(f"models:/{name}/{champ.version}")) if champ else None
         if chal_dice < min_dice:
@@ -170,16 +199,19 @@ def promote(
         decided = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         for k, v in {
             "promotion_decision": "promoted" if ok else "rejected",
-            "test_dice": f"{chal_dice:.6f}",
+            dice_tag: f"{chal_dice:.6f}",
+            "test_dice_grid": grid,
+            "decided_by": getpass.getuser(),
             "champion_test_dice": "" if champ_dice is None else f"{champ_dice:.6f}",
             "promotion_reason": reason,
             "decided_at": decided,
             "compared_with": str(champ.version) if champ else "",
         }.items():
             client.set_model_version_tag(name, chal.version, k, v)
+        update_descriptions(client, name, str(chal.version))
         before = str(champ.version) if champ else None
         after = str(chal.version) if ok else before
-        return Decision(name, str(chal.version), before, after, chal_dice, champ_dice, ok, reason)
+        return Decision(name, str(chal.version), before, after, chal_dice, champ_dice, ok, reason, grid)
 
 
 def rollback(name: str = DEFAULT_NAME) -> tuple[str, str]:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from liverseg.config import TrainConfig, to_flat_dict
+from liverseg.console import EpochView, root_cause, watch_run
 from liverseg.data import assign_cases, norm_stats
 from liverseg.store import FORMAT_VERSION, SliceStore
 from liverseg.tracking import (
@@ -126,6 +127,7 @@ def train(
     parent_run_id: str | None = None,
     callbacks: list[Any] | None = None,
     lineage: dict[str, str] | None = None,
+    view: EpochView | None = None,
 ) -> TrainResult:
     """Train (or resume) one model and log it to MLflow; returns the run id and the logged model URI.
 
@@ -133,6 +135,7 @@ def train(
     same MLflow run; a finished run is returned as is (nothing retrained, no new MLflow run).
     `lineage`: tags from `lineage_tags`, when the caller runs elsewhere than the project directory
     (a Tune trial's working directory is its trial folder: no git, no dvc.lock there).
+    `view`: the terminal's progress view (one line per epoch, read back from MLflow while Ray trains).
     """
     from mlflow.tracking import MlflowClient
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -194,18 +197,19 @@ def train(
             callbacks=callbacks or [],
         ),
     )
+    first = len(client.get_metric_history(run_id, "val_dice")) if existed else 0
     try:
-        result = trainer.fit()
+        with watch_run(view, client, run_id, first, cfg.train.epochs, name):
+            result = trainer.fit()
     except Exception as e:
         client.set_terminated(run_id, "FAILED")
-        raise TrainError(
-            f"training run {name} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        ) from e
+        raise TrainError(f"training run {name} failed: {root_cause(e)}") from e
     if result.checkpoint is None:
         client.set_terminated(run_id, "FAILED")
         raise TrainError(f"training run {name} reported no checkpoint")
     with result.checkpoint.as_directory() as d:
         best = torch.load(Path(d) / BEST_FILE, map_location="cpu", weights_only=True)
+    client.log_metric(run_id, "best_val_dice", float(best["val_dice"]), step=int(best["epoch"]))
     model_uri = log_best_model(client, run_id, best, model_meta(cfg, store, stats), store, cfg)
     client.set_tag(run_id, "best_val_dice", f"{best['val_dice']:.6f}")
     client.set_tag(run_id, "best_epoch", str(best["epoch"]))
@@ -228,7 +232,8 @@ def log_best_model(
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
         model_dir = Path(tmp) / "model_files"
         save_local(model_dir, best["model"], meta)
-        info = log_pyfunc(model_dir, MODEL_NAME)
+        # step: MLflow links the run's metrics of that step to the LoggedModel (the epoch it was saved at)
+        info = log_pyfunc(model_dir, MODEL_NAME, step=int(best["epoch"]))
         (Path(tmp) / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
         mlflow.log_artifact(str(Path(tmp) / "config.json"))
         mlflow.log_dict(meta, "liverseg_model_meta.json")

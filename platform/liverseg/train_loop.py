@@ -23,6 +23,7 @@ from liverseg.losses import HybridLoss
 from liverseg.metrics import overlap_scores
 from liverseg.model import build_model
 from liverseg.store import SliceStore
+from liverseg.tracking import start_system_metrics
 from liverseg.transforms import random_affine, standardise, window01
 
 STATE_FILE = "state.pt"
@@ -180,6 +181,13 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
         start, best_dice, best_epoch, best_state = state["epoch"] + 1, best["val_dice"], best["epoch"], best["model"]
         print(f"[liverseg] rank {rank}: resumed after epoch {state['epoch']}", flush=True)
     logger = MetricLogger(config.get("tracking_uri"), config.get("run_id")) if rank == 0 else None
+    # system metrics where the training runs (rank 0's machine), not where the driver waits
+    every = cfg.run.system_metrics_s
+    monitor = (
+        start_system_metrics(config.get("tracking_uri"), config.get("run_id"), bool(ckpt), every)
+        if rank == 0 and every
+        else None
+    )
     nodes = [ray.get_runtime_context().get_node_id()]
     if dist.is_available() and dist.is_initialized():
         nodes = [None] * world
@@ -244,4 +252,6 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
             ray.train.report(report)
     if logger:
         logger.flush()
+    if monitor:
+        monitor.finish()
     return {"best_val_dice": best_dice, "best_epoch": best_epoch, "epochs": cfg.train.epochs}
