@@ -301,7 +301,7 @@ def predict(
     """Segment CT volumes into uint8 liver masks on each input's own grid (shape and affine)."""
     from tqdm import tqdm
 
-    from liverseg.evaluate import load_model
+    from liverseg.artifact import load_model
     from liverseg.inference import predict_file
     from liverseg.lits import InputError
 
