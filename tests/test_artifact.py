@@ -47,6 +47,21 @@ def test_unknown_format_version_is_one_line(tmp_path):
     assert isinstance(e.value, LiversegError)
 
 
+def test_pickled_code_in_weights_is_refused_unrun(tmp_path):
+    """weights.pt that is a pickle of code (not a state dict): weights_only refuses it before it runs."""
+    save_local(tmp_path, constant_state(liver=True), spec())
+    marker = tmp_path / "pwned"
+
+    class Trap:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"x": Trap()}, tmp_path / WEIGHTS_FILE)
+    with pytest.raises(ModelError, match="unusable weights"):
+        load_local(tmp_path, "cpu")
+    assert not marker.exists()
+
+
 def test_invalid_spec_field_is_named():
     with pytest.raises(ModelError, match="in_channels 2"):
         ModelSpec("resnet18", 2, (-200.0, 250.0), 0.2, 0.3, (64, 64))

@@ -63,8 +63,8 @@ def _pod_templates(obj: dict) -> list[dict]:
     if obj["kind"] in WORKLOADS:
         return [spec["template"]]
     if obj["kind"] == "RayJob":
-        spec = spec["rayClusterSpec"]
-    if obj["kind"] in ("RayJob", "RayCluster"):
+        spec = spec.get("rayClusterSpec") or {}  # none: the job runs on an existing cluster (clusterSelector)
+    if obj["kind"] in ("RayJob", "RayCluster") and spec:
         return [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec.get("workerGroupSpecs", [])]
     return []
 
@@ -138,12 +138,14 @@ def _kuberay_rule_errors(obj: dict) -> list[str]:
             errors.append("one of rayClusterSpec or clusterSelector must be set")
         if not isinstance(yaml.safe_load(spec.get("runtimeEnvYAML", "{}")), dict):
             errors.append("runtimeEnvYAML is not a YAML mapping")
-        spec = spec["rayClusterSpec"]
+        spec = spec.get("rayClusterSpec") or {}
     for g in spec.get("workerGroupSpecs", []):
-        lo, n, hi = g["minReplicas"], g.get("replicas", g["minReplicas"]), g["maxReplicas"]
+        lo, hi = g.get("minReplicas", 0), g.get("maxReplicas", 2**31 - 1)  # the CRD's defaults
+        n = g.get("replicas", lo)
         if not 0 <= lo <= n <= hi:
             errors.append(f"worker group {g['groupName']}: need 0 <= minReplicas <= replicas <= maxReplicas")
-    if len({c["image"] for c in _containers(obj)}) != 1:
+    # ours on top: the Ray container (KubeRay's first) of every group runs one image, one Python and Ray
+    if len({t["spec"]["containers"][0]["image"] for t in _pod_templates(obj)}) > 1:
         errors.append("head and workers must run one image (same Python and Ray on every node)")
     return errors
 
@@ -155,6 +157,10 @@ def test_kuberay_resources_pass_the_controllers_rules(objects):
     broken = copy.deepcopy(_by_kind(objects, "RayCluster")["liverseg"])
     broken["spec"]["workerGroupSpecs"][0]["minReplicas"] = 9
     assert "need 0 <= minReplicas" in " ".join(_kuberay_rule_errors(broken))
+    broken = copy.deepcopy(_by_kind(objects, "RayJob")["liverseg-tune"])
+    broken["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["image"] = "x:1"
+    broken["spec"]["shutdownAfterJobFinishes"] = False
+    assert len(_kuberay_rule_errors(broken)) == 2  # ttl without shutdown; two images
 
 
 # --- references between objects -------------------------------------------------------------------------

@@ -97,16 +97,18 @@ def test_predict_overlay_with_truth(tmp_path, real_ct, all_liver):
 
 
 def test_predict_needs_no_training_stack(tmp_path, real_ct):
-    """Serving images carry torch and nibabel; predicting must not pull in zarr, Ray, MLflow or pydantic."""
+    """Serving images carry torch and nibabel; `liverseg predict` with a model folder must not pull in
+    zarr, Ray, MLflow, nor liverseg's evaluation, registry or training."""
     import subprocess
     import sys
 
     save_local(tmp_path / "m", constant_state(liver=True), spec())
+    args = ["predict", str(real_ct / "volume-0.nii.gz"), str(tmp_path / "mask.nii.gz"), "--model", str(tmp_path / "m")]
+    heavy = ("zarr", "ray", "mlflow", "liverseg.evaluate", "liverseg.registry", "liverseg.train")
     code = (
-        "import sys; from liverseg.artifact import load_local; from liverseg.inference import predict_file\n"
-        f"predict_file(load_local({str(tmp_path / 'm')!r}, 'cpu'), {str(real_ct / 'volume-0.nii.gz')!r}, "
-        f"{str(tmp_path / 'mask.nii.gz')!r})\n"
-        "print(sorted(m for m in ('zarr', 'ray', 'mlflow', 'pydantic') if m in sys.modules))"
+        "import sys; from liverseg.cli import app\n"
+        f"app({args + ['--device', 'cpu']!r}, standalone_mode=False)\n"
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]" and (tmp_path / "mask.nii.gz").exists()
+    assert out.strip().splitlines()[-1] == "[]" and (tmp_path / "mask.nii.gz").exists()

@@ -355,7 +355,9 @@ def load_model(uri: str, device: str = "auto") -> LoadedModel:
     """A model folder, or an MLflow model URI (models:/NAME@ALIAS, models:/NAME/N, models:/MODEL_ID,
     runs:/RUN_ID/PATH) -> LoadedModel. Downloads the spec and weights only; a registry version's files
     are checked against its sha256 tags."""
-    if "://" not in uri and ":/" not in uri and Path(uri).is_dir():
+    if not uri.startswith(("models:/", "runs:/")):
+        if not Path(uri).is_dir():
+            raise ModelError(f"{uri}: not a model folder nor a models:/NAME@ALIAS, models:/NAME/N or runs:/ URI")
         return load_local(uri, device)
     from liverseg.tracking import client
 

@@ -147,10 +147,3 @@ def store_datasets(store: Any, store_path: str, contexts: dict[str, str]) -> lis
 
 def config_hash(flat: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def versions() -> dict[str, str]:
-    import ray
-    import torch
-
-    return {"ray_version": ray.__version__, "torch_version": torch.__version__}

@@ -33,7 +33,6 @@ from liverseg.tracking import (
     store_datasets,
     store_digest,
     tracking_uri,
-    versions,
 )
 from liverseg.train_loop import BEST_FILE, worker_loop
 
@@ -86,6 +85,8 @@ def ensure_ray(address: str | None) -> None:
 
 
 def lineage_tags(store: SliceStore, store_path: str) -> dict[str, str]:
+    import ray
+
     commit = git_commit()
     digest = store_digest(store.attrs, {c: store.case_attrs(c) for c in store.cases})
     return {
@@ -95,7 +96,8 @@ def lineage_tags(store: SliceStore, store_path: str) -> dict[str, str]:
         "store_path": store_path,
         "store_digest": digest,
         "format_version": str(FORMAT_VERSION),
-        **versions(),
+        "ray_version": ray.__version__,
+        "torch_version": torch.__version__,
     }
 
 
