@@ -19,9 +19,13 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# Layers (import-linter contracts in pyproject.toml), lint and format checks fail the target before any test runs.
 # Tests never download weights (HF_HUB_OFFLINE=1 here and in tests/conftest.py); users keep their network,
 # so that `profile: paper` (ImageNet encoder) fetches its weights once.
 test: setup
+	$(BIN)/lint-imports
+	$(BIN)/ruff check platform tests benchmarks scripts
+	$(BIN)/ruff format --check platform tests benchmarks scripts
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra
 
 test-slow: setup

@@ -70,3 +70,28 @@ def copy_case(src: Path, dst: Path, n: str = "0", new_id: str | None = None) -> 
     for kind in ("volume", "segmentation"):
         for f in src.glob(f"{kind}-{n}.nii*"):
             shutil.copy(f, dst / f.name.replace(f"-{n}.", f"-{new_id or n}."))
+
+
+@pytest.fixture
+def s3(monkeypatch) -> str:
+    """A moto S3 server on 127.0.0.1 (stopped after) with bucket `lake`; the client variables point at
+    it as they would at MinIO/S3 (boto3, s3fs, pyarrow and DVC read AWS_ENDPOINT_URL). Returns s3://lake."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    for key, value in {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "test-key",  # moto accepts any; real ones come from the environment
+        "AWS_SECRET_ACCESS_KEY": "test-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(key, value)
+    import requests
+
+    requests.post(f"http://{host}:{port}/moto-api/reset", timeout=10).raise_for_status()  # moto state is per process
+    boto3.client("s3").create_bucket(Bucket="lake")
+    yield "s3://lake"
+    server.stop()

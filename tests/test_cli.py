@@ -28,6 +28,7 @@ def test_help_lists_every_stage():
         "lineage",
         "predict",
         "serve",
+        "webhook",
     ):
         assert cmd in out, cmd
 

@@ -4,6 +4,7 @@ from conftest import REPO
 from liverseg.config import (
     ConfigError,
     IngestConfig,
+    ServeConfig,
     TrainConfig,
     TuneConfig,
     _flatten,
@@ -105,6 +106,7 @@ def test_repo_pipelines_load():
     assert "train.lr" in t.space
     paper = load_config(TrainConfig, root / "train.yaml", profile="paper", stage="train")
     assert (paper.model.encoder, paper.train.epochs, paper.train.batch_size) == ("resnet50", 5, 16)
+    assert load_config(ServeConfig, root / "serve.yaml").serve == ServeConfig().serve  # the YAML states the defaults
 
 
 def test_flat_dict_has_every_leaf():

@@ -63,3 +63,27 @@ def test_repo_data_dvc_matches_the_demo_phantoms():
     assert spec["outs"][0]["path"] == "data/lits" and spec["outs"][0]["nfiles"] == 40
     demo = (REPO / "scripts" / "demo.sh").read_text()
     assert "--cases 20 --seed 0 --shape 96 96 40" in demo
+
+
+def test_dvc_push_pull_round_trip_through_s3(tmp_path, phantom_dir, s3):
+    """The team remote: `dvc push` to s3://lake/dvc on the shared object store, `dvc pull` into a clone."""
+    import boto3
+
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    repo = tmp_path / "repo"
+    copy_case(phantom_dir, repo / "data" / "lits", "0")
+    _run(["git", "init", "-q"], repo)
+    _run(["dvc", "init", "-q"], repo)
+    _run(["dvc", "config", "core.site_cache_dir", str(tmp_path / "site-cache")], repo)
+    _run(["dvc", "remote", "add", "-d", "s3remote", f"{s3}/dvc"], repo)
+    _run(["dvc", "remote", "modify", "s3remote", "endpointurl", endpoint], repo)
+    _run(["dvc", "add", "-q", "data/lits"], repo)
+    _run(["dvc", "push", "-q"], repo)
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="lake", Prefix="dvc/")["Contents"]]
+    assert len(keys) == 3  # the directory manifest and the two NIfTI files, content-addressed
+    before = {p.name: p.read_bytes() for p in (repo / "data" / "lits").iterdir()}
+    shutil.rmtree(repo / "data" / "lits")
+    shutil.rmtree(repo / ".dvc" / "cache")
+    _run(["dvc", "pull", "-q"], repo)
+    assert {p.name: p.read_bytes() for p in (repo / "data" / "lits").iterdir()} == before
+    assert "in sync" in _run(["dvc", "status", "-c"], repo)

@@ -9,7 +9,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from helpers import constant_state, log_model_run
-from liverseg.evaluate import evaluate, load_model, log_evaluation, score_files, worst_overlays, write_outputs
+from liverseg.artifact import load_model
+from liverseg.evaluate import evaluate, log_evaluation, score_files, worst_overlays, write_outputs
 from liverseg.lits import InputError
 from liverseg.store import SliceStore
 

@@ -192,3 +192,21 @@ def test_unreachable_server_fails_fast(monkeypatch):
     with pytest.raises(TrackingError, match="not reachable"):
         check_tracking(f"http://127.0.0.1:{_free_port()}", timeout_s=3)
     assert time.time() - t0 < 30
+
+
+def test_register_best_of_tune_run_from_mlflow(mlflow_uri):
+    """The best trial is found from the search's parent run: no tune-results.json on any disk."""
+    from mlflow.tracking import MlflowClient
+
+    from liverseg.tracking import experiment_id, tracking_uri
+
+    client = MlflowClient(tracking_uri())
+    best, _ = log_model_run(constant_state(liver=True))
+    exp = experiment_id(client, "liverseg")
+    parent = client.create_run(exp, tags={"liverseg.kind": "tune", "best_run_id": best}).info.run_id
+    mv = register(tune_run=parent)
+    assert mv.run_id == best and "challenger" in client.get_model_version("liver-unet", mv.version).aliases
+    with pytest.raises(RegistryError, match=f"run {best}: not a finished liverseg tuning search"):
+        register(tune_run=best)
+    with pytest.raises(RegistryError, match="exactly one of"):
+        register(run_id=best, tune_run=parent)

@@ -2,7 +2,6 @@
 
 import gzip
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,18 +11,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from helpers import constant_state, log_model_run
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import constant_state, free_port, log_model_run, start_serve, stop
 
 
 def _nii_bytes(arr, affine=None, gz=True):
     raw = nib.Nifti1Image(arr, np.eye(4) if affine is None else affine).to_bytes()
     return gzip.compress(raw) if gz else raw
+
+
+TOKEN = "test-reload-token"  # a test's own secret, handed to the replica through its environment
 
 
 @pytest.fixture
@@ -33,29 +29,9 @@ def server(mlflow_uri, store_path, tmp_path):
     run, _ = log_model_run(constant_state(liver=False), store_path=store_path)
     register(run_id=run)
     promote(store_path, min_dice=0.0)
-    port = _free_port()
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "liverseg.cli", "serve", "--port", str(port), "--max-mb", "1"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "LIVERSEG_LOCK_DIR": str(tmp_path)},
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("server did not start")
+    proc, base = start_serve(tmp_path, "models:/liver-unet@champion", {"LIVERSEG_RELOAD_TOKEN": TOKEN}, "--max-mb", "1")
     yield base, store_path
-    proc.terminate()
-    proc.wait(timeout=30)
+    stop(proc)
 
 
 def test_segment_health_model_and_bad_requests(server, real_ct):
@@ -109,7 +85,11 @@ def test_reload_follows_the_alias(server, real_ct, store_path):
     run, _ = log_model_run(constant_state(liver=True), store_path=store_path)
     mv = register(run_id=run)
     MlflowClient(tracking_uri()).set_registered_model_alias("liver-unet", "champion", mv.version)
-    assert httpx.post(base + "/reload", timeout=120).json() == {"previous_version": "1", "version": "2"}
+    assert httpx.post(base + "/reload", timeout=120).status_code == 401  # no token
+    bad = httpx.post(base + "/reload", headers={"Authorization": "Bearer wrong"}, timeout=120)
+    assert bad.status_code == 401 and httpx.get(base + "/health").json()["version"] == "1"
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert httpx.post(base + "/reload", headers=auth, timeout=120).json() == {"previous_version": "1", "version": "2"}
     r = httpx.post(base + "/segment", content=body, timeout=120)
     after = nib.Nifti1Image.from_bytes(gzip.decompress(r.content))
     assert r.headers["x-model-version"] == "2" and np.asanyarray(after.dataobj).all()
@@ -122,7 +102,7 @@ def test_mlflow_models_serve_works_as_is(mlflow_uri, tmp_path):
 
     run, _ = log_model_run(constant_state(liver=True))
     version = register(run_id=run).version
-    port = _free_port()
+    port = free_port()
     bin_dir = os.path.dirname(sys.executable)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     proc = subprocess.Popen(

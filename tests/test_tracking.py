@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 from mlflow.data.schema import TensorDatasetSchema
 from mlflow.tracking import MlflowClient
@@ -38,3 +39,13 @@ def test_store_datasets_identify_content_not_path(mlflow_uri, store_path, tmp_pa
     assert sorted((i.dataset.name, i.dataset.digest) for i in logged) == sorted(
         (i.dataset.name, i.dataset.digest) for i in inputs
     )
+
+
+def test_git_commit_outside_git_is_the_image_build_argument(tmp_path, monkeypatch):
+    from liverseg.tracking import git_commit
+
+    monkeypatch.delenv("LIVERSEG_GIT_COMMIT", raising=False)
+    assert git_commit(tmp_path) == "unknown"  # not a repository, nothing recorded
+    monkeypatch.setenv("LIVERSEG_GIT_COMMIT", "0123abc")
+    assert git_commit(tmp_path) == "0123abc"  # a container image: the commit it was built from
+    assert git_commit(Path(__file__).parent) not in ("unknown", "0123abc")  # a checkout: git's own answer

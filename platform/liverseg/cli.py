@@ -157,6 +157,23 @@ def _ingest_metrics(store: Path, out: Path) -> None:
     atomic_write_json(out, {"cases": len(st.cases), **counts, "slices": slices, "height": h, "width": w})
 
 
+@app.command()
+def publish(
+    store: Path = typer.Option(..., help="local slice store written by `liverseg ingest`"),
+    to: str = typer.Option(..., help="object-store URL, e.g. s3://bucket/stores/lits.zarr (AWS_* variables)"),
+) -> None:
+    """Upload a slice store to object storage for Ray workers on any node (incremental, root metadata last)."""
+    from liverseg.publish import publish_store
+    from liverseg.store import StoreError
+
+    try:
+        rep = publish_store(store, to)
+    except (StoreError, OSError) as e:
+        fail(str(e), 1)
+    extra = f"; {len(rep.extra)} object(s) there not in {store} (kept)" if rep.extra else ""
+    typer.echo(f"publish: {len(rep.uploaded)} uploaded, {len(rep.unchanged)} unchanged -> {to}{extra}")
+
+
 @app.command(epilog=keys_help("TrainConfig"))
 def train(
     store: str = typer.Option(..., help="slice store path or URL"),
@@ -233,7 +250,8 @@ def tune(
         fail(f"no trial finished with a model; first failure: {best.get('error') or 'none'}{log[0]}", 1)
     typer.echo(
         f"best trial {best['trial_id']}: val_dice {best['val_dice']:.4f}, mlflow run {best['run_id']}, "
-        f"checkpoint {best['checkpoint']}; results -> {out}"
+        f"checkpoint {best['checkpoint']}; results -> {out}; search run {summary.parent_run_id} "
+        f"(liverseg register --best-of-tune-run {summary.parent_run_id})"
     )
 
 
@@ -272,7 +290,8 @@ def evaluate(
     def go(con):
         import tempfile
 
-        from liverseg.evaluate import load_model, worst_overlays
+        from liverseg.artifact import load_model
+        from liverseg.evaluate import worst_overlays
 
         lm = load_model(uri, device)
         ev = run_eval(uri, store, split, raw, lcc, device, lm=lm)
@@ -316,6 +335,9 @@ EXP_ALIAS_ENV = "LIVERSEG_ALIAS_IN_EXPERIMENTS"  # `dvc exp run` moves no alias 
 def register(
     run: str | None = typer.Option(None, "--run", help="MLflow training run id"),
     best_of_tune: Path | None = typer.Option(None, help="tune-results.json: register its best trial"),
+    best_of_tune_run: str | None = typer.Option(
+        None, help="MLflow parent run id of a search: register its best trial (no local file needed)"
+    ),
     name: str = typer.Option("liver-unet", help="registered model name"),
     out: Path | None = typer.Option(None, help="write {name, version, run_id, alias} JSON here (DVC output)"),
     test_metrics: Path | None = typer.Option(
@@ -341,7 +363,7 @@ def register(
         "register",
         verbose,
         (RegistryError, FileNotFoundError),
-        lambda con: run_register(run, best_of_tune, name, test_metrics, alias or None),
+        lambda con: run_register(run, best_of_tune, name, best_of_tune_run, test_metrics, alias or None),
     )
     if out:
         from liverseg.storage import atomic_write_json
@@ -406,7 +428,7 @@ def predict(
     """Segment CT volumes into uint8 liver masks on each input's own grid (shape and affine)."""
     from tqdm import tqdm
 
-    from liverseg.evaluate import load_model
+    from liverseg.artifact import load_model
     from liverseg.inference import predict_file
     from liverseg.lits import InputError
 
@@ -442,19 +464,56 @@ def predict(
 
 @app.command()
 def serve(
-    model: str = typer.Option("models:/liver-unet@champion", help="MLflow model URI (an alias is followed on reload)"),
+    model: str = typer.Option("models:/liver-unet@champion", help="MLflow model URI (an alias is followed)"),
     host: str = typer.Option("127.0.0.1", help="bind address; 0.0.0.0 only behind a proxy you trust"),
     port: int = typer.Option(8080, help="TCP port"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     max_mb: int = typer.Option(512, help="largest accepted upload (MiB)"),
+    config: Path | None = typer.Option(None, "--config", "-c", help="serve YAML (pipelines/serve.yaml)"),
+    set_: list[str] | None = SetOpt,
 ) -> None:
-    """Serve the model over REST: POST /segment, GET /health, GET /model, POST /reload (or SIGHUP)."""
+    """Serve the model over REST: POST /segment, GET /health, GET /model, POST /reload, POST /webhook.
+
+    Follows the alias of --model: on MLflow's signed webhook (secret in LIVERSEG_WEBHOOK_SECRET) and by
+    polling every serve.poll_s seconds. POST /reload needs Authorization: Bearer $LIVERSEG_RELOAD_TOKEN.
+    """
+    from liverseg.config import ServeConfig
     from liverseg.serve import serve as run_serve
 
+    cfg = _load(ServeConfig, config, set_, None, "serve")
     try:
-        run_serve(model, host, port, device, max_mb * 1024 * 1024)
+        run_serve(model, host, port, device, max_mb * 1024 * 1024, cfg.serve)
     except Exception as e:
         fail(f"cannot serve {model}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", 1)
+
+
+webhook_app = typer.Typer(no_args_is_help=True, help="MLflow registry webhooks that tell replicas of new aliases")
+app.add_typer(webhook_app, name="webhook")
+
+
+@webhook_app.command("add")
+def webhook_add(
+    urls: list[str] = typer.Argument(..., help="replica webhook URLs, e.g. http://serve-0:8080/webhook"),
+) -> None:
+    """Register (or refresh) a model_version_alias.created webhook per replica URL (MLflow admin;
+    secret from LIVERSEG_WEBHOOK_SECRET, the same one the replicas read)."""
+    from liverseg.webhook import add_webhook
+
+    for url in urls:
+        try:
+            hook = add_webhook(url)
+        except Exception as e:
+            fail(f"webhook {url}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", 1)
+        typer.echo(f"webhook {hook.webhook_id} -> {url} ({', '.join(str(e) for e in hook.events)})")
+
+
+@webhook_app.command("remove")
+def webhook_remove(urls: list[str] = typer.Argument(..., help="replica webhook URLs")) -> None:
+    """Delete the webhooks that deliver to these URLs."""
+    from liverseg.webhook import remove_webhook
+
+    for url in urls:
+        typer.echo(f"removed {remove_webhook(url)} webhook(s) -> {url}")
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -15,9 +15,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-
-class ConfigError(ValueError):
-    """A config file, profile or override is invalid; the message is one line naming the key."""
+from liverseg.errors import ConfigError
 
 
 class Strict(BaseModel):
@@ -157,6 +155,20 @@ class TuneConfig(TrainConfig):
         },
         description="training keys to distributions; lr and the Dice/CE weights as the brief says",
     )
+
+
+# ---------------------------------------------------------------- serve
+class ServeSection(Strict):
+    poll_s: float = Field(
+        30.0, ge=0, description="alias check interval, the fallback when a webhook is lost; 0 = webhook only"
+    )
+    webhook_max_age_s: float = Field(
+        300.0, gt=0, description="older signed deliveries are refused as replays (Standard Webhooks' 5 min)"
+    )
+
+
+class ServeConfig(Strict):
+    serve: ServeSection = Field(default_factory=ServeSection)
 
 
 Cfg = TypeVar("Cfg", bound=BaseModel)

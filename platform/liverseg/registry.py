@@ -15,21 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from liverseg.artifact import digests, fetch, resolve_version
+from liverseg.errors import RegistryError
 from liverseg.modelcard import TEST_GRID, update_descriptions
+from liverseg.tracking import client as mlflow_client
 from liverseg.tracking import store_datasets, tracking_uri
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 DEFAULT_NAME = "liver-unet"
-
-
-class RegistryError(RuntimeError):
-    """A registry operation cannot proceed; one line saying why."""
-
-
-def _client():
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri())
 
 
 def _alias(client, name: str, alias: str):
@@ -39,25 +32,47 @@ def _alias(client, name: str, alias: str):
         return None
 
 
+def best_of_tune_run(client, parent_run_id: str) -> str:
+    """The best trial's run id of a finished search, from its MLflow parent run (tag `best_run_id`):
+    a cluster job needs no tune-results.json on a pod's disk."""
+    try:
+        parent = client.get_run(parent_run_id)
+    except Exception:
+        raise RegistryError(f"tune run {parent_run_id}: not found in {tracking_uri()}") from None
+    best = parent.data.tags.get("best_run_id", "None")
+    if parent.data.tags.get("liverseg.kind") != "tune" or best == "None":
+        raise RegistryError(f"run {parent_run_id}: not a finished liverseg tuning search (no best_run_id tag)")
+    return best
+
+
 def register(
     run_id: str | None = None,
     tune_results: str | Path | None = None,
     name: str = DEFAULT_NAME,
+    tune_run: str | None = None,
     test_metrics: str | Path | None = None,
     alias: str | None = CHALLENGER,
 ) -> Any:
     """Register a training run's logged model as a new version with lineage tags; alias it `alias` (None:
-    no alias moves). `test_metrics`: `liverseg evaluate`'s JSON for this model, tagged on the version."""
+    no alias moves). `test_metrics`: `liverseg evaluate`'s JSON for this model, tagged on the version.
+
+    The run is given directly, as the best trial of tune-results.json, or as the best trial of the
+    search whose MLflow parent run is `tune_run`.
+    """
     import mlflow
 
-    if (run_id is None) == (tune_results is None):
-        raise RegistryError("give exactly one of --run RUN_ID or --best-of-tune tune-results.json")
+    if sum(x is not None for x in (run_id, tune_results, tune_run)) != 1:
+        raise RegistryError(
+            "give exactly one of --run RUN_ID, --best-of-tune tune-results.json or --best-of-tune-run PARENT_RUN_ID"
+        )
     if tune_results is not None:
         best = json.loads(Path(tune_results).read_text())["best"]
         run_id = best.get("run_id")
         if not run_id:
             raise RegistryError(f"{tune_results}: best trial has no MLflow run id")
-    client = _client()
+    client = mlflow_client()
+    if tune_run is not None:
+        run_id = best_of_tune_run(client, tune_run)
     try:
         run = client.get_run(run_id)
     except Exception:
@@ -71,6 +86,7 @@ def register(
         break
     else:
         lineage = {
+            **_model_digests(client, t["model_uri"]),
             "training_run_id": run_id,
             "git_commit": t.get("git_commit", "unknown"),
             "dvc_store_md5": t.get("dvc_store_md5", "untracked"),
@@ -103,6 +119,15 @@ def test_metric_tags(path: str | Path, model_uri: str) -> dict[str, str]:
         "test_hd95_mm": "" if hd95 is None else f"{hd95:.3f}",
         "test_cases": str(s.get("n_cases", "")),
     }
+
+
+def _model_digests(client, model_uri: str) -> dict[str, str]:
+    """sha256 of the logged model's weights and spec, as the version tags `artifact.load_model` checks."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="liverseg-register-") as tmp:
+        model_dir, _ = fetch(client, model_uri, tmp)
+        return digests(model_dir)
 
 
 def _wait_ready(client, name: str, version: str, timeout_s: float = 60) -> None:
@@ -175,7 +200,7 @@ def promote(
 
     scorer = scorer or (lambda uri: evaluate(uri, store_path, split, raw).summary["dice"]["mean"])
     dice_tag, grid = ("test_dice", TEST_GRID) if raw else ("test_dice_store_grid", "store grid, not LiTS")
-    client = _client()
+    client = mlflow_client()
     with _Lock(name):  # compare-and-set: nobody moves the champion between our read and our write
         chal = _alias(client, name, CHALLENGER)
         if chal is None:
@@ -216,7 +241,7 @@ def promote(
 
 def rollback(name: str = DEFAULT_NAME) -> tuple[str, str]:
     """Put `champion` back on the champion it replaced. Returns (from version, to version)."""
-    client = _client()
+    client = mlflow_client()
     with _Lock(name):
         champ = _alias(client, name, CHAMPION)
         if champ is None:
@@ -231,25 +256,12 @@ def rollback(name: str = DEFAULT_NAME) -> tuple[str, str]:
         return str(champ.version), prev
 
 
-def resolve_version(client, uri: str):
-    """models:/name@alias or models:/name/N -> ModelVersion."""
-    if not uri.startswith("models:/"):
-        raise RegistryError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
-    ref = uri[len("models:/") :]
-    try:
-        if "@" in ref:
-            return client.get_model_version_by_alias(*ref.split("@", 1))
-        return client.get_model_version(*ref.split("/", 1))
-    except Exception as e:
-        raise RegistryError(f"{uri}: not found in the registry ({type(e).__name__})") from None
-
-
 def lineage(uri: str) -> list[str]:
     """The chain model version -> training run -> git commit -> DVC data hash -> store cases and split,
     each split checked against the digest the run recorded as its input (as trained / changed)."""
     from liverseg.store import SliceStore, StoreError
 
-    client = _client()
+    client = mlflow_client()
     mv = resolve_version(client, uri)
     run = client.get_run(mv.run_id)
     t = run.data.tags
