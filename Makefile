@@ -20,7 +20,11 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# Layers (import-linter contracts in pyproject.toml), lint and format checks fail the target before any test runs.
 test: setup
+	$(BIN)/lint-imports
+	$(BIN)/ruff check platform tests benchmarks scripts
+	$(BIN)/ruff format --check platform tests benchmarks scripts
 	$(BIN)/python -m pytest -q -ra
 
 test-slow: setup

@@ -16,7 +16,8 @@ import numpy as np
 
 
 def main() -> None:
-    from liverseg.inference import load_local, predict_file, save_local
+    from liverseg.artifact import ModelSpec, load_local, save_local
+    from liverseg.inference import predict_file
     from liverseg.model import build_model
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -30,17 +31,8 @@ def main() -> None:
         rng = np.random.default_rng(0)
         vol = rng.integers(-1000, 400, a.shape, dtype=np.int16)
         nib.save(nib.Nifti1Image(vol, np.diag([-0.7, -0.7, 1.0, 1.0])), str(tmp / "ct.nii.gz"))
-        meta = {
-            "encoder": a.encoder,
-            "decoder_channels": [256, 128, 64, 32, 16],
-            "in_channels": 1,
-            "window": [-200, 250],
-            "mean": 0.2,
-            "std": 0.3,
-            "size": [a.size, a.size],
-            "orientation": "RAS",
-        }
-        save_local(tmp / "m", build_model(a.encoder, "none", 1).state_dict(), meta)
+        spec = ModelSpec(a.encoder, 1, (-200.0, 250.0), 0.2, 0.3, (a.size, a.size))
+        save_local(tmp / "m", build_model(a.encoder, "none", 1).state_dict(), spec)
         lm = load_local(tmp / "m", a.device)
         predict_file(lm, tmp / "ct.nii.gz", tmp / "warm.nii.gz")  # warm-up (cuDNN autotune, allocator)
         t0 = time.perf_counter()

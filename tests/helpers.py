@@ -22,19 +22,19 @@ def constant_state(liver: bool) -> dict[str, torch.Tensor]:
     return net.state_dict()
 
 
-def meta(size=(64, 64)) -> dict:
-    return {
-        **SMALL_MODEL,
-        "in_channels": 1,
-        "classes": ["background", "liver"],
-        "window": [-200.0, 250.0],
-        "mean": 0.2,
-        "std": 0.3,
-        "size": list(size),
-        "orientation": "RAS",
-        "units": "HU",
-        "lcc": True,
-    }
+def spec(size=(64, 64), in_channels: int = 1):
+    """The spec of the small test U-Net."""
+    from liverseg.artifact import ModelSpec
+
+    return ModelSpec(
+        encoder=SMALL_MODEL["encoder"],
+        decoder_channels=tuple(SMALL_MODEL["decoder_channels"]),
+        in_channels=in_channels,
+        window=(-200.0, 250.0),
+        mean=0.2,
+        std=0.3,
+        size=tuple(size),
+    )
 
 
 def log_model_run(
@@ -44,8 +44,7 @@ def log_model_run(
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from liverseg.inference import save_local
-    from liverseg.pyfunc import log_pyfunc
+    from liverseg.artifact import log_model, save_local
     from liverseg.tracking import experiment_id, tracking_uri
 
     client = MlflowClient(tracking_uri())
@@ -61,8 +60,8 @@ def log_model_run(
     )
     rid = run.info.run_id
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=rid):
-        save_local(Path(tmp) / "m", state, meta())
-        info = log_pyfunc(Path(tmp) / "m")
+        save_local(Path(tmp) / "m", state, spec())
+        info = log_model(Path(tmp) / "m")
     client.set_tag(rid, "model_uri", info.model_uri)
     client.set_tag(rid, "best_val_dice", str(val_dice))
     client.set_terminated(rid, "FINISHED")

@@ -5,8 +5,10 @@ S3-compatible server on 127.0.0.1."""
 from __future__ import annotations
 
 import configparser
+import contextlib
 import copy
 import json
+import os
 import re
 import shutil
 import socket
@@ -61,8 +63,8 @@ def _pod_templates(obj: dict) -> list[dict]:
     if obj["kind"] in WORKLOADS:
         return [spec["template"]]
     if obj["kind"] == "RayJob":
-        spec = spec["rayClusterSpec"]
-    if obj["kind"] in ("RayJob", "RayCluster"):
+        spec = spec.get("rayClusterSpec") or {}  # none: the job runs on an existing cluster (clusterSelector)
+    if obj["kind"] in ("RayJob", "RayCluster") and spec:
         return [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec.get("workerGroupSpecs", [])]
     return []
 
@@ -136,12 +138,14 @@ def _kuberay_rule_errors(obj: dict) -> list[str]:
             errors.append("one of rayClusterSpec or clusterSelector must be set")
         if not isinstance(yaml.safe_load(spec.get("runtimeEnvYAML", "{}")), dict):
             errors.append("runtimeEnvYAML is not a YAML mapping")
-        spec = spec["rayClusterSpec"]
+        spec = spec.get("rayClusterSpec") or {}
     for g in spec.get("workerGroupSpecs", []):
-        lo, n, hi = g["minReplicas"], g.get("replicas", g["minReplicas"]), g["maxReplicas"]
+        lo, hi = g.get("minReplicas", 0), g.get("maxReplicas", 2**31 - 1)  # the CRD's defaults
+        n = g.get("replicas", lo)
         if not 0 <= lo <= n <= hi:
             errors.append(f"worker group {g['groupName']}: need 0 <= minReplicas <= replicas <= maxReplicas")
-    if len({c["image"] for c in _containers(obj)}) != 1:
+    # ours on top: the Ray container (KubeRay's first) of every group runs one image, one Python and Ray
+    if len({t["spec"]["containers"][0]["image"] for t in _pod_templates(obj)}) > 1:
         errors.append("head and workers must run one image (same Python and Ray on every node)")
     return errors
 
@@ -153,6 +157,10 @@ def test_kuberay_resources_pass_the_controllers_rules(objects):
     broken = copy.deepcopy(_by_kind(objects, "RayCluster")["liverseg"])
     broken["spec"]["workerGroupSpecs"][0]["minReplicas"] = 9
     assert "need 0 <= minReplicas" in " ".join(_kuberay_rule_errors(broken))
+    broken = copy.deepcopy(_by_kind(objects, "RayJob")["liverseg-tune"])
+    broken["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["image"] = "x:1"
+    broken["spec"]["shutdownAfterJobFinishes"] = False
+    assert len(_kuberay_rule_errors(broken)) == 2  # ttl without shutdown; two images
 
 
 # --- references between objects -------------------------------------------------------------------------
@@ -346,6 +354,17 @@ def test_nothing_committed_holds_a_password():
 # --- docker compose -------------------------------------------------------------------------------------
 
 
+def test_compose_file_matches_the_compose_spec():
+    """The Compose Specification's schema, as check-jsonschema ships it (offline)."""
+    vendor = resources.files("check_jsonschema") / "builtin_schemas" / "vendor"
+    schema = json.loads((vendor / "compose-spec.json").read_text())
+    compose = yaml.safe_load(COMPOSE.read_text())
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    assert not [e.message for e in validator.iter_errors(compose)]
+    compose["services"]["mlflow"]["enviroment"] = {}  # a misspelt key is refused
+    assert not validator.is_valid(compose)
+
+
 def test_compose_hands_mlflow_its_passwords_from_the_environment():
     compose = yaml.safe_load(COMPOSE.read_text())
     services = compose["services"]
@@ -424,8 +443,8 @@ def test_dockerfile_runs_unprivileged_and_holds_no_secret():
     assert user == ["${UID}"] and int(uid) >= 1000  # numeric: runAsNonRoot can check it
     for name in re.findall(r"^(?:ARG|ENV)\s+(\w+)", text, re.M) + re.findall(r"^\s+(\w+)=", text, re.M):
         assert not re.search(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY", name), name
-    ignored = (REPO / ".dockerignore").read_text().splitlines()
-    assert ignored[ignored.index("*") if "*" in ignored else -1] == "*", "the context starts from nothing"
+    rules = [line for line in (REPO / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
+    assert rules[0] == "*", ".dockerignore: the context starts from nothing (no .env, .venv, .git, data)"
 
 
 # --- the bucket job, against a real S3-compatible server --------------------------------------------------
@@ -523,141 +542,209 @@ def _resolved_env(container: dict, objects: list[dict]) -> dict[str, str]:
     return env
 
 
-def _here(text: str, pg_port: int, s3: str) -> str:
-    """Service names of the namespace -> the servers this test started on 127.0.0.1."""
-    return text.replace("@postgres:5432", f"@127.0.0.1:{pg_port}").replace("http://minio.liverseg.svc:9000", s3)
-
-
-@pytest.fixture
-def manifest_postgres(objects):
-    """PostgreSQL on 127.0.0.1 set up as postgres.yaml's image would set it up: superuser POSTGRES_USER with
-    the generated password, database POSTGRES_DB, then the SQL of ConfigMap postgres-init."""
-    import os
+@contextlib.contextmanager
+def _postgres(user: str, password: str, db: str, init_sql: list[str]):
+    """PostgreSQL on 127.0.0.1 set up as the postgres image sets itself up: superuser `user` with `password`,
+    database `db`, then the init scripts. Yields (port, query(db, sql) -> list of values)."""
     import tempfile
 
     from helpers import free_port
 
-    initdb = shutil.which("initdb") or sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))[-1]
-    bindir = Path(initdb).resolve().parent
-    (pg,) = _containers(_by_kind(objects, "StatefulSet")["postgres"])
-    env = _resolved_env(pg, objects)
+    bindir = (
+        Path(shutil.which("initdb") or sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))[-1]).resolve().parent
+    )
     root = Path(tempfile.mkdtemp(prefix="pg-", dir="/tmp"))  # short: the Unix socket lives here
+    root.chmod(0o777)
+    (root / "pw").write_text(password + "\n")
     as_pg = ["runuser", "-u", "postgres", "--"] if os.getuid() == 0 else []  # initdb refuses root
-    os.chmod(root, 0o777)
-    (root / "pw").write_text(env["POSTGRES_PASSWORD"] + "\n")
     port = free_port()
-    run = lambda *cmd: subprocess.run([*as_pg, *map(str, cmd)], check=True, capture_output=True)  # noqa: E731
-    run(
-        bindir / "initdb",
-        "-D",
-        root / "data",
-        "-U",
-        env["POSTGRES_USER"],
-        "--auth=scram-sha-256",
-        f"--pwfile={root / 'pw'}",
-    )
-    run(
-        bindir / "pg_ctl",
-        "-D",
-        root / "data",
-        "-w",
-        "-l",
-        root / "log",
-        "-o",
-        f"-h 127.0.0.1 -p {port} -k {root}",
-        "start",
-    )
+    ctl = [*as_pg, bindir / "pg_ctl", "-D", root / "data"]
+    run = lambda *cmd, **kw: subprocess.run(list(map(str, cmd)), check=True, capture_output=True, text=True, **kw)  # noqa: E731
+    run(*as_pg, bindir / "initdb", "-D", root / "data", "-U", user, "--auth=scram-sha-256", f"--pwfile={root / 'pw'}")
+    run(*ctl, "-w", "-l", root / "log", "-o", f"-h 127.0.0.1 -p {port} -k {root}", "start")
+    psql = [bindir / "psql", "-h", "127.0.0.1", "-p", port, "-U", user, "-v", "ON_ERROR_STOP=1", "-tA", "-d"]
+    query = lambda db, sql: run(*psql, db, "-c", sql, env={**os.environ, "PGPASSWORD": password}).stdout.split()  # noqa: E731
     try:
-        psql = [bindir / "psql", "-h", "127.0.0.1", "-p", port, "-U", env["POSTGRES_USER"], "-v", "ON_ERROR_STOP=1"]
-        pw = {**os.environ, "PGPASSWORD": env["POSTGRES_PASSWORD"]}
-        subprocess.run(
-            list(map(str, [*psql, "-d", "postgres", "-c", f"CREATE DATABASE {env['POSTGRES_DB']}"])), env=pw, check=True
-        )
-        for sql in _by_kind(objects, "ConfigMap")["postgres-init"]["data"].values():
-            subprocess.run(list(map(str, [*psql, "-d", env["POSTGRES_DB"], "-c", sql])), env=pw, check=True)
-        yield (
-            port,
-            lambda db, q: subprocess.run(
-                list(map(str, [*psql, "-d", db, "-tA", "-c", q])), env=pw, check=True, capture_output=True, text=True
-            ).stdout.split(),
-        )
+        query("postgres", f"CREATE DATABASE {db}")
+        for sql in init_sql:
+            query(db, sql)
+        yield port, query
     finally:
-        run(bindir / "pg_ctl", "-D", root / "data", "-m", "fast", "stop")
+        run(*ctl, "-m", "fast", "stop")
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.mark.slow
-def test_mlflow_pod_as_written_serves_here(objects, manifest_postgres, s3_server, tmp_path):
-    """mlflow.yaml's container, with its Secrets and ConfigMap, against the PostgreSQL and bucket the other
-    manifests describe: basic auth on, admin from MLFLOW_AUTH_ADMIN_*, users in PostgreSQL, the Host names
-    pods use accepted, artifacts proxied into the bucket."""
-    import os
+@contextlib.contextmanager
+def _mlflow_server(cmd: list[str], env: dict[str, str], root: Path):
+    """A container's `mlflow server` command run here: bound to 127.0.0.1 on a free port instead of
+    0.0.0.0:5000 (the Host allow-list follows the port, as a `port-forward 5000:5000` would keep it)."""
+    from helpers import free_port, stop, wait_http
 
-    import boto3
+    port = free_port()
+    cmd = [a.replace("--host=0.0.0.0", "--host=127.0.0.1").replace("--port=5000", f"--port={port}") for a in cmd]
+    hosts = env["MLFLOW_SERVER_ALLOWED_HOSTS"].replace("127.0.0.1:5000", f"127.0.0.1:{port}")
+    env = {**env, "MLFLOW_SERVER_ALLOWED_HOSTS": hosts}
+    log = root / "mlflow.log"
+    with open(log, "w") as out:
+        exe = str(Path(sys.executable).parent / cmd[0])
+        proc = subprocess.Popen(
+            [exe, *cmd[1:]], env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT, cwd=root
+        )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc, log, 180)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc)
+
+
+def _check_team_server(url: str, admin: tuple[str, str], pod_host: str, monkeypatch) -> str:
+    """Basic auth on (401 without or with a wrong password), the admin account from the environment, the
+    Host names clients use accepted and others refused (403); returns the run id of an artifact logged
+    through the proxy."""
     import httpx
     from mlflow.tracking import MlflowClient
 
-    from helpers import free_port, stop, wait_http
+    search = url + "/api/2.0/mlflow/experiments/search?max_results=1"
+    assert httpx.get(search, headers={"Host": pod_host}).status_code == 401
+    assert httpx.get(search, headers={"Host": pod_host}, auth=(admin[0], "wrong")).status_code == 401
+    assert httpx.get(search, headers={"Host": pod_host}, auth=admin).status_code == 200
+    assert httpx.get(search, headers={"Host": "attacker.example:5000"}, auth=admin).status_code == 403
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", admin[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", admin[1])
+    client = MlflowClient(url)
+    run = client.create_run(client.create_experiment("deploy-check"))
+    client.log_text(run.info.run_id, "through the proxy", "note.txt")
+    return run.info.run_id
 
-    pg_port, query = manifest_postgres
-    (job,) = _containers(_by_kind(objects, "Job")["make-bucket"])
-    job_env = {k: _here(v, pg_port, s3_server) for k, v in _resolved_env(job, objects).items()}
-    made = subprocess.run(
-        [sys.executable, str(DEPLOY / "make_bucket.py"), *job["command"][2:]], env={**os.environ, **job_env}
-    )
-    assert made.returncode == 0
-    (pod,) = _containers(_by_kind(objects, "Deployment")["mlflow"])
-    env = {k: _here(v, pg_port, s3_server) for k, v in _resolved_env(pod, objects).items()}
-    (mount,) = pod["volumeMounts"]  # the Secret mlflow-auth, its key as a file
-    ini = _by_kind(objects, "Secret")["mlflow-auth"]["stringData"]["basic_auth.ini"]
-    assert env["MLFLOW_AUTH_CONFIG_PATH"] == f"{mount['mountPath']}/basic_auth.ini"
-    (tmp_path / "basic_auth.ini").write_text(_here(ini, pg_port, s3_server))
-    (tmp_path / "basic_auth.ini").chmod(0o444)
-    env["MLFLOW_AUTH_CONFIG_PATH"] = str(tmp_path / "basic_auth.ini")
-    port = free_port()  # instead of 5000: the local port of a `kubectl port-forward svc/mlflow 5000:5000`
-    env["MLFLOW_SERVER_ALLOWED_HOSTS"] = env["MLFLOW_SERVER_ALLOWED_HOSTS"].replace(
-        "127.0.0.1:5000", f"127.0.0.1:{port}"
-    )
-    args = [
-        a.replace("--host=0.0.0.0", "--host=127.0.0.1").replace("--port=5000", f"--port={port}") for a in pod["args"]
-    ]
-    log = tmp_path / "mlflow.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / pod["command"][0]), *pod["command"][1:], *args],
-            env={**os.environ, **env},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=tmp_path,
+
+def _bucket_keys(endpoint: str, env: dict[str, str]) -> list[str]:
+    import boto3
+
+    keys = {k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **{k.lower(): v for k, v in keys.items()})
+    return [o["Key"] for o in s3.list_objects_v2(Bucket="liverseg").get("Contents", [])]
+
+
+def _rehost(env: dict[str, str], local: dict[str, str]) -> dict[str, str]:
+    """Service addresses of the namespace (or compose network) -> the servers this test runs on 127.0.0.1."""
+    out = {}
+    for key, value in env.items():
+        for service, here in local.items():
+            value = value.replace(service, here)
+        out[key] = value
+    return out
+
+
+def _make_bucket(cmd: list[str], env: dict[str, str]) -> None:
+    assert cmd[:2] == ["python", "/app/deploy/make_bucket.py"]  # the image's copy of deploy/make_bucket.py
+    subprocess.run([sys.executable, str(DEPLOY / "make_bucket.py"), *cmd[2:]], env={**os.environ, **env}, check=True)
+
+
+@pytest.mark.slow
+def test_kubernetes_mlflow_pod_as_written_serves_here(objects, s3_server, tmp_path, monkeypatch):
+    """mlflow.yaml's container with its Secrets and ConfigMap, PostgreSQL as postgres.yaml sets it up, the
+    bucket made by the make-bucket Job: users in PostgreSQL, artifacts proxied into the bucket."""
+    pg = _resolved_env(_containers(_by_kind(objects, "StatefulSet")["postgres"])[0], objects)
+    init = list(_by_kind(objects, "ConfigMap")["postgres-init"]["data"].values())
+    with _postgres(pg["POSTGRES_USER"], pg["POSTGRES_PASSWORD"], pg["POSTGRES_DB"], init) as (port, query):
+        local = {"@postgres:5432": f"@127.0.0.1:{port}", "http://minio.liverseg.svc:9000": s3_server}
+        (job,) = _containers(_by_kind(objects, "Job")["make-bucket"])
+        job_env = _rehost(_resolved_env(job, objects), local)
+        _make_bucket(job["command"], job_env)
+        (pod,) = _containers(_by_kind(objects, "Deployment")["mlflow"])
+        env = _rehost(_resolved_env(pod, objects), local)
+        (mount,) = pod["volumeMounts"]  # Secret mlflow-auth: its key as a read-only file
+        assert env["MLFLOW_AUTH_CONFIG_PATH"] == f"{mount['mountPath']}/basic_auth.ini" and mount["readOnly"]
+        ini = tmp_path / "basic_auth.ini"
+        ini.write_text(
+            _rehost({"": _by_kind(objects, "Secret")["mlflow-auth"]["stringData"]["basic_auth.ini"]}, local)[""]
         )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_http(url + "/health", proc, log, 180)
-        search = url + "/api/2.0/mlflow/experiments/search?max_results=1"
-        admin = (env["MLFLOW_AUTH_ADMIN_USERNAME"], env["MLFLOW_AUTH_ADMIN_PASSWORD"])
-        pod_host = {"Host": "mlflow.liverseg.svc:5000"}  # what ConfigMap liverseg's MLFLOW_TRACKING_URI sends
-        assert httpx.get(search, headers=pod_host).status_code == 401
-        assert httpx.get(search, headers=pod_host, auth=(admin[0], "wrong")).status_code == 401
-        assert httpx.get(search, headers=pod_host, auth=admin).status_code == 200
-        assert httpx.get(search, headers={"Host": "attacker.example:5000"}, auth=admin).status_code == 403
-        assert query("mlflow_auth", "SELECT username FROM users") == [admin[0]]  # users in PostgreSQL
-        os.environ.update(MLFLOW_TRACKING_USERNAME=admin[0], MLFLOW_TRACKING_PASSWORD=admin[1])
-        try:
-            client = MlflowClient(url)
-            run = client.create_run(client.create_experiment("deploy-check"))
-            client.log_text(run.info.run_id, "through the proxy", "note.txt")
-        finally:
-            for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
-                os.environ.pop(k)
-        s3 = boto3.client(
-            "s3",
-            endpoint_url=s3_server,
-            region_name="us-east-1",
-            aws_access_key_id=job_env["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=job_env["AWS_SECRET_ACCESS_KEY"],
-        )
-        keys = [o["Key"] for o in s3.list_objects_v2(Bucket="liverseg", Prefix="artifacts/").get("Contents", [])]
-        assert any(k.endswith(f"{run.info.run_id}/artifacts/note.txt") for k in keys), keys
-        assert query("mlflow", "SELECT name FROM experiments ORDER BY name") == ["Default", "deploy-check"]
-    finally:
-        stop(proc)
+        ini.chmod(0o444)
+        env["MLFLOW_AUTH_CONFIG_PATH"] = str(ini)
+        with _mlflow_server(pod["command"] + pod["args"], env, tmp_path) as url:
+            admin = (env["MLFLOW_AUTH_ADMIN_USERNAME"], env["MLFLOW_AUTH_ADMIN_PASSWORD"])
+            run_id = _check_team_server(url, admin, "mlflow.liverseg.svc:5000", monkeypatch)
+            assert query("mlflow_auth", "SELECT username FROM users") == [admin[0]]  # users in PostgreSQL
+            assert query("mlflow", "SELECT name FROM experiments ORDER BY name") == ["Default", "deploy-check"]
+        assert f"artifacts/1/{run_id}/artifacts/note.txt" in _bucket_keys(s3_server, job_env)
+
+
+def _compose_env(service: dict, dotenv: dict[str, str]) -> dict[str, str]:
+    """A compose service's environment interpolated as compose does: ${VAR}, ${VAR:-default}, ${VAR:?error}."""
+
+    def sub(m):
+        name, op, arg = m.group(1), m.group(2), m.group(3)
+        if name in dotenv:
+            return dotenv[name]
+        assert op == ":-", f"compose would stop: {name} unset ({arg})"
+        return arg
+
+    return {k: re.sub(r"\$\{(\w+)(?:(:[-?])([^}]*))?\}", sub, str(v)) for k, v in service["environment"].items()}
+
+
+@pytest.mark.slow
+def test_compose_mlflow_as_written_serves_here(s3_server, tmp_path, monkeypatch):
+    """docker-compose.yml's mlflow service with a .env from gen-secrets.sh: the admin password from
+    MLFLOW_AUTH_ADMIN_PASSWORD, the backend on PostgreSQL with POSTGRES_PASSWORD, the auth database on the
+    writable volume, artifacts proxied into the bucket the `bucket` service made."""
+    subprocess.run(["bash", str(DEPLOY / "gen-secrets.sh"), "compose", str(tmp_path / ".env")], check=True)
+    dotenv = dict(line.split("=", 1) for line in (tmp_path / ".env").read_text().splitlines())
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    pg = _compose_env(services["postgres"], dotenv)
+    volume = tmp_path / "mlflow-auth"  # the named volume, mounted writable at /var/lib/liverseg
+    volume.mkdir()
+    with _postgres(pg["POSTGRES_USER"], pg["POSTGRES_PASSWORD"], pg["POSTGRES_DB"], []) as (port, query):
+        local = {"@postgres:5432": f"@127.0.0.1:{port}", "http://minio:9000": s3_server}
+        bucket_env = _rehost(_compose_env(services["bucket"], dotenv), local)
+        _make_bucket(services["bucket"]["command"], bucket_env)
+        env = _rehost(_compose_env(services["mlflow"], dotenv), local)
+        ini = (DEPLOY / "mlflow" / "basic_auth.ini").read_text().replace("/var/lib/liverseg", str(volume))
+        (tmp_path / "basic_auth.ini").write_text(ini)
+        env["MLFLOW_AUTH_CONFIG_PATH"] = str(tmp_path / "basic_auth.ini")
+        with _mlflow_server(services["mlflow"]["command"], env, tmp_path) as url:
+            admin = (dotenv["MLFLOW_AUTH_ADMIN_USERNAME"], dotenv["MLFLOW_AUTH_ADMIN_PASSWORD"])
+            run_id = _check_team_server(url, admin, "mlflow:5000", monkeypatch)
+            assert query("mlflow", "SELECT name FROM experiments ORDER BY name") == ["Default", "deploy-check"]
+        assert (volume / "basic_auth.db").is_file()  # the auth database, on the volume
+    assert f"artifacts/1/{run_id}/artifacts/note.txt" in _bucket_keys(s3_server, bucket_env)
+
+
+def test_ray_pods_carry_what_a_tuning_job_needs(objects):
+    """Every Ray node reaches the tracking server as its own MLflow user and the bucket with S3 keys; the
+    rayVersion KubeRay is told is one the image's pip may install (pyproject's range)."""
+    from packaging.requirements import Requirement
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    ray_range = next(Requirement(d) for d in deps if d.startswith("ray[")).specifier
+    need = {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "AWS_ENDPOINT_URL"}
+    need |= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    for obj in objects:
+        if obj["kind"] not in ("RayCluster", "RayJob"):
+            continue
+        spec = obj["spec"].get("rayClusterSpec", obj["spec"])
+        assert spec["rayVersion"] in ray_range, (obj["metadata"]["name"], spec["rayVersion"], str(ray_range))
+        for c in _containers(obj):
+            missing = need - _resolved_env(c, objects).keys()
+            assert not missing, (obj["metadata"]["name"], c["name"], missing)
+
+
+def test_the_build_context_builds_the_package(tmp_path):
+    """What .dockerignore lets into the build context and the Dockerfile copies before `pip install` is
+    enough to build liverseg (a wheel, offline, with the console script)."""
+    import zipfile
+
+    text = _dockerfile()
+    (tmp_path / "ctx").mkdir()
+    for src in re.findall(r"^COPY (.+) \S+$", text[: text.index("RUN pip install")], re.M):
+        for rel in src.split():
+            if (REPO / rel).is_dir():
+                shutil.copytree(REPO / rel, tmp_path / "ctx" / rel, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy2(REPO / rel, tmp_path / "ctx" / rel)
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "w")]
+    subprocess.run([*cmd, str(tmp_path / "ctx")], check=True, capture_output=True, cwd=tmp_path)
+    (wheel,) = (tmp_path / "w").glob("liverseg-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "liverseg/cli.py" in names and "liverseg/serve.py" in names
+    entry = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "liverseg = liverseg.cli:app" in zipfile.ZipFile(wheel).read(entry).decode()

@@ -2,14 +2,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from helpers import constant_state, meta
-from liverseg.inference import LoadedModel, load_local, predict_file, save_local, segment_volume
+from helpers import constant_state, spec
+from liverseg.artifact import LoadedModel, load_local, save_local
+from liverseg.inference import predict_file, segment_volume
 
 
 @pytest.fixture(scope="module")
 def all_liver(tmp_path_factory):
     d = tmp_path_factory.mktemp("m")
-    save_local(d, constant_state(liver=True), meta())
+    save_local(d, constant_state(liver=True), spec())
     return load_local(d, "cpu")
 
 
@@ -31,7 +32,7 @@ def test_mask_follows_any_orientation(tmp_path, real_ct):
 
     net = build_model("resnet18", "none", 1, [32, 16, 16, 8, 8])
     net.eval()
-    lm = LoadedModel(net, {**meta(size=(96, 96))}, torch.device("cpu"))
+    lm = LoadedModel(net, spec(size=(96, 96)), torch.device("cpu"))
     img = nib.load(str(real_ct / "volume-0.nii.gz"))
     data = np.asanyarray(img.dataobj)
     a = segment_volume(lm, data, img.affine, lcc=False)
@@ -42,20 +43,6 @@ def test_mask_follows_any_orientation(tmp_path, real_ct):
     b = segment_volume(lm, other, img.affine @ flip @ perm, lcc=False)
     assert b.shape == other.shape
     assert np.array_equal(b, np.ascontiguousarray(a[::-1].transpose(1, 0, 2)))
-
-
-def test_pyfunc_round_trip(mlflow_uri, real_ct):
-    import mlflow.pyfunc
-
-    from helpers import log_model_run
-
-    _, uri = log_model_run(constant_state(liver=False))
-    model = mlflow.pyfunc.load_model(uri)
-    img = nib.load(str(real_ct / "volume-0.nii.gz"))
-    out = model.predict({"volume": np.asanyarray(img.dataobj).astype(np.float32), "affine": img.affine})
-    assert out.shape == img.shape and out.dtype == np.uint8 and out.sum() == 0
-    sig = model.metadata.get_input_schema().input_names()
-    assert sig == ["volume", "affine"]
 
 
 def test_predict_cli_folder_mode(mlflow_uri, phantom_dir, tmp_path):
@@ -110,16 +97,18 @@ def test_predict_overlay_with_truth(tmp_path, real_ct, all_liver):
 
 
 def test_predict_needs_no_training_stack(tmp_path, real_ct):
-    """Serving images carry torch and nibabel; predicting must not pull in zarr, Ray, MLflow or pydantic."""
+    """Serving images carry torch and nibabel; `liverseg predict` with a model folder must not pull in
+    zarr, Ray, MLflow, nor liverseg's evaluation, registry or training."""
     import subprocess
     import sys
 
-    save_local(tmp_path / "m", constant_state(liver=True), meta())
+    save_local(tmp_path / "m", constant_state(liver=True), spec())
+    args = ["predict", str(real_ct / "volume-0.nii.gz"), str(tmp_path / "mask.nii.gz"), "--model", str(tmp_path / "m")]
+    heavy = ("zarr", "ray", "mlflow", "liverseg.evaluate", "liverseg.registry", "liverseg.train")
     code = (
-        "import sys; from liverseg.inference import load_local, predict_file\n"
-        f"predict_file(load_local({str(tmp_path / 'm')!r}, 'cpu'), {str(real_ct / 'volume-0.nii.gz')!r}, "
-        f"{str(tmp_path / 'mask.nii.gz')!r})\n"
-        "print(sorted(m for m in ('zarr', 'ray', 'mlflow', 'pydantic') if m in sys.modules))"
+        "import sys; from liverseg.cli import app\n"
+        f"app({args + ['--device', 'cpu']!r}, standalone_mode=False)\n"
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]" and (tmp_path / "mask.nii.gz").exists()
+    assert out.strip().splitlines()[-1] == "[]" and (tmp_path / "mask.nii.gz").exists()

@@ -1,18 +1,12 @@
-"""Security checks that need no running service: safe checkpoint loading, no secrets in the repo."""
+"""Security checks that need no running service: no secrets in the repo, loopback by default.
+
+Loading models without running stored code: `test_artifact.py`."""
 
 import re
 import subprocess
 from pathlib import Path
 
 from conftest import REPO
-
-
-def test_every_torch_load_is_weights_only():
-    calls = []
-    for f in (REPO / "platform" / "liverseg").glob("*.py"):
-        for m in re.finditer(r"torch\.load\((.*)$", f.read_text(), re.M):
-            calls.append((f.name, m.group(1)))
-    assert calls and all("weights_only=True" in args for _, args in calls), calls
 
 
 def test_no_credentials_committed():

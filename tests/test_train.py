@@ -64,11 +64,11 @@ def test_two_workers_end_to_end(ray_local, mlflow_uri, store_path, tmp_path, mon
     assert res.best_val_dice > _chance_dice(store_path)
     logged = " ".join([*p.keys(), *map(str, p.values()), *t.keys(), *map(str, t.values())])
     assert canary not in logged
-    import mlflow.pyfunc
+    from liverseg.artifact import load_model
 
-    model = mlflow.pyfunc.load_model(res.model_uri)
-    meta = model.unwrap_python_model().lm.meta
-    assert meta["window"] == [-200.0, 250.0] and meta["size"] == [64, 64] and 0 < meta["std"] < 1
+    spec = load_model(res.model_uri, "cpu").spec
+    assert spec.window == (-200.0, 250.0) and spec.size == (64, 64) and 0 < spec.std < 1
+    assert spec.train_run_id == res.run_id and spec.best_epoch == res.best_epoch
     assert list((tmp_path / "ray" / "e2e").glob("checkpoint_*"))
     again = train(store_path, cfg)  # same name: finished run is returned, nothing retrained
     assert again.resumed_finished and again.run_id == res.run_id

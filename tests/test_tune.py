@@ -137,3 +137,40 @@ def test_resume_after_killed_driver(mlflow_uri, store_path, tmp_path):
     assert len(keys) == len(set(keys)) == 4  # no trial's run duplicated
     first = next(r for r in runs if r.info.run_id == finished[0].info.run_id)
     assert len(client.get_metric_history(first.info.run_id, "val_dice")) == 3  # not retrained
+
+
+@pytest.mark.slow
+def test_search_reads_store_and_keeps_state_in_s3(s3, mlflow_uri, store_path, tmp_path):
+    """Store, checkpoints and Tune state in the object store; the best trial registered from MLflow alone."""
+    import boto3
+
+    from liverseg.publish import publish_store
+
+    store = f"{s3}/stores/slices.zarr"
+    publish_store(store_path, store)
+    sets = [*BASE, "tune.max_concurrent=1", "train.epochs=2", f"run.storage_path={s3}/ray"]
+    cli = [sys.executable, "-m", "liverseg.cli"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}  # AWS_* point at the moto server (fixture)
+    res = subprocess.run(
+        [*cli, "tune", "--store", store, *[x for s in sets for x in ("--set", s)], "--out", str(tmp_path / "r.json")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    parent = res.stdout.split("--best-of-tune-run ")[1].split(")")[0]
+    (tmp_path / "r.json").unlink()  # a cluster job keeps nothing on the pod's disk
+    reg = subprocess.run([*cli, "register", "--best-of-tune-run", parent], env=env, capture_output=True, text=True)
+    assert reg.returncode == 0, reg.stderr
+    client = MlflowClient(mlflow_uri)
+    mv = client.get_model_version_by_alias("liver-unet", "challenger")
+    assert mv.run_id == client.get_run(parent).data.tags["best_run_id"]
+    assert client.get_run(mv.run_id).data.tags["store_path"] == store  # trained from the bucket
+    keys = [
+        o["Key"]
+        for page in boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket="lake", Prefix="ray/")
+        for o in page.get("Contents", [])
+    ]
+    assert any("/checkpoint_" in k for k in keys), keys[:20]  # Ray Train checkpoints of the trials
+    assert any(k.startswith("ray/liverseg-tune/") and "experiment_state" in k for k in keys), keys[:20]  # Tune state

@@ -152,7 +152,8 @@ def tune(
     best = summary.best
     typer.echo(
         f"best trial {best['trial_id']}: val_dice {best['val_dice']:.4f}, mlflow run {best['run_id']}, "
-        f"checkpoint {best['checkpoint']}; results -> {out}"
+        f"checkpoint {best['checkpoint']}; results -> {out}; search run {summary.parent_run_id} "
+        f"(liverseg register --best-of-tune-run {summary.parent_run_id})"
     )
 
 
@@ -351,7 +352,7 @@ def predict(
     """Segment CT volumes into uint8 liver masks on each input's own grid (shape and affine)."""
     from tqdm import tqdm
 
-    from liverseg.evaluate import load_model
+    from liverseg.artifact import load_model
     from liverseg.inference import predict_file
     from liverseg.lits import InputError
 

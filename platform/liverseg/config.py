@@ -13,9 +13,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-
-class ConfigError(ValueError):
-    """A config file, profile or override is invalid; the message is one line naming the key."""
+from liverseg.errors import ConfigError
 
 
 class Strict(BaseModel):

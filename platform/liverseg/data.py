@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from liverseg.store import SliceStore
-from liverseg.transforms import window01
+from liverseg.transforms import neighbour_index, window01
 
 
 def assign_cases(case_slices: dict[str, int], workers: int) -> list[list[str]]:
@@ -38,11 +38,7 @@ class SliceSet:
         for k, case in enumerate(cases):
             img, msk = store.volume(case)
             z = img.shape[0]
-            idx = np.arange(z)
-            if in_channels == 3:
-                nb = np.stack([np.clip(idx - 1, 0, z - 1), idx, np.clip(idx + 1, 0, z - 1)], 1)
-            else:
-                nb = idx[:, None]
+            nb = neighbour_index(z, in_channels)
             images.append(img)
             masks.append(msk)
             nbrs.append(nb + offset)

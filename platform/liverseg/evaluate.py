@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from liverseg.artifact import LoadedModel
 from liverseg.metrics import counts, overlap_scores, score_volume
 from liverseg.storage import atomic_write_bytes, atomic_write_json
 
@@ -32,20 +33,6 @@ class Evaluation:
     cases: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     mlflow_run_id: str | None = None
-
-
-def load_model(uri: str, device: str = "auto"):
-    """Any MLflow model URI (runs:/, models:/name/N, models:/name@alias) -> inference.LoadedModel."""
-    import mlflow.pyfunc
-
-    from liverseg.inference import resolve_device
-
-    py = mlflow.pyfunc.load_model(uri)
-    lm = py.unwrap_python_model().lm
-    dev = resolve_device(device)
-    lm.net.to(dev)
-    lm.device = dev
-    return lm
 
 
 def finite(v: Any) -> Any:
@@ -79,9 +66,10 @@ def evaluate(
     raw: str | Path | None = None,
     lcc: bool = True,
     device: str = "auto",
-    lm: Any = None,
+    lm: LoadedModel | None = None,
 ) -> Evaluation:
     """Score a model on every case of a split (see module docstring)."""
+    from liverseg.artifact import load_model
     from liverseg.inference import segment_canonical
     from liverseg.lits import CasePaths, discover, read_case
     from liverseg.store import SliceStore
@@ -129,11 +117,10 @@ def log_evaluation(
     ev: Evaluation, out_json: str | Path, out_csv: str | Path | None, experiment: str = "liverseg"
 ) -> str:
     """An MLflow evaluation run linked to the model (URI, training run, registry version)."""
-    from mlflow.tracking import MlflowClient
+    from liverseg.tracking import client as mlflow_client
+    from liverseg.tracking import experiment_id, store_datasets
 
-    from liverseg.tracking import experiment_id, store_datasets, tracking_uri
-
-    client = MlflowClient(tracking_uri())
+    client = mlflow_client()
     tags = {"liverseg.kind": "evaluation", "model_uri": ev.model_uri, "split": ev.split, "resolution": ev.resolution}
     tags.update(model_link_tags(client, ev.model_uri))
     run = client.create_run(experiment_id(client, experiment), run_name=f"eval-{ev.split}", tags=tags)
@@ -159,7 +146,8 @@ def log_evaluation(
 
 def model_link_tags(client, uri: str) -> dict[str, str]:
     """Registry name/version and training run of a registry URI (empty for other URIs)."""
-    from liverseg.registry import RegistryError, resolve_version
+    from liverseg.artifact import resolve_version
+    from liverseg.errors import RegistryError
 
     try:
         mv = resolve_version(client, uri)

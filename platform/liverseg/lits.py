@@ -19,14 +19,12 @@ import numpy as np
 from isal import isal_zlib
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 
+from liverseg.errors import InputError
+
 NAME = re.compile(r"^(volume|segmentation)-(\w+)\.nii(\.gz)?$")
 RAS = axcodes2ornt(("R", "A", "S"))
 NIFTI2_SIZEOF_HDR = ((540).to_bytes(4, "little"), (540).to_bytes(4, "big"))  # NIfTI-1 has 348
 AFFINE_TOL = 1e-3  # mm; scanners write affines with float32 rounding
-
-
-class InputError(ValueError):
-    """A NIfTI file is unusable; the message is one line naming the file and the reason."""
 
 
 @dataclass

@@ -6,11 +6,9 @@ from pathlib import Path
 
 import torch
 
+from liverseg.errors import ModelError
+
 NUM_CLASSES = 2  # background, liver (label >= 1); softmax over these
-
-
-class ModelError(ValueError):
-    """Unknown encoder or unusable weights; the message lists the valid choices."""
 
 
 def encoder_names() -> list[str]:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from liverseg.artifact import LoadedModel, liver_probability
 from liverseg.storage import atomic_write_bytes
 
 
@@ -35,13 +36,11 @@ def curves_png(series: dict[str, list[tuple[int, float]]], out: str | Path) -> N
     plt.close(fig)
 
 
-def overlay_png(lm, store, cases: list[str], out: str | Path) -> None:
+def overlay_png(lm: LoadedModel, store, cases: list[str], out: str | Path) -> None:
     """For each case, the slice with most liver: CT (HU window), ground truth (green), prediction (red)."""
-    from liverseg.inference import liver_probability
-
     plt = _pyplot()
     fig, axes = plt.subplots(1, max(len(cases), 1), figsize=(3.2 * max(len(cases), 1), 3.4), squeeze=False)
-    lo, hi = lm.meta["window"]
+    lo, hi = lm.spec.window
     for ax, case in zip(axes[0], cases):
         img, msk = store.volume(case)
         z = int(np.argmax((msk >= 1).sum((1, 2))))

@@ -1,22 +1,25 @@
-"""The MLflow pyfunc that carries a liverseg model with its preprocessing (kept apart from `inference`
-so that inference needs no MLflow)."""
+"""The MLflow pyfunc flavour of a liverseg model, for `mlflow models serve` and `mlflow.pyfunc.load_model`.
+
+This file is logged as the model's code (MLflow's models-from-code; see `artifact.log_model`) and
+executed by MLflow when it loads the model: that path trusts the artifact store, by MLflow's design.
+liverseg itself never imports or runs it: its commands load the weights and spec with `artifact`.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import mlflow.models
 import mlflow.pyfunc
 import numpy as np
 
-from liverseg.inference import load_local, segment_volume
+from liverseg.artifact import load_local
+from liverseg.inference import segment_volume
 
 
 class LiverSegPythonModel(mlflow.pyfunc.PythonModel):
-    """predict({"volume": (X, Y, Z) HU, "affine": (4, 4)}) -> (X, Y, Z) uint8 mask on the same grid.
-
-    Pickled by reference; the package ships with the model in code_paths.
-    """
+    """predict({"volume": (X, Y, Z) HU, "affine": (4, 4)}) -> (X, Y, Z) uint8 mask on the same grid."""
 
     def load_context(self, context: Any) -> None:
         self.lm = load_local(Path(context.artifacts["model_dir"]))
@@ -26,39 +29,8 @@ class LiverSegPythonModel(mlflow.pyfunc.PythonModel):
             volume, affine = model_input["volume"], model_input.get("affine", np.eye(4))
         else:  # a bare array: identity affine
             volume, affine = np.asarray(model_input), np.eye(4)
-        lcc = bool((params or {}).get("lcc", True))
+        lcc = bool((params or {}).get("lcc", self.lm.spec.lcc))
         return segment_volume(self.lm, np.asarray(volume, dtype=np.float32), np.asarray(affine, dtype=np.float64), lcc)
 
 
-def log_pyfunc(model_dir: str | Path, name: str = "model") -> Any:
-    """Log a saved model directory as an MLflow pyfunc in the active run; returns mlflow's ModelInfo."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
-
-    signature = ModelSignature(
-        inputs=Schema(
-            [
-                TensorSpec(np.dtype(np.float32), (-1, -1, -1), "volume"),
-                TensorSpec(np.dtype(np.float64), (4, 4), "affine"),
-            ]
-        ),
-        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]),
-        params=ParamSchema([ParamSpec("lcc", "boolean", True)]),
-    )
-    example = {"volume": np.full((16, 16, 2), -100.0, np.float32), "affine": np.eye(4)}
-    return mlflow.pyfunc.log_model(
-        name=name,
-        python_model=LiverSegPythonModel(),
-        artifacts={"model_dir": str(model_dir)},
-        signature=signature,
-        input_example=example,
-        code_paths=[str(Path(__file__).parent)],
-        pip_requirements=_requirements(),
-    )
-
-
-def _requirements() -> list[str]:
-    from importlib.metadata import version
-
-    pkgs = ["torch", "segmentation-models-pytorch", "timm", "numpy", "scipy", "nibabel", "mlflow", "zarr"]
-    return [f"{p}=={version(p)}" for p in pkgs]
+mlflow.models.set_model(LiverSegPythonModel())  # models-from-code: what MLflow takes from this file

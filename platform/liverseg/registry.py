@@ -19,22 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from liverseg.artifact import digests, fetch, resolve_version
+from liverseg.errors import RegistryError
 from liverseg.history import Change, now, record, who
 from liverseg.team import candidate_model, check_can_change
+from liverseg.tracking import client as mlflow_client
 from liverseg.tracking import store_datasets, tracking_uri
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 DEFAULT_NAME = "liver-unet"
-
-
-class RegistryError(RuntimeError):
-    """A registry operation cannot proceed; one line saying why."""
-
-
-def _client():
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri())
 
 
 def _alias(client, name: str, alias: str):
@@ -81,7 +74,7 @@ def register(
         run_id = best.get("run_id")
         if not run_id:
             raise RegistryError(f"{tune_results}: best trial has no MLflow run id")
-    client = _client()
+    client = mlflow_client()
     if tune_run is not None:
         run_id = best_of_tune_run(client, tune_run)
     try:
@@ -96,6 +89,7 @@ def register(
         break
     else:
         lineage = {
+            **_model_digests(client, t["model_uri"]),
             "training_run_id": run_id,
             "git_commit": t.get("git_commit", "unknown"),
             "dvc_store_md5": t.get("dvc_store_md5", "untracked"),
@@ -108,6 +102,15 @@ def register(
         _wait_ready(client, name, version.version)
     client.set_registered_model_alias(name, CHALLENGER, version.version)
     return client.get_model_version(name, version.version)
+
+
+def _model_digests(client, model_uri: str) -> dict[str, str]:
+    """sha256 of the logged model's weights and spec, as the version tags `artifact.load_model` checks."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="liverseg-register-") as tmp:
+        model_dir, _ = fetch(client, model_uri, tmp)
+        return digests(model_dir)
 
 
 def _wait_ready(client, name: str, version: str, timeout_s: float = 60) -> None:
@@ -177,7 +180,7 @@ def promote(
 
     scorer = scorer or (lambda uri: evaluate(uri, store_path, split).summary["dice"]["mean"])
     check_can_change(name, f"promote {name}")
-    client, cand = _client(), candidate_model(name)
+    client, cand = mlflow_client(), candidate_model(name)
     with _Lock(name):  # compare-and-set: nobody moves the champion between our read and our write
         chal = _alias(client, cand, CHALLENGER)
         if chal is None:
@@ -240,7 +243,7 @@ def rollback(name: str = DEFAULT_NAME, reason: str = "") -> tuple[str, str]:
     """Put `champion` back on the champion it replaced; joins the history with `reason`.
     Returns (from version, to version)."""
     check_can_change(name, f"roll back {name}")
-    client = _client()
+    client = mlflow_client()
     with _Lock(name):
         champ = _alias(client, name, CHAMPION)
         if champ is None:
@@ -259,25 +262,12 @@ def rollback(name: str = DEFAULT_NAME, reason: str = "") -> tuple[str, str]:
         return str(champ.version), prev
 
 
-def resolve_version(client, uri: str):
-    """models:/name@alias or models:/name/N -> ModelVersion."""
-    if not uri.startswith("models:/"):
-        raise RegistryError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
-    ref = uri[len("models:/") :]
-    try:
-        if "@" in ref:
-            return client.get_model_version_by_alias(*ref.split("@", 1))
-        return client.get_model_version(*ref.split("/", 1))
-    except Exception as e:
-        raise RegistryError(f"{uri}: not found in the registry ({type(e).__name__})") from None
-
-
 def lineage(uri: str) -> list[str]:
     """The chain model version -> training run -> git commit -> DVC data hash -> store cases and split,
     each split checked against the digest the run recorded as its input (as trained / changed)."""
     from liverseg.store import SliceStore, StoreError
 
-    client = _client()
+    client = mlflow_client()
     mv = resolve_version(client, uri)
     run = client.get_run(mv.run_id)
     t = run.data.tags

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from liverseg.artifact import LoadedModel, load_model, resolve_version
 from liverseg.config import ServeSection
-from liverseg.lits import InputError
+from liverseg.errors import InputError
 from liverseg.webhook import SECRET_ENV, Verifier, WebhookRejected
 
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024  # a 512x512x1000 int16 volume, uncompressed
@@ -32,23 +33,17 @@ RELOAD_TOKEN_ENV = "LIVERSEG_RELOAD_TOKEN"
 
 @dataclass
 class Served:
-    lm: Any
+    lm: LoadedModel
     info: dict[str, Any]
 
 
 def load_served(uri: str, device: str = "auto") -> Served:
-    """Load a model and describe it; for models:/ URIs the registry version, tags and lineage."""
-    from mlflow.tracking import MlflowClient
-
-    from liverseg.evaluate import load_model
-    from liverseg.tracking import tracking_uri
-
+    """Load a model (weights and spec only, see `artifact.load_model`) and describe it; for models:/
+    URIs the registry version, tags and lineage."""
+    lm = load_model(uri, device)
     info: dict[str, Any] = {"uri": uri}
-    if uri.startswith("models:/"):
-        from liverseg.registry import resolve_version
-
-        client = MlflowClient(tracking_uri())
-        mv = resolve_version(client, uri)
+    mv = lm.version
+    if mv is not None:
         ref = uri[len("models:/") :]
         info.update(
             name=mv.name,
@@ -61,9 +56,15 @@ def load_served(uri: str, device: str = "auto") -> Served:
                 if k in mv.tags
             },
         )
-        uri = f"models:/{mv.name}/{mv.version}"  # pin: the alias may move while we load
-    lm = load_model(uri, device)
-    info["preprocessing"] = {k: lm.meta[k] for k in ("window", "size", "mean", "std", "in_channels", "orientation")}
+    s = lm.spec
+    info["preprocessing"] = {
+        "window": list(s.window),
+        "size": list(s.size),
+        "mean": s.mean,
+        "std": s.std,
+        "in_channels": s.in_channels,
+        "orientation": s.orientation,
+    }
     return Served(lm, info)
 
 
@@ -102,14 +103,11 @@ class ModelHolder:
 
     def reload_if_moved(self) -> bool:
         """Re-resolve the alias (one registry call); reload only if it names another version."""
-        from mlflow.tracking import MlflowClient
-
-        from liverseg.registry import resolve_version
-        from liverseg.tracking import tracking_uri
+        from liverseg.tracking import client
 
         if self.current.info.get("alias") is None:
             return False  # a pinned version or a run: nothing to follow
-        mv = resolve_version(MlflowClient(tracking_uri()), self.uri)
+        mv = resolve_version(client(), self.uri)
         if str(mv.version) == self.current.info.get("version"):
             return False
         self.reload()

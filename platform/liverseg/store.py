@@ -20,13 +20,11 @@ from typing import Any
 import numpy as np
 import zarr
 
+from liverseg.errors import StoreError
+
 FORMAT = "liverseg-slices"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
-
-
-class StoreError(RuntimeError):
-    """The store is missing, of another format, or a case cannot be read; names the case."""
 
 
 def array_sha256(arr: np.ndarray) -> str:

@@ -20,6 +20,8 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
+from liverseg.errors import PermissionRefused, TeamError
+
 CANDIDATES_SUFFIX = "-candidates"
 SERVED, CANDIDATES = "served", "candidates"
 # role -> {which registered model: permission}; anything not listed stays at the server's default, READ
@@ -28,15 +30,6 @@ ROLES: dict[str, dict[str, str]] = {
     "release": {CANDIDATES: "EDIT", SERVED: "EDIT"},
 }
 CAN_CHANGE = ("EDIT", "MANAGE")  # permissions that may move an alias or add a version
-
-
-class TeamError(RuntimeError):
-    """An account operation cannot proceed; one line saying why."""
-
-
-class PermissionRefused(TeamError):
-    """The tracking server refuses (or would refuse) this user this action; one line: who, what, which
-    permission is missing."""
 
 
 def candidate_model(name: str) -> str:

@@ -14,16 +14,21 @@ from typing import Any
 
 import yaml
 
+from liverseg.errors import TrackingError
+
 RUN_KEY = "liverseg.run_key"  # tag that makes runs findable again (resume, no duplicates)
-
-
-class TrackingError(RuntimeError):
-    """The tracking store cannot be reached or written; one line naming the URI."""
 
 
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI when set (MLflow's own convention), else ./mlflow.db (SQLite)."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def client(uri: str | None = None) -> Any:
+    """The one place an MlflowClient is built: for `uri`, else the project's tracking URI."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri or tracking_uri())
 
 
 def check_tracking(uri: str, timeout_s: float = 10.0) -> None:
@@ -39,10 +44,8 @@ def check_tracking(uri: str, timeout_s: float = 10.0) -> None:
         except Exception as e:
             raise TrackingError(f"MLflow tracking server {uri} is not reachable: {type(e).__name__}") from None
         return
-    from mlflow.tracking import MlflowClient
-
     try:
-        MlflowClient(uri).search_experiments(max_results=1)
+        client(uri).search_experiments(max_results=1)
     except Exception as e:
         raise TrackingError(f"MLflow tracking store {uri} is not usable: {type(e).__name__}: {e}") from None
 
@@ -144,10 +147,3 @@ def store_datasets(store: Any, store_path: str, contexts: dict[str, str]) -> lis
 
 def config_hash(flat: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def versions() -> dict[str, str]:
-    import ray
-    import torch
-
-    return {"ray_version": ray.__version__, "torch_version": torch.__version__}

@@ -10,14 +10,17 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from liverseg.artifact import ModelSpec, load_local, log_model, save_local, spec_for
 from liverseg.config import TrainConfig, to_flat_dict
 from liverseg.data import assign_cases, norm_stats
+from liverseg.errors import TrainError
+from liverseg.plots import curves_png, overlay_png
 from liverseg.store import FORMAT_VERSION, SliceStore
 from liverseg.tracking import (
     RUN_KEY,
@@ -30,15 +33,10 @@ from liverseg.tracking import (
     store_datasets,
     store_digest,
     tracking_uri,
-    versions,
 )
 from liverseg.train_loop import BEST_FILE, worker_loop
 
 MODEL_NAME = "model"
-
-
-class TrainError(RuntimeError):
-    """Training cannot start or did not finish; one line saying why."""
 
 
 @dataclass
@@ -57,19 +55,38 @@ def storage_path(cfg: TrainConfig) -> str:
     return p if "://" in p else str(Path(p).expanduser().resolve())
 
 
+# The submitter's services and identity: a shared cluster's workers were started with other variables
+# (or none), so these travel with the job (Ray's runtime_env) and each trial logs as its author.
+FORWARDED_ENV = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+)
+
+
 def ensure_ray(address: str | None) -> None:
+    """Connect to `address` (or RAY_ADDRESS) handing the job FORWARDED_ENV, else start a local Ray."""
     import ray
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env})
     else:
-        ray.init(log_to_driver=True)
+        ray.init(log_to_driver=True)  # local workers inherit this process's environment
 
 
 def lineage_tags(store: SliceStore, store_path: str) -> dict[str, str]:
+    import ray
+
     commit = git_commit()
     digest = store_digest(store.attrs, {c: store.case_attrs(c) for c in store.cases})
     return {
@@ -79,24 +96,8 @@ def lineage_tags(store: SliceStore, store_path: str) -> dict[str, str]:
         "store_path": store_path,
         "store_digest": digest,
         "format_version": str(FORMAT_VERSION),
-        **versions(),
-    }
-
-
-def model_meta(cfg: TrainConfig, store: SliceStore, stats: dict[str, float]) -> dict[str, Any]:
-    """What inference needs besides the weights."""
-    return {
-        "encoder": cfg.model.encoder,
-        "in_channels": cfg.model.in_channels,
-        "decoder_channels": list(cfg.model.decoder_channels),
-        "classes": ["background", "liver"],
-        "window": list(cfg.data.window),
-        "mean": stats["mean"],
-        "std": stats["std"],
-        "size": list(store.size),
-        "orientation": "RAS",
-        "units": "HU",
-        "lcc": True,
+        "ray_version": ray.__version__,
+        "torch_version": torch.__version__,
     }
 
 
@@ -164,13 +165,13 @@ def train(
         client.update_run(run_id, status="RUNNING")
 
     mean, std = norm_stats(store, train_cases, cfg.data.window, cfg.data.norm_sample_slices, cfg.train.seed)
-    stats = {"mean": mean, "std": std}
+    spec = spec_for(cfg, store.size, mean, std)
     workers = cfg.scaling.num_workers
     slices = {c: store.num_slices(c) for c in train_cases}
     loop_config = {
         "cfg": cfg.model_dump(mode="json"),
         "store": store_path,
-        "stats": stats,
+        "spec": spec.to_dict(),
         "train_shares": assign_cases(slices, workers),
         "train_slices": sum(slices.values()),
         "val_cases": val_cases,
@@ -206,7 +207,7 @@ def train(
         raise TrainError(f"training run {name} reported no checkpoint")
     with result.checkpoint.as_directory() as d:
         best = torch.load(Path(d) / BEST_FILE, map_location="cpu", weights_only=True)
-    model_uri = log_best_model(client, run_id, best, model_meta(cfg, store, stats), store, cfg)
+    model_uri = log_best_model(client, run_id, best, spec, store, cfg)
     client.set_tag(run_id, "best_val_dice", f"{best['val_dice']:.6f}")
     client.set_tag(run_id, "best_epoch", str(best["epoch"]))
     client.set_tag(run_id, "model_uri", model_uri)
@@ -215,23 +216,20 @@ def train(
 
 
 def log_best_model(
-    client, run_id: str, best: dict[str, Any], meta: dict[str, Any], store: SliceStore, cfg: TrainConfig
+    client, run_id: str, best: dict[str, Any], spec: ModelSpec, store: SliceStore, cfg: TrainConfig
 ) -> str:
-    """Log the best weights as a pyfunc, the config snapshot, curves and overlay PNGs; returns the model URI."""
+    """Log the best weights (artifact + pyfunc flavour), the config snapshot, curves and overlay PNGs;
+    returns the model URI."""
     import mlflow
 
-    from liverseg.inference import load_local, save_local
-    from liverseg.plots import curves_png, overlay_png
-    from liverseg.pyfunc import log_pyfunc
-
-    meta = {**meta, "best_epoch": int(best["epoch"]), "val_dice": float(best["val_dice"]), "train_run_id": run_id}
+    spec = replace(spec, best_epoch=int(best["epoch"]), val_dice=float(best["val_dice"]), train_run_id=run_id)
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
         model_dir = Path(tmp) / "model_files"
-        save_local(model_dir, best["model"], meta)
-        info = log_pyfunc(model_dir, MODEL_NAME)
+        save_local(model_dir, best["model"], spec)
+        info = log_model(model_dir, MODEL_NAME)
         (Path(tmp) / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
         mlflow.log_artifact(str(Path(tmp) / "config.json"))
-        mlflow.log_dict(meta, "liverseg_model_meta.json")
+        mlflow.log_dict(spec.to_dict(), "liverseg_model_meta.json")
         history = {k: client.get_metric_history(run_id, k) for k in ("train_loss", "val_loss", "val_dice")}
         curves_png({k: [(m.step, m.value) for m in v] for k, v in history.items()}, Path(tmp) / "curves.png")
         mlflow.log_artifact(str(Path(tmp) / "curves.png"), "plots")

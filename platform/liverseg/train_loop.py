@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from liverseg.artifact import ModelSpec, preprocess, use_bf16
 from liverseg.config import TrainConfig
 from liverseg.data import DeviceBatches, SliceSet, epoch_indices
 from liverseg.losses import HybridLoss
@@ -71,14 +72,14 @@ class MetricLogger:
 
 
 def _validate(
-    model, val_set: SliceSet, case_pos: list[int], n_cases: int, cfg: TrainConfig, stats: dict, device, loss_fn
+    model, val_set: SliceSet, case_pos: list[int], n_cases: int, cfg: TrainConfig, spec: ModelSpec, device, loss_fn
 ) -> torch.Tensor:
     """Per-case (tp, fp, fn, loss_sum, slices) of this worker's validation cases, summed over workers.
 
     `model` must be the unwrapped module: DDP forwards sync buffers, and workers run unequal counts.
     """
     out = torch.zeros((n_cases, 5), dtype=torch.float64, device=device)
-    use_bf16 = device.type == "cuda" and cfg.train.precision != "fp32"
+    bf16 = use_bf16(device, spec.precision)
     model.eval()
     with torch.no_grad():
         for k, pos in enumerate(case_pos):
@@ -86,8 +87,8 @@ def _validate(
             for i in range(0, len(idx), cfg.train.val_batch_size):
                 img, msk = val_set.batch(idx[i : i + cfg.train.val_batch_size])
                 img, msk = img.to(device), msk.to(device).long()
-                x = standardise(window01(img, cfg.data.window), stats["mean"], stats["std"])
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                x = preprocess(img, spec)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     logits = model(x.contiguous(memory_format=torch.channels_last))
                 pred, ref = logits.argmax(1) == 1, msk >= 1
                 tp = (pred & ref).sum()
@@ -140,7 +141,7 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     torch.manual_seed(cfg.train.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
-    stats = config["stats"]
+    spec = ModelSpec.from_dict(config["spec"])
     store = SliceStore(config["store"])
     train_set = SliceSet(store, config["train_shares"][rank], cfg.model.in_channels)
     val_cases: list[str] = config["val_cases"]
@@ -166,7 +167,7 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
         else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     )
     loss_fn = HybridLoss(cfg.loss.ce_weight, cfg.loss.dice_weight)
-    use_bf16 = device.type == "cuda" and cfg.train.precision != "fp32"
+    bf16 = use_bf16(device, spec.precision)
 
     start, best_dice, best_epoch, best_state = 0, -1.0, -1, None
     ckpt = ray.train.get_checkpoint()
@@ -199,17 +200,17 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
             x = window01(img, cfg.data.window)
             if cfg.data.augment:
                 x, msk = random_affine(x, msk, gen, cfg.data.rotate_deg, cfg.data.zoom)
-            x = standardise(x, stats["mean"], stats["std"])
+            x = standardise(x, spec.mean, spec.std)
             if cfg.train.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            loss_sum += optimise(model, opt, loss_fn, x, msk, use_bf16)
+            loss_sum += optimise(model, opt, loss_fn, x, msk, bf16)
             sched.step()
             if cfg.run.fail_at_epoch == epoch and rank == 0 and s == steps // 2:
                 _inject_fault(config.get("fault_marker"))
         train_time = time.perf_counter() - t0
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(loss_sum)
-        per_case = _validate(unwrap(model), val_set, val_pos, len(val_cases), cfg, stats, device, loss_fn).cpu().numpy()
+        per_case = _validate(unwrap(model), val_set, val_pos, len(val_cases), cfg, spec, device, loss_fn).cpu().numpy()
         scores = [overlap_scores(tp, fp, fn) for tp, fp, fn in per_case[:, :3]]
         metrics = {
             "train_loss": float(loss_sum) / (steps * world),

@@ -8,8 +8,18 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+
+def neighbour_index(z: int, in_channels: int) -> np.ndarray:
+    """(Z, C) int64 slice indices of each input: the slice itself (C=1) or the slice and its two
+    neighbours (C=3), clamped at the volume's ends. Training's SliceSet and inference both use it."""
+    idx = np.arange(z)
+    if in_channels == 3:
+        return np.stack([np.clip(idx - 1, 0, z - 1), idx, np.clip(idx + 1, 0, z - 1)], 1)
+    return idx[:, None]
 
 
 def window01(hu: torch.Tensor, window: tuple[float, float]) -> torch.Tensor:

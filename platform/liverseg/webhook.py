@@ -102,14 +102,12 @@ def add_webhook(url: str, secret: str | None = None, name: str | None = None) ->
     Idempotent per URL: an existing webhook for the same URL gets the secret and event again and is
     re-activated. The secret defaults to `LIVERSEG_WEBHOOK_SECRET`. Returns MLflow's Webhook.
     """
-    from mlflow.tracking import MlflowClient
-
-    from liverseg.tracking import tracking_uri
+    from liverseg.tracking import client as mlflow_client
 
     secret = secret or os.environ.get(SECRET_ENV)
     if not secret:
         raise ValueError(f"{SECRET_ENV}: not set; the replica and the webhook need the same shared secret")
-    client = MlflowClient(tracking_uri())
+    client = mlflow_client()
     existing = next((w for w in _all_webhooks(client) if w.url == url), None)
     if existing is not None:
         return client.update_webhook(existing.webhook_id, events=[EVENT], secret=secret, status="ACTIVE")
@@ -119,11 +117,9 @@ def add_webhook(url: str, secret: str | None = None, name: str | None = None) ->
 
 def remove_webhook(url: str) -> int:
     """Delete the webhooks that deliver to `url`; returns how many."""
-    from mlflow.tracking import MlflowClient
+    from liverseg.tracking import client as mlflow_client
 
-    from liverseg.tracking import tracking_uri
-
-    client = MlflowClient(tracking_uri())
+    client = mlflow_client()
     found = [w for w in _all_webhooks(client) if w.url == url]
     for w in found:
         client.delete_webhook(w.webhook_id)

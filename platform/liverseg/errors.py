@@ -1,0 +1,49 @@
+"""liverseg's errors: one base class, one subclass per area. Each message is one line naming the file,
+field, URI or version and what is wrong, so the CLI prints it as is (`except LiversegError`).
+
+Each area also keeps its builtin base (ValueError for bad input, RuntimeError for a failed operation),
+so callers that caught those before still do.
+"""
+
+from __future__ import annotations
+
+
+class LiversegError(Exception):
+    """Base of every error liverseg raises on purpose; the message is one line."""
+
+
+class ConfigError(LiversegError, ValueError):
+    """A config file, profile or override is invalid; the message names the key."""
+
+
+class InputError(LiversegError, ValueError):
+    """A NIfTI file (or a request body) is unusable; the message names the file and the reason."""
+
+
+class StoreError(LiversegError, RuntimeError):
+    """The slice store is missing, of another format, or a case cannot be read; names the case."""
+
+
+class ModelError(LiversegError, ValueError):
+    """A model cannot be built or loaded: unknown encoder, unusable weights, unknown spec format,
+    a digest that does not match its registry version; lists the valid choices where there are some."""
+
+
+class TrainError(LiversegError, RuntimeError):
+    """Training cannot start or did not finish."""
+
+
+class TrackingError(LiversegError, RuntimeError):
+    """The tracking store cannot be reached or written; names the URI."""
+
+
+class RegistryError(LiversegError, RuntimeError):
+    """A registry operation cannot proceed."""
+
+
+class TeamError(LiversegError, RuntimeError):
+    """An account operation on the tracking server cannot proceed (missing admin login, user exists)."""
+
+
+class PermissionRefused(TeamError):
+    """The tracking server refuses (or would refuse) this user this action: who, what, which permission."""

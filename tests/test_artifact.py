@@ -1,0 +1,204 @@
+"""The model artifact: spec format and versions, weights, preprocessing, loading from MLflow URIs without
+unpickling anything, and the registry's sha256 check."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pickle
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from helpers import constant_state, log_model_run, spec
+from liverseg.artifact import (
+    SPEC_FILE,
+    SPEC_TAG,
+    WEIGHTS_FILE,
+    WEIGHTS_TAG,
+    ModelSpec,
+    load_local,
+    load_model,
+    model_inputs,
+    save_local,
+)
+from liverseg.errors import LiversegError, ModelError
+
+
+def test_save_and_load_round_trip(tmp_path):
+    s, state = spec(), constant_state(liver=True)
+    save_local(tmp_path, state, s)
+    assert json.loads((tmp_path / SPEC_FILE).read_text())["format_version"] == 2
+    lm = load_local(tmp_path, "cpu")
+    assert lm.spec == s and all(torch.equal(v, lm.net.state_dict()[k]) for k, v in state.items())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        lm.spec.mean = 0.5
+
+
+def test_unknown_format_version_is_one_line(tmp_path):
+    (tmp_path / SPEC_FILE).write_text(json.dumps({**spec().to_dict(), "format_version": 7}))
+    (tmp_path / WEIGHTS_FILE).write_bytes(b"")
+    with pytest.raises(ModelError) as e:
+        load_local(tmp_path, "cpu")
+    assert "format version 7" in str(e.value) and "\n" not in str(e.value)
+    assert isinstance(e.value, LiversegError)
+
+
+def test_pickled_code_in_weights_is_refused_unrun(tmp_path):
+    """weights.pt that is a pickle of code (not a state dict): weights_only refuses it before it runs."""
+    save_local(tmp_path, constant_state(liver=True), spec())
+    marker = tmp_path / "pwned"
+
+    class Trap:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"x": Trap()}, tmp_path / WEIGHTS_FILE)
+    with pytest.raises(ModelError, match="unusable weights"):
+        load_local(tmp_path, "cpu")
+    assert not marker.exists()
+
+
+def test_invalid_spec_field_is_named():
+    with pytest.raises(ModelError, match="in_channels 2"):
+        ModelSpec("resnet18", 2, (-200.0, 250.0), 0.2, 0.3, (64, 64))
+
+
+def test_version_1_meta_still_loads(tmp_path):
+    """A model folder saved before the spec (`meta_version` 1, untyped keys) loads and predicts alike."""
+    state = constant_state(liver=True)
+    torch.save(state, tmp_path / WEIGHTS_FILE)
+    old = {
+        "meta_version": 1,
+        "encoder": "resnet18",
+        "decoder_channels": [32, 16, 16, 8, 8],
+        "in_channels": 1,
+        "classes": ["background", "liver"],
+        "window": [-200.0, 250.0],
+        "mean": 0.2,
+        "std": 0.3,
+        "size": [64, 64],
+        "orientation": "RAS",
+        "units": "HU",
+        "lcc": True,
+        "best_epoch": 3,
+        "val_dice": 0.9,
+        "train_run_id": "abc",
+    }
+    (tmp_path / SPEC_FILE).write_text(json.dumps(old))
+    lm = load_local(tmp_path, "cpu")
+    assert dataclasses.replace(lm.spec, train_run_id="", best_epoch=-1, val_dice=None) == spec()
+    assert (lm.spec.train_run_id, lm.spec.best_epoch, lm.spec.val_dice) == ("abc", 3, 0.9)
+    assert lm.net(torch.zeros(1, 1, 64, 64)).argmax(1).all()
+
+
+def test_three_channel_inputs_are_the_slice_and_its_neighbours():
+    s = spec(in_channels=3)
+    hu = torch.arange(4, dtype=torch.int16).view(4, 1, 1).expand(4, 2, 2) * 100  # slice k has HU 100k
+    x = model_inputs(hu, s)
+    assert x.shape == (4, 3, 2, 2)
+    raw = torch.round((x[:, :, 0, 0] * s.std + s.mean) * (s.window[1] - s.window[0]) + s.window[0])
+    assert raw.tolist() == [[0, 0, 100], [0, 100, 200], [100, 200, 250], [200, 250, 250]]  # ends clamped
+
+
+def test_three_channel_model_segments_a_volume(tmp_path, real_ct):
+    from liverseg.inference import predict_file
+    from liverseg.model import build_model
+
+    net = build_model("resnet18", "none", 3, [32, 16, 16, 8, 8])
+    head = net.segmentation_head[0]
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([0.0, 10.0]))
+    save_local(tmp_path / "m", net.state_dict(), spec(in_channels=3))
+    lm = load_local(tmp_path / "m", "cpu")
+    predict_file(lm, real_ct / "volume-0.nii.gz", tmp_path / "mask.nii.gz")
+    mask = nib.load(str(tmp_path / "mask.nii.gz"))
+    assert mask.shape == nib.load(str(real_ct / "volume-0.nii.gz")).shape and np.asanyarray(mask.dataobj).all()
+
+
+def _location(client, model_uri: str) -> Path:
+    return Path(client.get_logged_model(model_uri.split("/")[-1]).artifact_location)
+
+
+def _booby_trap(model_root: Path, marker: Path) -> None:
+    """Plant code that creates `marker` wherever a loader could run it: a pickled python_model and the
+    flavour's model code."""
+
+    class Trap:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (model_root / "python_model.pkl").write_bytes(pickle.dumps(Trap()))
+    for code in model_root.glob("*.py"):
+        code.write_text(f"open({str(marker)!r}, 'w')\n")
+
+
+def test_every_uri_form_loads_the_same_weights(mlflow_uri):
+    from liverseg.registry import register
+    from liverseg.tracking import client
+
+    rid, uri = log_model_run(constant_state(liver=True))
+    mv = register(run_id=rid)
+    assert mv.tags[WEIGHTS_TAG] and mv.tags[SPEC_TAG]
+    ref = load_local(_location(client(), uri) / "artifacts" / "m", "cpu").net.state_dict()
+    for form in (uri, f"runs:/{rid}/model", "models:/liver-unet@challenger", f"models:/liver-unet/{mv.version}"):
+        lm = load_model(form, "cpu")
+        assert lm.spec == spec() and all(torch.equal(v, lm.net.state_dict()[k]) for k, v in ref.items()), form
+    assert load_model("models:/liver-unet@challenger").uri == f"models:/liver-unet/{mv.version}"
+
+
+def test_tampered_weights_are_refused(mlflow_uri):
+    from liverseg.registry import register
+    from liverseg.tracking import client
+
+    rid, uri = log_model_run(constant_state(liver=True))
+    register(run_id=rid)
+    folder = _location(client(), uri) / "artifacts" / "m"
+    torch.save(constant_state(liver=False), folder / WEIGHTS_FILE)  # a valid state dict, other values
+    with pytest.raises(ModelError) as e:
+        load_model("models:/liver-unet@challenger", "cpu")
+    assert "liver-unet v1: weights sha256" in str(e.value) and "\n" not in str(e.value)
+    assert load_model(uri, "cpu").spec == spec()  # not a registry version: nothing to check against
+
+
+def test_no_liverseg_command_runs_code_from_the_artifact_store(mlflow_uri, store_path, tmp_path, real_ct):
+    """A pickled python_model (models logged before) and the flavour's code in the store are never run:
+    predict, evaluate, promote, serve's start and its /reload all read weights and spec only."""
+    from fastapi.testclient import TestClient
+
+    from liverseg.evaluate import evaluate
+    from liverseg.inference import predict_file
+    from liverseg.registry import promote, register
+    from liverseg.serve import ModelHolder, create_app
+    from liverseg.tracking import client
+
+    marker = tmp_path / "pwned"
+    rid, uri = log_model_run(constant_state(liver=True), store_path=store_path)
+    register(run_id=rid)
+    _booby_trap(_location(client(), uri), marker)
+    predict_file(load_model("models:/liver-unet@challenger", "cpu"), real_ct / "volume-0.nii.gz", tmp_path / "m.nii")
+    evaluate("models:/liver-unet@challenger", store_path, "test", device="cpu")
+    assert promote(store_path, min_dice=0.0).promoted
+    holder = ModelHolder("models:/liver-unet@champion", "cpu")
+    app = TestClient(create_app(holder, reload_token="t0ken"))
+    assert app.post("/reload").status_code == 401  # unauthenticated: refused before anything loads
+    assert app.post("/reload", headers={"Authorization": "Bearer t0ken"}).json()["version"] == "1"
+    assert not marker.exists()
+    pickle.loads((_location(client(), uri) / "python_model.pkl").read_bytes())  # the trap is real
+    assert marker.exists()
+
+
+def test_pyfunc_flavour_round_trip(mlflow_uri, real_ct):
+    """For `mlflow models serve` users: MLflow's own loader runs the flavour (and trusts the store)."""
+    import mlflow.pyfunc
+
+    _, uri = log_model_run(constant_state(liver=False))
+    model = mlflow.pyfunc.load_model(uri)
+    img = nib.load(str(real_ct / "volume-0.nii.gz"))
+    out = model.predict({"volume": np.asanyarray(img.dataobj).astype(np.float32), "affine": img.affine})
+    assert out.shape == img.shape and out.dtype == np.uint8 and out.sum() == 0
+    assert model.metadata.get_input_schema().input_names() == ["volume", "affine"]
