@@ -152,11 +152,17 @@ def log_evaluation(
     """An MLflow evaluation run linked to the model (URI, training run, registry version): summary metrics,
     the per-case scores as an MLflow table (`cases.json`, shown in the run's artifacts and the Evaluations
     view), and `images` (the worst cases' overlays) under `worst_cases/`."""
+    from liverseg.tracking import author, experiment_id, store_datasets
     from liverseg.tracking import client as mlflow_client
-    from liverseg.tracking import experiment_id, store_datasets
 
     client = mlflow_client()
-    tags = {"liverseg.kind": "evaluation", "model_uri": ev.model_uri, "split": ev.split, "resolution": ev.resolution}
+    tags = {
+        "liverseg.kind": "evaluation",
+        "mlflow.user": author(),
+        "model_uri": ev.model_uri,
+        "split": ev.split,
+        "resolution": ev.resolution,
+    }
     tags.update(model_link_tags(client, ev.model_uri))
     run = client.create_run(experiment_id(client, experiment), run_name=f"eval-{ev.split}", tags=tags)
     rid = run.info.run_id

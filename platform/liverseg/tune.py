@@ -18,7 +18,7 @@ from liverseg.config import ConfigError, TrainConfig, TuneConfig, did_you_mean, 
 from liverseg.console import EpochView, root_cause
 from liverseg.report import describe_search
 from liverseg.storage import atomic_write_json
-from liverseg.tracking import RUN_KEY, check_tracking, experiment_id, find_run, tracking_uri
+from liverseg.tracking import RUN_KEY, author, check_tracking, experiment_id, find_run, tracking_uri
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid", "randint")
 SEARCHES = ("random", "grid", "optuna")
@@ -132,7 +132,9 @@ def _parent_run(client, cfg: TuneConfig, resume: bool, lineage: dict[str, str]) 
     if run is not None and resume:
         client.update_run(run.info.run_id, status="RUNNING")
         return run.info.run_id
-    run = client.create_run(exp, run_name=cfg.tune.name, tags={RUN_KEY: key, "liverseg.kind": "tune", **lineage})
+    run = client.create_run(
+        exp, run_name=cfg.tune.name, tags={RUN_KEY: key, "liverseg.kind": "tune", "mlflow.user": author(), **lineage}
+    )
     rid = run.info.run_id
     client.log_param(rid, "search", cfg.tune.search)
     client.log_param(rid, "scheduler", cfg.tune.scheduler)
