@@ -75,13 +75,15 @@ def test_two_workers_end_to_end(ray_local, mlflow_uri, store_path, tmp_path, mon
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
-def test_resume_after_injected_failure(ray_local, mlflow_uri, store_path, tmp_path):
+def test_resume_after_injected_failure(ray_local, mlflow_uri, store_path, tmp_path, monkeypatch):
+    from liverseg.train import FAULT_ENV
+
+    monkeypatch.setenv(FAULT_ENV, "1")
     cfg = _cfg(
         tmp_path,
         "train.epochs=3",
         "train.steps_per_epoch=2",
         "run.name=crashy",
-        "run.fail_at_epoch=1",
         "run.max_failures=1",
     )
     res = train(store_path, cfg)
