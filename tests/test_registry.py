@@ -169,7 +169,7 @@ def test_register_best_of_tune_run_from_mlflow(mlflow_uri):
     exp = experiment_id(client, "liverseg")
     parent = client.create_run(exp, tags={"liverseg.kind": "tune", "best_run_id": best}).info.run_id
     mv = register(tune_run=parent)
-    assert mv.run_id == best and "challenger" in client.get_model_version("liver-unet", mv.version).aliases
+    assert mv.run_id == best and "challenger" in client.get_model_version("liver-unet-candidates", mv.version).aliases
     with pytest.raises(RegistryError, match=f"run {best}: not a finished liverseg tuning search"):
         register(tune_run=best)
     with pytest.raises(RegistryError, match="exactly one of"):

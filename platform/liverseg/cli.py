@@ -219,31 +219,72 @@ def register(
     if out:
         from liverseg.storage import atomic_write_json
 
-        atomic_write_json(out, {"name": name, "version": str(mv.version), "run_id": mv.run_id, "alias": "challenger"})
-    typer.echo(f"registered {name} v{mv.version} (run {mv.run_id}) as @challenger")
+        atomic_write_json(
+            out, {"name": mv.name, "version": str(mv.version), "run_id": mv.run_id, "alias": "challenger"}
+        )
+    typer.echo(f"registered {mv.name} v{mv.version} (run {mv.run_id}) as @challenger")
+
+
+ReasonOpt = typer.Option("", "--reason", help="why: recorded in the champion history (`liverseg history`)")
 
 
 @app.command()
 def promote(
     store: str = typer.Option(..., help="slice store with the test split"),
-    name: str = typer.Option("liver-unet", help="registered model name"),
+    name: str = typer.Option("liver-unet", help="served registered model (candidates: NAME-candidates)"),
     min_dice: float = typer.Option(0.9, help="floor on the challenger's mean test Dice"),
     margin: float = typer.Option(0.0, help="the challenger must beat the champion by more than this"),
+    reason: str = ReasonOpt,
 ) -> None:
-    """Move @champion to @challenger only if it passes the floor and beats the champion."""
+    """Copy NAME-candidates@challenger into NAME as @champion only if it passes the floor and beats the champion."""
     from liverseg.registry import promote as run_promote
 
-    d = run_promote(store, name, min_dice, margin)
+    d = run_promote(store, name, min_dice, margin, reason=reason)
     typer.echo(d.line())
 
 
 @app.command()
-def rollback(name: str = typer.Option("liver-unet", help="registered model name")) -> None:
+def rollback(name: str = typer.Option("liver-unet", help="registered model name"), reason: str = ReasonOpt) -> None:
     """Put @champion back on the champion it replaced."""
     from liverseg.registry import rollback as run_rollback
 
-    old, new = run_rollback(name)
+    old, new = run_rollback(name, reason)
     typer.echo(f"{name}: champion v{old} -> v{new}")
+
+
+@app.command()
+def history(name: str = typer.Option("liver-unet", help="served registered model")) -> None:
+    """Every change of @champion (promote, rollback), newest first: when, who, from -> to, scores, reason."""
+    from liverseg.history import history as changes
+    from liverseg.tracking import client
+
+    found = changes(client(), name)
+    typer.echo("\n".join(c.line() for c in found) if found else f"{name}: the champion never changed")
+
+
+users_app = typer.Typer(
+    no_args_is_help=True, help="Team accounts on the MLflow server (admin login from the environment)."
+)
+app.add_typer(users_app, name="users")
+
+
+@users_app.command("add")
+def users_add(
+    username: str = typer.Argument(..., help="login name"),
+    role: str = typer.Option(
+        ..., help="scientist (train, tune, register candidates) | release (also promote, roll back)"
+    ),
+    password: str | None = typer.Option(None, help="default: a generated one, printed once"),
+    name: str = typer.Option("liver-unet", help="served registered model the role applies to"),
+) -> None:
+    """Create a user with a role's permissions (needs LIVERSEG_ADMIN_USER / LIVERSEG_ADMIN_PASSWORD)."""
+    from liverseg.team import add_user, grants
+
+    pw = add_user(username, role, password, name)
+    perms = ", ".join(f"{p} on {m}" for _, m, p in grants(role, name))
+    typer.echo(f"user {username} ({role}): {perms}; READ on everything else")
+    if password is None:
+        typer.echo(f"password for {username} (shown once): {pw}")
 
 
 @app.command()

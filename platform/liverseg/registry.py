@@ -1,8 +1,12 @@
 """Model registry: register with lineage, promote challenger -> champion behind a gate, roll back.
 
-Aliases (`challenger`, `champion`), not the deprecated stages. Every decision is written as tags on
-the challenger's version; the version that becomes champion records the champion it replaced, which is
-what `rollback` returns to.
+Aliases (`challenger`, `champion`), not the deprecated stages. Versions are registered into
+`<name>-candidates` (alias `challenger`); promotion copies the winner into `<name>`, where `champion`
+lives and serving looks (`models:/<name>@champion`): two registered models so that the tracking
+server's per-model permissions separate who may add candidates from who may change what is served
+(team.py). Every decision is written as tags on the challenger's version; the version that becomes
+champion records the champion it replaced, which is what `rollback` returns to; every champion change
+joins the history (history.py).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from typing import Any
 
 from liverseg.artifact import digests, fetch, resolve_version
 from liverseg.errors import RegistryError
+from liverseg.history import Change, now, record, who
+from liverseg.team import candidate_model, check_can_change
 from liverseg.tracking import client as mlflow_client
 from liverseg.tracking import store_datasets, tracking_uri
 
@@ -50,13 +56,15 @@ def register(
     name: str = DEFAULT_NAME,
     tune_run: str | None = None,
 ) -> Any:
-    """Register a training run's logged model as a new version with lineage tags; alias it `challenger`.
+    """Register a training run's logged model as a new version of `<name>-candidates` with lineage tags;
+    alias it `challenger`.
 
     The run is given directly, as the best trial of tune-results.json, or as the best trial of the
     search whose MLflow parent run is `tune_run`.
     """
     import mlflow
 
+    name = candidate_model(name)  # every version is a candidate; only promotion copies one into `name`
     if sum(x is not None for x in (run_id, tune_results, tune_run)) != 1:
         raise RegistryError(
             "give exactly one of --run RUN_ID, --best-of-tune tune-results.json or --best-of-tune-run PARENT_RUN_ID"
@@ -162,60 +170,82 @@ def promote(
     margin: float = 0.0,
     split: str = "test",
     scorer=None,
+    reason: str = "",
 ) -> Decision:
-    """Evaluate challenger and champion on the same split; move `champion` only if the challenger passes
-    the floor and beats the champion by `margin` (strictly). Decision, scores and reason become tags.
+    """Evaluate `<name>-candidates@challenger` and `<name>@champion` on the same split; only if the
+    challenger passes the floor and beats the champion by `margin` (strictly), copy it into `name` and
+    move `champion` there. Decision, scores and reason become tags; a champion change joins the history
+    with `reason` (who, when, from, to, scores). A user without EDIT on `name` is refused before the gate.
 
     `scorer(uri) -> mean test Dice` defaults to `evaluate` on the store (tests may pass a cheaper one).
     """
     from liverseg.evaluate import evaluate
 
     scorer = scorer or (lambda uri: evaluate(uri, store_path, split).summary["dice"]["mean"])
-    client = mlflow_client()
+    check_can_change(name, f"promote {name}")
+    client, cand = mlflow_client(), candidate_model(name)
     with _Lock(name):  # compare-and-set: nobody moves the champion between our read and our write
-        chal = _alias(client, name, CHALLENGER)
+        chal = _alias(client, cand, CHALLENGER)
         if chal is None:
-            raise RegistryError(f"{name}: no '{CHALLENGER}' alias; run `liverseg register` first")
+            raise RegistryError(f"{cand}: no '{CHALLENGER}' alias; run `liverseg register` first")
         champ = _alias(client, name, CHAMPION)
-        if champ is not None and str(champ.version) == str(chal.version):
-            return Decision(
-                name,
-                str(chal.version),
-                str(champ.version),
-                str(champ.version),
-                float(champ.tags.get("test_dice", "nan")),
-                float(champ.tags.get("test_dice", "nan")),
-                False,
-                "challenger is already champion",
-            )
-        chal_dice = float(scorer(f"models:/{name}/{chal.version}"))
+        if champ is not None and champ.tags.get("candidate_version") == str(chal.version):
+            dice = float(champ.tags.get("test_dice", "nan"))
+            v = str(champ.version)
+            return Decision(name, str(chal.version), v, v, dice, dice, False, "challenger is already champion")
+        chal_dice = float(scorer(f"models:/{cand}/{chal.version}"))
         champ_dice = float(scorer(f"models:/{name}/{champ.version}")) if champ else None
-        if chal_dice < min_dice:
-            ok, reason = False, f"below the floor {min_dice}"
-        elif champ_dice is not None and not chal_dice > champ_dice + margin:
-            ok, reason = False, f"does not beat the champion by more than {margin}"
-        else:
-            ok, reason = True, "first champion" if champ is None else f"beats the champion by more than {margin}"
-        if ok:
-            client.set_registered_model_alias(name, CHAMPION, chal.version)
-            client.set_model_version_tag(name, chal.version, "previous_champion", str(champ.version) if champ else "")
-        decided = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        ok, why = _gate(chal_dice, champ_dice, min_dice, margin)
         for k, v in {
             "promotion_decision": "promoted" if ok else "rejected",
             "test_dice": f"{chal_dice:.6f}",
             "champion_test_dice": "" if champ_dice is None else f"{champ_dice:.6f}",
-            "promotion_reason": reason,
-            "decided_at": decided,
+            "promotion_reason": why,
+            "decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "decided_by": who(),
             "compared_with": str(champ.version) if champ else "",
-        }.items():
-            client.set_model_version_tag(name, chal.version, k, v)
+        }.items():  # on the candidate first: the served copy carries them
+            client.set_model_version_tag(cand, chal.version, k, v)
         before = str(champ.version) if champ else None
-        after = str(chal.version) if ok else before
-        return Decision(name, str(chal.version), before, after, chal_dice, champ_dice, ok, reason)
+        after = before
+        if ok:
+            after = _crown(client, name, str(chal.version), before)
+            change = Change(
+                "promote", name, before, after, who(), now(), reason, chal_dice, champ_dice, str(chal.version)
+            )
+            record(client, change)
+        return Decision(name, str(chal.version), before, after, chal_dice, champ_dice, ok, why)
 
 
-def rollback(name: str = DEFAULT_NAME) -> tuple[str, str]:
-    """Put `champion` back on the champion it replaced. Returns (from version, to version)."""
+def _gate(chal_dice: float, champ_dice: float | None, min_dice: float, margin: float) -> tuple[bool, str]:
+    if chal_dice < min_dice:
+        return False, f"below the floor {min_dice}"
+    if champ_dice is not None and not chal_dice > champ_dice + margin:
+        return False, f"does not beat the champion by more than {margin}"
+    return True, "first champion" if champ_dice is None else f"beats the champion by more than {margin}"
+
+
+def _crown(client, name: str, candidate: str, before: str | None) -> str:
+    """Copy candidate version `candidate` into `name` (once: a candidate promoted before is reused) and
+    move `champion` onto the copy. Returns the served version."""
+    served = [
+        mv for mv in client.search_model_versions(f"name = '{name}'") if mv.tags.get("candidate_version") == candidate
+    ]
+    if served:
+        version = str(served[0].version)
+    else:
+        version = str(client.copy_model_version(f"models:/{candidate_model(name)}/{candidate}", name).version)
+        _wait_ready(client, name, version)
+        client.set_model_version_tag(name, version, "candidate_version", candidate)
+    client.set_model_version_tag(name, version, "previous_champion", before or "")
+    client.set_registered_model_alias(name, CHAMPION, version)
+    return version
+
+
+def rollback(name: str = DEFAULT_NAME, reason: str = "") -> tuple[str, str]:
+    """Put `champion` back on the champion it replaced; joins the history with `reason`.
+    Returns (from version, to version)."""
+    check_can_change(name, f"roll back {name}")
     client = mlflow_client()
     with _Lock(name):
         champ = _alias(client, name, CHAMPION)
@@ -225,9 +255,13 @@ def rollback(name: str = DEFAULT_NAME) -> tuple[str, str]:
         if not prev:
             raise RegistryError(f"{name}: champion v{champ.version} replaced no earlier champion")
         client.set_registered_model_alias(name, CHAMPION, prev)
-        client.set_model_version_tag(
-            name, champ.version, "rolled_back_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        client.set_model_version_tag(name, champ.version, "rolled_back_at", now())
+        dice = {v: client.get_model_version(name, v).tags.get("test_dice") for v in (prev, str(champ.version))}
+        score = {v: float(d) if d else None for v, d in dice.items()}
+        change = Change(
+            "rollback", name, str(champ.version), prev, who(), now(), reason, score[prev], score[str(champ.version)]
         )
+        record(client, change)
         return str(champ.version), prev
 
 

@@ -56,16 +56,33 @@ def storage_path(cfg: TrainConfig) -> str:
     return p if "://" in p else str(Path(p).expanduser().resolve())
 
 
+# The submitter's services and identity: a shared cluster's workers were started with other variables
+# (or none), so these travel with the job (Ray's runtime_env) and each trial logs as its author.
+FORWARDED_ENV = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+)
+
+
 def ensure_ray(address: str | None) -> None:
+    """Connect to `address` (or RAY_ADDRESS) handing the job FORWARDED_ENV, else start a local Ray."""
     import ray
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env})
     else:
-        ray.init(log_to_driver=True)
+        ray.init(log_to_driver=True)  # local workers inherit this process's environment
 
 
 def lineage_tags(store: SliceStore, store_path: str) -> dict[str, str]:
