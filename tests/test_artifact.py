@@ -145,10 +145,15 @@ def test_every_uri_form_loads_the_same_weights(mlflow_uri):
     mv = register(run_id=rid)
     assert mv.tags[WEIGHTS_TAG] and mv.tags[SPEC_TAG]
     ref = load_local(_location(client(), uri) / "artifacts" / "m", "cpu").net.state_dict()
-    for form in (uri, f"runs:/{rid}/model", "models:/liver-unet@challenger", f"models:/liver-unet/{mv.version}"):
+    for form in (
+        uri,
+        f"runs:/{rid}/model",
+        "models:/liver-unet-candidates@challenger",
+        f"models:/liver-unet-candidates/{mv.version}",
+    ):
         lm = load_model(form, "cpu")
         assert lm.spec == spec() and all(torch.equal(v, lm.net.state_dict()[k]) for k, v in ref.items()), form
-    assert load_model("models:/liver-unet@challenger").uri == f"models:/liver-unet/{mv.version}"
+    assert load_model("models:/liver-unet-candidates@challenger").uri == f"models:/liver-unet-candidates/{mv.version}"
 
 
 def test_tampered_weights_are_refused(mlflow_uri):
@@ -160,8 +165,8 @@ def test_tampered_weights_are_refused(mlflow_uri):
     folder = _location(client(), uri) / "artifacts" / "m"
     torch.save(constant_state(liver=False), folder / WEIGHTS_FILE)  # a valid state dict, other values
     with pytest.raises(ModelError) as e:
-        load_model("models:/liver-unet@challenger", "cpu")
-    assert "liver-unet v1: weights sha256" in str(e.value) and "\n" not in str(e.value)
+        load_model("models:/liver-unet-candidates@challenger", "cpu")
+    assert "liver-unet-candidates v1: weights sha256" in str(e.value) and "\n" not in str(e.value)
     assert load_model(uri, "cpu").spec == spec()  # not a registry version: nothing to check against
 
 
@@ -180,8 +185,10 @@ def test_no_liverseg_command_runs_code_from_the_artifact_store(mlflow_uri, store
     rid, uri = log_model_run(constant_state(liver=True), store_path=store_path)
     register(run_id=rid)
     _booby_trap(_location(client(), uri), marker)
-    predict_file(load_model("models:/liver-unet@challenger", "cpu"), real_ct / "volume-0.nii.gz", tmp_path / "m.nii")
-    evaluate("models:/liver-unet@challenger", store_path, "test", device="cpu")
+    predict_file(
+        load_model("models:/liver-unet-candidates@challenger", "cpu"), real_ct / "volume-0.nii.gz", tmp_path / "m.nii"
+    )
+    evaluate("models:/liver-unet-candidates@challenger", store_path, "test", device="cpu")
     assert promote(store_path, min_dice=0.0).promoted
     holder = ModelHolder("models:/liver-unet@champion", "cpu")
     app = TestClient(create_app(holder, reload_token="t0ken"))

@@ -86,10 +86,13 @@ def webhook_mlflow(tmp_path, monkeypatch):
 
 
 def _new_version(liver: bool, name: str) -> str:
+    from mlflow.tracking import MlflowClient
+
     from liverseg.registry import register
 
     run, _ = log_model_run(constant_state(liver=liver))
-    return str(register(run_id=run, name=name).version)
+    mv = register(run_id=run, name=name)  # @challenger on NAME-candidates: an alias event the replicas ignore
+    return str(MlflowClient().copy_model_version(f"models:/{mv.name}/{mv.version}", name).version)
 
 
 class Client(threading.Thread):
