@@ -164,7 +164,7 @@ def test_search_reads_store_and_keeps_state_in_s3(s3, mlflow_uri, store_path, tm
     reg = subprocess.run([*cli, "register", "--best-of-tune-run", parent], env=env, capture_output=True, text=True)
     assert reg.returncode == 0, reg.stderr
     client = MlflowClient(mlflow_uri)
-    mv = client.get_model_version_by_alias("liver-unet", "challenger")
+    mv = client.get_model_version_by_alias("liver-unet-candidates", "challenger")
     assert mv.run_id == client.get_run(parent).data.tags["best_run_id"]
     assert client.get_run(mv.run_id).data.tags["store_path"] == store  # trained from the bucket
     keys = [

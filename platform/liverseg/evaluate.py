@@ -118,11 +118,17 @@ def log_evaluation(
     ev: Evaluation, out_json: str | Path, out_csv: str | Path | None, experiment: str = "liverseg"
 ) -> str:
     """An MLflow evaluation run linked to the model (URI, training run, registry version)."""
+    from liverseg.tracking import author, experiment_id, store_datasets
     from liverseg.tracking import client as mlflow_client
-    from liverseg.tracking import experiment_id, store_datasets
 
     client = mlflow_client()
-    tags = {"liverseg.kind": "evaluation", "model_uri": ev.model_uri, "split": ev.split, "resolution": ev.resolution}
+    tags = {
+        "liverseg.kind": "evaluation",
+        "mlflow.user": author(),
+        "model_uri": ev.model_uri,
+        "split": ev.split,
+        "resolution": ev.resolution,
+    }
     tags.update(model_link_tags(client, ev.model_uri))
     run = client.create_run(experiment_id(client, experiment), run_name=f"eval-{ev.split}", tags=tags)
     rid = run.info.run_id

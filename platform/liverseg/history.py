@@ -10,9 +10,7 @@ the OS login) and on a server (the basic-auth login, MLFLOW_TRACKING_USERNAME).
 
 from __future__ import annotations
 
-import getpass
 import json
-import os
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -48,11 +46,6 @@ class Change:
             f"{self.at}  {self.action:<8} {self.model}: {frm} -> v{self.to_version}{cand} by {self.by}; "
             f"test Dice {dice(self.test_dice)} vs {dice(self.champion_test_dice)}; reason: {self.reason or '-'}"
         )
-
-
-def who() -> str:
-    """The acting user: the tracking server login when there is one, else the OS login."""
-    return os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser()
 
 
 def now() -> str:

@@ -21,8 +21,9 @@ from typing import Any
 
 from liverseg.artifact import digests, fetch, resolve_version
 from liverseg.errors import RegistryError
-from liverseg.history import Change, now, record, who
+from liverseg.history import Change, now, record
 from liverseg.team import candidate_model, check_can_change
+from liverseg.tracking import author as who
 from liverseg.tracking import client as mlflow_client
 from liverseg.tracking import store_datasets, tracking_uri
 

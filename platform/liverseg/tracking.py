@@ -31,6 +31,14 @@ def client(uri: str | None = None) -> Any:
     return MlflowClient(uri or tracking_uri())
 
 
+def author() -> str:
+    """Who acts: the tracking server login (MLFLOW_TRACKING_USERNAME, forwarded to Ray workers) when set,
+    else the OS login. Runs carry it as `mlflow.user` (the UI's User column); promotions record it."""
+    import getpass
+
+    return os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser()
+
+
 def check_tracking(uri: str, timeout_s: float = 10.0) -> None:
     """Fail in seconds, before any training, when the tracking store is unusable.
 

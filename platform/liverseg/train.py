@@ -24,6 +24,7 @@ from liverseg.plots import curves_png, overlay_png
 from liverseg.store import FORMAT_VERSION, SliceStore
 from liverseg.tracking import (
     RUN_KEY,
+    author,
     check_tracking,
     config_hash,
     dvc_hash,
@@ -107,7 +108,7 @@ def _open_run(client, cfg: TrainConfig, key: str, name: str, tags: dict[str, str
     existing = find_run(client, exp, key)
     if existing is not None:
         return existing, True
-    all_tags = {RUN_KEY: key, **tags}
+    all_tags = {RUN_KEY: key, "mlflow.user": author(), **tags}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(exp, run_name=name, tags=all_tags)

@@ -16,7 +16,7 @@ from typing import Any
 
 from liverseg.config import ConfigError, TrainConfig, TuneConfig, set_dotted, valid_keys
 from liverseg.storage import atomic_write_json
-from liverseg.tracking import RUN_KEY, check_tracking, experiment_id, find_run, tracking_uri
+from liverseg.tracking import RUN_KEY, author, check_tracking, experiment_id, find_run, tracking_uri
 from liverseg.tracking import client as mlflow_client
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid", "randint")
@@ -129,7 +129,9 @@ def _parent_run(client, cfg: TuneConfig, resume: bool, lineage: dict[str, str]) 
     if run is not None and resume:
         client.update_run(run.info.run_id, status="RUNNING")
         return run.info.run_id
-    run = client.create_run(exp, run_name=cfg.tune.name, tags={RUN_KEY: key, "liverseg.kind": "tune", **lineage})
+    run = client.create_run(
+        exp, run_name=cfg.tune.name, tags={RUN_KEY: key, "liverseg.kind": "tune", "mlflow.user": author(), **lineage}
+    )
     rid = run.info.run_id
     client.log_param(rid, "search", cfg.tune.search)
     client.log_param(rid, "scheduler", cfg.tune.scheduler)
