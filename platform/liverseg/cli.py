@@ -46,7 +46,7 @@ def synth(
 @app.command()
 def ingest(
     raw: Path = typer.Option(..., help="LiTS folder: volume-N.nii[.gz] + segmentation-N.nii[.gz]"),
-    store: Path = typer.Option(..., help="Zarr v3 slice store to create or update"),
+    store: str = typer.Option(..., help="local Zarr v3 slice store to create or update (--verify: also s3://...)"),
     config: Path | None = ConfigOpt,
     set_: list[str] | None = SetOpt,
     profile: str | None = ProfileOpt,
