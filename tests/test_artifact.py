@@ -145,15 +145,10 @@ def test_every_uri_form_loads_the_same_weights(mlflow_uri):
     mv = register(run_id=rid)
     assert mv.tags[WEIGHTS_TAG] and mv.tags[SPEC_TAG]
     ref = load_local(_location(client(), uri) / "artifacts" / "m", "cpu").net.state_dict()
-    for form in (
-        uri,
-        f"runs:/{rid}/model",
-        "models:/liver-unet-candidates@challenger",
-        f"models:/liver-unet-candidates/{mv.version}",
-    ):
+    for form in (uri, f"runs:/{rid}/model", f"models:/{mv.name}@challenger", f"models:/{mv.name}/{mv.version}"):
         lm = load_model(form, "cpu")
         assert lm.spec == spec() and all(torch.equal(v, lm.net.state_dict()[k]) for k, v in ref.items()), form
-    assert load_model("models:/liver-unet-candidates@challenger").uri == f"models:/liver-unet-candidates/{mv.version}"
+    assert load_model(f"models:/{mv.name}@challenger").uri == f"models:/{mv.name}/{mv.version}"
 
 
 def test_tampered_weights_are_refused(mlflow_uri):
@@ -161,12 +156,12 @@ def test_tampered_weights_are_refused(mlflow_uri):
     from liverseg.tracking import client
 
     rid, uri = log_model_run(constant_state(liver=True))
-    register(run_id=rid)
+    mv = register(run_id=rid)
     folder = _location(client(), uri) / "artifacts" / "m"
     torch.save(constant_state(liver=False), folder / WEIGHTS_FILE)  # a valid state dict, other values
     with pytest.raises(ModelError) as e:
-        load_model("models:/liver-unet-candidates@challenger", "cpu")
-    assert "liver-unet-candidates v1: weights sha256" in str(e.value) and "\n" not in str(e.value)
+        load_model(f"models:/{mv.name}@challenger", "cpu")
+    assert f"{mv.name} v{mv.version}: weights sha256" in str(e.value) and "\n" not in str(e.value)
     assert load_model(uri, "cpu").spec == spec()  # not a registry version: nothing to check against
 
 
@@ -183,12 +178,10 @@ def test_no_liverseg_command_runs_code_from_the_artifact_store(mlflow_uri, store
 
     marker = tmp_path / "pwned"
     rid, uri = log_model_run(constant_state(liver=True), store_path=store_path)
-    register(run_id=rid)
+    candidate = f"models:/{register(run_id=rid).name}@challenger"
     _booby_trap(_location(client(), uri), marker)
-    predict_file(
-        load_model("models:/liver-unet-candidates@challenger", "cpu"), real_ct / "volume-0.nii.gz", tmp_path / "m.nii"
-    )
-    evaluate("models:/liver-unet-candidates@challenger", store_path, "test", device="cpu")
+    predict_file(load_model(candidate, "cpu"), real_ct / "volume-0.nii.gz", tmp_path / "m.nii")
+    evaluate(candidate, store_path, "test", device="cpu")
     assert promote(store_path, min_dice=0.0).promoted
     holder = ModelHolder("models:/liver-unet@champion", "cpu")
     app = TestClient(create_app(holder, reload_token="t0ken"))

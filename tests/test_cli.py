@@ -92,3 +92,21 @@ def test_plain_train_uses_the_profile_switch(tmp_path):
     (tmp_path / "pipelines" / "profile.yaml").write_text("profile: papr\n")
     res = _cli("train", "--store", str(tmp_path / "nope.zarr"), cwd=tmp_path)
     assert res.returncode == 2 and "unknown profile 'papr' (did you mean 'paper'?)" in res.stderr
+
+
+def test_fault_injection_is_not_a_user_setting():
+    from liverseg.config import TrainConfig, valid_keys
+
+    assert "run.fail_at_epoch" not in valid_keys(TrainConfig)
+    res = _cli("train", "--store", "x", "--set", "run.fail_at_epoch=1")
+    assert res.returncode == 2 and "unknown key 'run.fail_at_epoch'" in res.stderr
+
+
+def test_model_errors_are_one_line(tmp_path):
+    """Every command reports liverseg's errors through one handler: `error: ...`, exit 1, no traceback."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "liverseg.json").write_text('{"format_version": 99}')
+    for model, says in ((str(tmp_path / "nope"), "not a model folder"), (str(tmp_path / "m"), "format version 99")):
+        res = _cli("predict", str(tmp_path / "ct.nii.gz"), str(tmp_path / "out.nii.gz"), "--model", model)
+        assert res.returncode == 1 and res.stderr.startswith("error: ") and says in res.stderr, res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1

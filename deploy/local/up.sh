@@ -127,7 +127,9 @@ if sys.argv[1] not in [b['Name'] for b in s3.list_buckets()['Buckets']]:
 
 # Ray: two nodes (head + one more), own temp dir so nobody else's ray.init() attaches to it.
 say "ray head on 127.0.0.1:$RAY_PORT"
-RAY_CPUS=${LIVERSEG_RAY_CPUS:-1}
+# Logical CPUs per node: 2, so that a Tune trial's driver (0.01 CPU) and its 1-CPU Train worker fit on
+# one node; with 1 per node, two searches' drivers on both nodes leave no whole CPU anywhere (deadlock).
+RAY_CPUS=${LIVERSEG_RAY_CPUS:-2}
 export RAY_USAGE_STATS_ENABLED=0
 # Token auth with this stack's own token (not ~/.ray/auth_token, which every local cluster shares).
 export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$DIR/ray-token
@@ -142,7 +144,8 @@ export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$DIR/ray-token
 # Ray daemonises: its processes are the ones whose command line names our temp dir.
 "$PY" "$REPO/deploy/local/stackpids.py" "$DIR/ray" >"$DIR/pids/ray"
 
-# MLflow: PostgreSQL backend, artifacts proxied into the bucket, basic-auth with its users in PostgreSQL.
+# MLflow: PostgreSQL backend, artifacts proxied into the bucket, basic-auth with its users in PostgreSQL;
+# webhooks may go to http://127.0.0.1 replicas, and a new one is seen within 5 s (MLflow caches the list).
 PG_URI=postgresql+psycopg://postgres:$PG_PASSWORD@127.0.0.1:$PG_PORT
 cat >"$DIR/basic_auth.ini" <<EOF
 [mlflow]
@@ -158,6 +161,7 @@ start_bg mlflow env MLFLOW_BACKEND_STORE_URI="$PG_URI/mlflow" MLFLOW_AUTH_CONFIG
   AWS_ACCESS_KEY_ID="$S3_KEY_ID" AWS_SECRET_ACCESS_KEY="$S3_SECRET" AWS_DEFAULT_REGION=us-east-1 \
   MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY="$WEBHOOK_KEY" MLFLOW_FLASK_SERVER_SECRET_KEY="$FLASK_SECRET" \
   MLFLOW_WEBHOOK_ALLOWED_SCHEMES=http,https MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS=true \
+  MLFLOW_WEBHOOK_CACHE_TTL="${LIVERSEG_WEBHOOK_CACHE_TTL:-5}" \
   PATH="$BIN:$PATH" "$BIN/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT" \
   --artifacts-destination "s3://$BUCKET/artifacts" --app-name basic-auth --workers "${LIVERSEG_MLFLOW_WORKERS:-2}"
 wait_http "http://127.0.0.1:$MLFLOW_PORT/health" 120

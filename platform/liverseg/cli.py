@@ -9,7 +9,23 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, rich_markup_mode=None)
+from liverseg.errors import ConfigError, LiversegError
+
+
+class _App(typer.Typer):
+    """The command group. Every error liverseg raises on purpose is a LiversegError with a one-line
+    message: it is printed here, once for all commands (exit 2 for a config error, 1 otherwise);
+    anything else is a bug and keeps its traceback."""
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return super().__call__(*args, **kwargs)
+        except LiversegError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise SystemExit(2 if isinstance(e, ConfigError) else 1) from None
+
+
+app = _App(add_completion=False, no_args_is_help=True, help=__doc__, rich_markup_mode=None)
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="stage YAML [default: pipelines/<stage>.yaml if present]")
 SetOpt = typer.Option(None, "--set", "-s", help="override key=value (YAML value, dotted key); repeatable")
@@ -40,9 +56,10 @@ def fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _quietly(command: str, verbose: bool, errors: tuple[type[BaseException], ...], fn):
-    """`fn(console)` with library output in the command's log file; an expected error (or any other,
-    with its traceback in the log) ends in one line: the root cause and the log file's path."""
+def _quietly(command: str, verbose: bool, fn):
+    """`fn(console)` with library output in the command's log file (see liverseg.console). A failure ends
+    in one line: liverseg's own message, or for anything else the root cause (traceback in the log), then
+    the log file's path."""
     import traceback
 
     from liverseg.console import quiet, root_cause
@@ -50,13 +67,13 @@ def _quietly(command: str, verbose: bool, errors: tuple[type[BaseException], ...
     with quiet(command, verbose) as con:
         try:
             return fn(con)
-        except errors as e:
-            msg = str(e)
+        except LiversegError as e:
+            msg, code = str(e), 2 if isinstance(e, ConfigError) else 1
         except Exception as e:
             traceback.print_exc()  # into the log
-            msg = root_cause(e)
+            msg, code = root_cause(e), 1
         msg += con.log_hint()
-    fail(msg, 1)
+    fail(msg, code)
 
 
 def keys_help(model_name: str) -> str:
@@ -71,16 +88,13 @@ def keys_help(model_name: str) -> str:
 
 def _load(model, config, overrides, profile, stage):
     """The stage's config; without --config/--profile, pipelines/<stage>.yaml and pipelines/profile.yaml."""
-    from liverseg.config import ConfigError, default_profile, load_config
+    from liverseg.config import default_profile, load_config
 
-    try:
-        if config is None and (PIPELINES / f"{stage}.yaml").exists():
-            config = PIPELINES / f"{stage}.yaml"
-        if profile is None:
-            profile = default_profile(Path(config).parent if config else PIPELINES)
-        cfg = load_config(model, config, overrides, profile=profile, stage=stage)
-    except ConfigError as e:
-        fail(str(e))
+    if config is None and (PIPELINES / f"{stage}.yaml").exists():
+        config = PIPELINES / f"{stage}.yaml"
+    if profile is None:
+        profile = default_profile(Path(config).parent if config else PIPELINES)
+    cfg = load_config(model, config, overrides, profile=profile, stage=stage)
     typer.echo(f"{stage}: config {config or 'defaults'}, profile {profile or 'none'}", err=True)
     return cfg
 
@@ -102,7 +116,7 @@ def synth(
 @app.command(epilog=keys_help("IngestConfig"))
 def ingest(
     raw: Path = typer.Option(..., help="LiTS folder: volume-N.nii[.gz] + segmentation-N.nii[.gz]"),
-    store: Path = typer.Option(..., help="Zarr v3 slice store to create or update"),
+    store: str = typer.Option(..., help="local Zarr v3 slice store to create or update (--verify: also s3://...)"),
     config: Path | None = ConfigOpt,
     set_: list[str] | None = SetOpt,
     profile: str | None = ProfileOpt,
@@ -114,14 +128,9 @@ def ingest(
     from liverseg.config import IngestConfig
     from liverseg.ingest import ingest as run_ingest
     from liverseg.ingest import verify as run_verify
-    from liverseg.lits import InputError
-    from liverseg.store import StoreError
 
     if verify:
-        try:
-            problems = run_verify(str(store))
-        except StoreError as e:
-            fail(str(e), 1)
+        problems = run_verify(str(store))
         for case, msg in problems.items():
             typer.echo(f"case {case}: {msg}", err=True)
         typer.echo(f"verify: {len(problems)} case(s) with problems")
@@ -132,7 +141,7 @@ def ingest(
         with contextlib.redirect_stderr(con.stream):  # the progress bar on the terminal
             return run_ingest(raw, store, cfg)
 
-    report = _quietly("ingest", verbose, (InputError, StoreError), go)
+    report = _quietly("ingest", verbose, go)
     if out:
         _ingest_metrics(store, out)
     for msg in report.failed.values():
@@ -145,12 +154,12 @@ def ingest(
     raise typer.Exit(0 if report.ok else 1)
 
 
-def _ingest_metrics(store: Path, out: Path) -> None:
+def _ingest_metrics(store: str, out: Path) -> None:
     """Counts a user compares between experiments (`dvc exp show`): cases per split, slices, slice size."""
     from liverseg.storage import atomic_write_json
     from liverseg.store import SliceStore
 
-    st = SliceStore(str(store))
+    st = SliceStore(store)
     h, w = st.size
     counts = {f"{split}_cases": len(cases) for split, cases in st.splits.items()}
     slices = sum(st.num_slices(c) for c in st.cases)
@@ -164,11 +173,10 @@ def publish(
 ) -> None:
     """Upload a slice store to object storage for Ray workers on any node (incremental, root metadata last)."""
     from liverseg.publish import publish_store
-    from liverseg.store import StoreError
 
     try:
         rep = publish_store(store, to)
-    except (StoreError, OSError) as e:
+    except OSError as e:
         fail(str(e), 1)
     extra = f"; {len(rep.extra)} object(s) there not in {store} (kept)" if rep.extra else ""
     typer.echo(f"publish: {len(rep.uploaded)} uploaded, {len(rep.unchanged)} unchanged -> {to}{extra}")
@@ -185,19 +193,10 @@ def train(
     """Train a U-Net on Ray Train from the slice store; tracked in MLflow (prints the run id)."""
     from liverseg.config import TrainConfig
     from liverseg.console import EpochView
-    from liverseg.model import ModelError
-    from liverseg.store import StoreError
-    from liverseg.tracking import TrackingError
-    from liverseg.train import TrainError
     from liverseg.train import train as run_train
 
     cfg = _load(TrainConfig, config, set_, profile, "train")
-    res = _quietly(
-        "train",
-        verbose,
-        (StoreError, TrackingError, TrainError, ModelError),
-        lambda con: run_train(store, cfg, view=EpochView(con, cfg.train.epochs)),
-    )
+    res = _quietly("train", verbose, lambda con: run_train(store, cfg, view=EpochView(con, cfg.train.epochs)))
     state = "already finished" if res.resumed_finished else "finished"
     typer.echo(
         f"run {res.run_name} {state}: mlflow run {res.run_id}, best val_dice {res.best_val_dice:.4f} "
@@ -217,11 +216,8 @@ def tune(
     verbose: bool = VerboseOpt,
 ) -> None:
     """Search learning rate and loss weights with Ray Tune (ASHA); each trial an MLflow child run."""
-    from liverseg.config import ConfigError, TuneConfig
+    from liverseg.config import TuneConfig
     from liverseg.console import EpochView
-    from liverseg.model import ModelError
-    from liverseg.store import StoreError
-    from liverseg.tracking import TrackingError
     from liverseg.tune import format_table, tune_search
 
     cfg = _load(TuneConfig, config, set_, profile, "tune")
@@ -232,15 +228,13 @@ def tune(
         view = EpochView(con, cfg.tune.num_samples * cfg.train.epochs)
         summary = tune_search(store, cfg, resume=resume, results_path=out, view=view)
         if plots_dir:
-            from mlflow.tracking import MlflowClient
-
             from liverseg.report import write_dvc_plots
-            from liverseg.tracking import tracking_uri
+            from liverseg.tracking import client
 
-            write_dvc_plots(MlflowClient(tracking_uri()), summary, plots_dir)
+            write_dvc_plots(client(), summary, plots_dir)
         return summary
 
-    summary = _quietly("tune", verbose, (ConfigError, StoreError, TrackingError, ModelError), go)
+    summary = _quietly("tune", verbose, go)
     typer.echo(format_table(summary))
     for t in summary.trials:
         if t.get("error"):
@@ -282,8 +276,6 @@ def evaluate(
     """Score a model per volume (Dice, IoU, VOE, RVD, ASSD, MSD, HD95) and log an evaluation run."""
     from liverseg.evaluate import evaluate as run_eval
     from liverseg.evaluate import log_evaluation, write_outputs
-    from liverseg.lits import InputError
-    from liverseg.store import StoreError
 
     uri = _model_from(model, model_from)
 
@@ -300,10 +292,11 @@ def evaluate(
             images = worst_overlays(ev, lm, raw, tmp)
             return ev, log_evaluation(ev, out, cases_csv, images=images)
 
-    ev, rid = _quietly("evaluate", verbose, (StoreError, InputError, FileNotFoundError, ValueError), go)
+    ev, rid = _quietly("evaluate", verbose, go)
     d = ev.summary["dice"]
+    grid = "LiTS: original grid, per volume" if raw else "store grid, not LiTS"
     typer.echo(
-        f"{split} ({'LiTS: original grid, per volume' if raw else 'store grid, not LiTS'}, {len(ev.cases)} cases): Dice mean {d['mean']:.4f} median {d['median']:.4f} "
+        f"{split} ({grid}, {len(ev.cases)} cases): Dice mean {d['mean']:.4f} median {d['median']:.4f} "
         f"min {d['min']:.4f}; global Dice {ev.summary['global_dice']:.4f} -> {out} (mlflow run {rid})"
     )
 
@@ -316,12 +309,8 @@ def score(
 ) -> None:
     """Score any liver mask against a reference (liver = label >= 1 in both)."""
     from liverseg.evaluate import score_files
-    from liverseg.lits import InputError
 
-    try:
-        s = score_files(pred, ref)
-    except InputError as e:
-        fail(str(e), 1)
+    s = score_files(pred, ref)
     if as_json:
         typer.echo(json.dumps(s))
     else:
@@ -353,7 +342,6 @@ def register(
     """
     import os
 
-    from liverseg.registry import RegistryError
     from liverseg.registry import register as run_register
 
     experiment = os.environ.get("DVC_EXP_NAME")
@@ -362,7 +350,6 @@ def register(
     mv = _quietly(
         "register",
         verbose,
-        (RegistryError, FileNotFoundError),
         lambda con: run_register(run, best_of_tune, name, best_of_tune_run, test_metrics, alias or None),
     )
     if out:
@@ -389,45 +376,28 @@ def promote(
     verbose: bool = VerboseOpt,
 ) -> None:
     """Copy NAME-candidates@challenger into NAME as @champion only if it passes the floor and beats the champion."""
-    from liverseg.registry import RegistryError
     from liverseg.registry import promote as run_promote
-    from liverseg.team import TeamError
 
-    d = _quietly(
-        "promote",
-        verbose,
-        (RegistryError, TeamError),
-        lambda con: run_promote(store, name, min_dice, margin, reason=reason, raw=raw),
-    )
+    d = _quietly("promote", verbose, lambda con: run_promote(store, name, min_dice, margin, reason=reason, raw=raw))
     typer.echo(d.line())
 
 
 @app.command()
 def rollback(name: str = typer.Option("liver-unet", help="registered model name"), reason: str = ReasonOpt) -> None:
     """Put @champion back on the champion it replaced."""
-    from liverseg.registry import RegistryError
     from liverseg.registry import rollback as run_rollback
-    from liverseg.team import TeamError
 
-    try:
-        old, new = run_rollback(name, reason)
-    except (RegistryError, TeamError) as e:
-        fail(str(e), 1)
+    old, new = run_rollback(name, reason)
     typer.echo(f"{name}: champion v{old} -> v{new}")
 
 
 @app.command()
 def history(name: str = typer.Option("liver-unet", help="served registered model")) -> None:
     """Every change of @champion (promote, rollback), newest first: when, who, from -> to, scores, reason."""
-    from mlflow.tracking import MlflowClient
-
     from liverseg.history import history as changes
-    from liverseg.tracking import tracking_uri
+    from liverseg.tracking import client
 
-    try:
-        found = changes(MlflowClient(tracking_uri()), name)
-    except Exception as e:  # MLflow's not-found / refused, as one line
-        fail(f"{name}: no history ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", 1)
+    found = changes(client(), name)
     typer.echo("\n".join(c.line() for c in found) if found else f"{name}: the champion never changed")
 
 
@@ -447,12 +417,9 @@ def users_add(
     name: str = typer.Option("liver-unet", help="served registered model the role applies to"),
 ) -> None:
     """Create a user with a role's permissions (needs LIVERSEG_ADMIN_USER / LIVERSEG_ADMIN_PASSWORD)."""
-    from liverseg.team import TeamError, add_user, grants
+    from liverseg.team import add_user, grants
 
-    try:
-        pw = add_user(username, role, password, name)
-    except TeamError as e:
-        fail(str(e), 1)
+    pw = add_user(username, role, password, name)
     perms = ", ".join(f"{p} on {m}" for _, m, p in grants(role, name))
     typer.echo(f"user {username} ({role}): {perms}; READ on everything else")
     if password is None:
@@ -462,13 +429,9 @@ def users_add(
 @app.command()
 def lineage(uri: str = typer.Argument(..., help="models:/NAME@ALIAS or models:/NAME/VERSION")) -> None:
     """Print model version -> training run -> git commit -> DVC data hash -> store cases and split."""
-    from liverseg.registry import RegistryError
     from liverseg.registry import lineage as run_lineage
 
-    try:
-        typer.echo("\n".join(run_lineage(uri)))
-    except RegistryError as e:
-        fail(str(e), 1)
+    typer.echo("\n".join(run_lineage(uri)))
 
 
 @app.command()
@@ -488,10 +451,7 @@ def predict(
     from liverseg.inference import predict_file
     from liverseg.lits import InputError
 
-    try:
-        lm = load_model(model, device)
-    except Exception as e:
-        fail(f"{model}: cannot load model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", 1)
+    lm = load_model(model, device)
     if src.is_dir():
         if overlay or truth:
             fail(f"{src}: --overlay and --truth take a single file, not a folder", 2)
@@ -509,10 +469,7 @@ def predict(
                 typer.echo(f"FAILED {e}", err=True)
         typer.echo(f"predict: {len(files) - failed} masks written to {dst}, {failed} failed")
         raise typer.Exit(1 if failed else 0)
-    try:
-        t = predict_file(lm, src, dst, lcc, overlay, truth)
-    except InputError as e:
-        fail(str(e), 1)
+    t = predict_file(lm, src, dst, lcc, overlay, truth)
     typer.echo(
         f"wrote {dst}{f' and {overlay}' if overlay else ''} (" + ", ".join(f"{k} {v:.2f}s" for k, v in t.items()) + ")"
     )
@@ -537,10 +494,7 @@ def serve(
     from liverseg.serve import serve as run_serve
 
     cfg = _load(ServeConfig, config, set_, None, "serve")
-    try:
-        run_serve(model, host, port, device, max_mb * 1024 * 1024, cfg.serve)
-    except Exception as e:
-        fail(f"cannot serve {model}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", 1)
+    run_serve(model, host, port, device, max_mb * 1024 * 1024, cfg.serve)
 
 
 webhook_app = typer.Typer(no_args_is_help=True, help="MLflow registry webhooks that tell replicas of new aliases")
@@ -556,10 +510,7 @@ def webhook_add(
     from liverseg.webhook import add_webhook
 
     for url in urls:
-        try:
-            hook = add_webhook(url)
-        except Exception as e:
-            fail(f"webhook {url}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", 1)
+        hook = add_webhook(url)
         typer.echo(f"webhook {hook.webhook_id} -> {url} ({', '.join(str(e) for e in hook.events)})")
 
 

@@ -124,8 +124,13 @@ def _is_current(root: zarr.Group, case: CasePaths, size: tuple[int, int]) -> boo
 def ingest(raw: str | Path, store: str | Path, cfg: IngestConfig, progress: bool = True) -> IngestReport:
     """Convert every valid case of a LiTS folder into the store; bad cases are reported, not fatal.
 
-    The store must be a local path (shards are renamed into place); copy it to object storage after.
+    The store must be a local path (shards are renamed into place); `publish_store` uploads it after.
     """
+    if "://" in str(store):
+        raise StoreError(
+            f"{store}: ingest writes a local store (cases are renamed into place); "
+            f"ingest to a folder, then `liverseg publish --store FOLDER --to {store}`"
+        )
     store_path = Path(store)
     report = IngestReport(store=str(store_path))
     cases, errors = discover(raw)

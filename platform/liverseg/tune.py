@@ -19,6 +19,7 @@ from liverseg.console import EpochView, root_cause
 from liverseg.report import describe_search
 from liverseg.storage import atomic_write_json
 from liverseg.tracking import RUN_KEY, author, check_tracking, experiment_id, find_run, tracking_uri
+from liverseg.tracking import client as mlflow_client
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid", "randint")
 SEARCHES = ("random", "grid", "optuna")
@@ -178,7 +179,6 @@ def tune_search(
 
     `view`: the terminal's progress view, one line per trial epoch (new searches only).
     """
-    from mlflow.tracking import MlflowClient
     from ray import tune
 
     from liverseg.store import SliceStore
@@ -192,7 +192,7 @@ def tune_search(
     # git commit and DVC hash are read here, in the project directory: trials run in their own
     lineage = lineage_tags(SliceStore(store_path), store_path)
     search = make_search(cfg, space)
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     root = storage_path(cfg)
     exp_dir = f"{root.rstrip('/')}/{cfg.tune.name}"
     ensure_ray(cfg.run.ray_address)
