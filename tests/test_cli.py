@@ -43,3 +43,21 @@ def test_import_has_no_side_effects(tmp_path):
     code = "import os, liverseg.cli, liverseg.train, liverseg.tune, liverseg.serve, liverseg.registry; print(sorted(os.listdir('.')))"
     res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout.strip() == "[]"
+
+
+def test_fault_injection_is_not_a_user_setting():
+    from liverseg.config import TrainConfig, valid_keys
+
+    assert "run.fail_at_epoch" not in valid_keys(TrainConfig)
+    res = _cli("train", "--store", "x", "--set", "run.fail_at_epoch=1")
+    assert res.returncode == 2 and "unknown key 'run.fail_at_epoch'" in res.stderr
+
+
+def test_model_errors_are_one_line(tmp_path):
+    """Every command reports liverseg's errors through one handler: `error: ...`, exit 1, no traceback."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "liverseg.json").write_text('{"format_version": 99}')
+    for model, says in ((str(tmp_path / "nope"), "not a model folder"), (str(tmp_path / "m"), "format version 99")):
+        res = _cli("predict", str(tmp_path / "ct.nii.gz"), str(tmp_path / "out.nii.gz"), "--model", model)
+        assert res.returncode == 1 and res.stderr.startswith("error: ") and says in res.stderr, res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1

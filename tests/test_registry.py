@@ -153,10 +153,9 @@ def test_registry_flow_against_mlflow_server(mlflow_server, store_path):
 def test_unreachable_server_fails_fast(monkeypatch):
     from liverseg.tracking import TrackingError, check_tracking
 
-    t0 = time.time()
-    with pytest.raises(TrackingError, match="not reachable"):
+    with pytest.raises(TrackingError, match="not reachable") as e:
         check_tracking(f"http://127.0.0.1:{_free_port()}", timeout_s=3)
-    assert time.time() - t0 < 30
+    assert "\n" not in str(e.value)
 
 
 def test_register_best_of_tune_run_from_mlflow(mlflow_uri):

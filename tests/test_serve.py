@@ -35,8 +35,14 @@ def server(mlflow_uri, store_path, tmp_path):
 
 
 def test_segment_health_model_and_bad_requests(server, real_ct):
+    import psutil
+
     base, _ = server
     assert httpx.get(base + "/health").json() == {"status": "ok", "version": "1"}
+    port = int(base.rsplit(":", 1)[1])  # started without --host: listens on loopback only
+    assert {c.laddr.ip for c in psutil.net_connections("tcp") if c.laddr.port == port and c.status == "LISTEN"} == {
+        "127.0.0.1"
+    }
     info = httpx.get(base + "/model").json()
     assert info["name"] == "liver-unet" and info["alias"] == "champion" and info["lineage"]["git_commit"] == "abc123"
     assert info["preprocessing"]["window"] == [-200.0, 250.0]

@@ -8,7 +8,23 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+from liverseg.errors import ConfigError, LiversegError
+
+
+class _App(typer.Typer):
+    """The command group. Every error liverseg raises on purpose is a LiversegError with a one-line
+    message: it is printed here, once for all commands (exit 2 for a config error, 1 otherwise);
+    anything else is a bug and keeps its traceback."""
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return super().__call__(*args, **kwargs)
+        except LiversegError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise SystemExit(2 if isinstance(e, ConfigError) else 1) from None
+
+
+app = _App(add_completion=False, no_args_is_help=True, help=__doc__)
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="stage YAML (pipelines/<stage>.yaml)")
 SetOpt = typer.Option(None, "--set", "-s", help="override key=value (YAML value, dotted key); repeatable")
@@ -21,12 +37,9 @@ def fail(msg: str, code: int = 2) -> None:
 
 
 def _load(model, config, overrides, profile, stage):
-    from liverseg.config import ConfigError, load_config
+    from liverseg.config import load_config
 
-    try:
-        return load_config(model, config, overrides, profile=profile, stage=stage)
-    except ConfigError as e:
-        fail(str(e))
+    return load_config(model, config, overrides, profile=profile, stage=stage)
 
 
 @app.command()
@@ -56,23 +69,15 @@ def ingest(
     from liverseg.config import IngestConfig
     from liverseg.ingest import ingest as run_ingest
     from liverseg.ingest import verify as run_verify
-    from liverseg.lits import InputError
-    from liverseg.store import StoreError
 
     if verify:
-        try:
-            problems = run_verify(str(store))
-        except StoreError as e:
-            fail(str(e), 1)
+        problems = run_verify(str(store))
         for case, msg in problems.items():
             typer.echo(f"case {case}: {msg}", err=True)
         typer.echo(f"verify: {len(problems)} case(s) with problems")
         raise typer.Exit(1 if problems else 0)
     cfg = _load(IngestConfig, config, set_, profile, "ingest")
-    try:
-        report = run_ingest(raw, store, cfg)
-    except (InputError, StoreError) as e:
-        fail(str(e), 1)
+    report = run_ingest(raw, store, cfg)
     for msg in report.failed.values():
         typer.echo(f"FAILED {msg}", err=True)
     sizes = {k: len(v) for k, v in report.splits.items()}
@@ -90,11 +95,10 @@ def publish(
 ) -> None:
     """Upload a slice store to object storage for Ray workers on any node (incremental, root metadata last)."""
     from liverseg.publish import publish_store
-    from liverseg.store import StoreError
 
     try:
         rep = publish_store(store, to)
-    except (StoreError, OSError) as e:
+    except OSError as e:
         fail(str(e), 1)
     extra = f"; {len(rep.extra)} object(s) there not in {store} (kept)" if rep.extra else ""
     typer.echo(f"publish: {len(rep.uploaded)} uploaded, {len(rep.unchanged)} unchanged -> {to}{extra}")
@@ -109,17 +113,10 @@ def train(
 ) -> None:
     """Train a U-Net on Ray Train from the slice store; tracked in MLflow (prints the run id)."""
     from liverseg.config import TrainConfig
-    from liverseg.model import ModelError
-    from liverseg.store import StoreError
-    from liverseg.tracking import TrackingError
-    from liverseg.train import TrainError
     from liverseg.train import train as run_train
 
     cfg = _load(TrainConfig, config, set_, profile, "train")
-    try:
-        res = run_train(store, cfg)
-    except (StoreError, TrackingError, TrainError, ModelError) as e:
-        fail(str(e), 1)
+    res = run_train(store, cfg)
     state = "already finished" if res.resumed_finished else "finished"
     typer.echo(
         f"run {res.run_name} {state}: mlflow run {res.run_id}, best val_dice {res.best_val_dice:.4f} "
@@ -137,17 +134,11 @@ def tune(
     out: Path = typer.Option(Path("tune-results.json"), help="results JSON (a DVC output)"),
 ) -> None:
     """Search learning rate and loss weights with Ray Tune (ASHA); each trial an MLflow child run."""
-    from liverseg.config import ConfigError, TuneConfig
-    from liverseg.model import ModelError
-    from liverseg.store import StoreError
-    from liverseg.tracking import TrackingError
+    from liverseg.config import TuneConfig
     from liverseg.tune import format_table, tune_search
 
     cfg = _load(TuneConfig, config, set_, profile, "tune")
-    try:
-        summary = tune_search(store, cfg, resume=resume, results_path=out)
-    except (ConfigError, StoreError, TrackingError, ModelError) as e:
-        fail(str(e), 1)
+    summary = tune_search(store, cfg, resume=resume, results_path=out)
     typer.echo(format_table(summary))
     best = summary.best
     typer.echo(
@@ -183,14 +174,9 @@ def evaluate(
     """Score a model per volume (Dice, IoU, VOE, RVD, ASSD, MSD, HD95) and log an evaluation run."""
     from liverseg.evaluate import evaluate as run_eval
     from liverseg.evaluate import log_evaluation, write_outputs
-    from liverseg.lits import InputError
-    from liverseg.store import StoreError
 
     uri = _model_from(model, model_from)
-    try:
-        ev = run_eval(uri, store, split, raw, lcc, device)
-    except (StoreError, InputError, FileNotFoundError, ValueError) as e:
-        fail(str(e), 1)
+    ev = run_eval(uri, store, split, raw, lcc, device)
     write_outputs(ev, out, cases_csv)
     rid = log_evaluation(ev, out, cases_csv)
     d = ev.summary["dice"]
@@ -208,12 +194,8 @@ def score(
 ) -> None:
     """Score any liver mask against a reference (liver = label >= 1 in both)."""
     from liverseg.evaluate import score_files
-    from liverseg.lits import InputError
 
-    try:
-        s = score_files(pred, ref)
-    except InputError as e:
-        fail(str(e), 1)
+    s = score_files(pred, ref)
     if as_json:
         typer.echo(json.dumps(s))
     else:
@@ -231,13 +213,9 @@ def register(
     out: Path | None = typer.Option(None, help="write {name, version, run_id} JSON here (DVC output)"),
 ) -> None:
     """Register a trained model version with lineage tags and alias it `challenger`."""
-    from liverseg.registry import RegistryError
     from liverseg.registry import register as run_register
 
-    try:
-        mv = run_register(run, best_of_tune, name, tune_run=best_of_tune_run)
-    except (RegistryError, FileNotFoundError) as e:
-        fail(str(e), 1)
+    mv = run_register(run, best_of_tune, name, tune_run=best_of_tune_run)
     if out:
         from liverseg.storage import atomic_write_json
 
@@ -259,43 +237,28 @@ def promote(
     reason: str = ReasonOpt,
 ) -> None:
     """Copy NAME-candidates@challenger into NAME as @champion only if it passes the floor and beats the champion."""
-    from liverseg.registry import RegistryError
     from liverseg.registry import promote as run_promote
-    from liverseg.team import TeamError
 
-    try:
-        d = run_promote(store, name, min_dice, margin, reason=reason)
-    except (RegistryError, TeamError) as e:
-        fail(str(e), 1)
+    d = run_promote(store, name, min_dice, margin, reason=reason)
     typer.echo(d.line())
 
 
 @app.command()
 def rollback(name: str = typer.Option("liver-unet", help="registered model name"), reason: str = ReasonOpt) -> None:
     """Put @champion back on the champion it replaced."""
-    from liverseg.registry import RegistryError
     from liverseg.registry import rollback as run_rollback
-    from liverseg.team import TeamError
 
-    try:
-        old, new = run_rollback(name, reason)
-    except (RegistryError, TeamError) as e:
-        fail(str(e), 1)
+    old, new = run_rollback(name, reason)
     typer.echo(f"{name}: champion v{old} -> v{new}")
 
 
 @app.command()
 def history(name: str = typer.Option("liver-unet", help="served registered model")) -> None:
     """Every change of @champion (promote, rollback), newest first: when, who, from -> to, scores, reason."""
-    from mlflow.tracking import MlflowClient
-
     from liverseg.history import history as changes
-    from liverseg.tracking import tracking_uri
+    from liverseg.tracking import client
 
-    try:
-        found = changes(MlflowClient(tracking_uri()), name)
-    except Exception as e:  # MLflow's not-found / refused, as one line
-        fail(f"{name}: no history ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", 1)
+    found = changes(client(), name)
     typer.echo("\n".join(c.line() for c in found) if found else f"{name}: the champion never changed")
 
 
@@ -315,12 +278,9 @@ def users_add(
     name: str = typer.Option("liver-unet", help="served registered model the role applies to"),
 ) -> None:
     """Create a user with a role's permissions (needs LIVERSEG_ADMIN_USER / LIVERSEG_ADMIN_PASSWORD)."""
-    from liverseg.team import TeamError, add_user, grants
+    from liverseg.team import add_user, grants
 
-    try:
-        pw = add_user(username, role, password, name)
-    except TeamError as e:
-        fail(str(e), 1)
+    pw = add_user(username, role, password, name)
     perms = ", ".join(f"{p} on {m}" for _, m, p in grants(role, name))
     typer.echo(f"user {username} ({role}): {perms}; READ on everything else")
     if password is None:
@@ -330,13 +290,9 @@ def users_add(
 @app.command()
 def lineage(uri: str = typer.Argument(..., help="models:/NAME@ALIAS or models:/NAME/VERSION")) -> None:
     """Print model version -> training run -> git commit -> DVC data hash -> store cases and split."""
-    from liverseg.registry import RegistryError
     from liverseg.registry import lineage as run_lineage
 
-    try:
-        typer.echo("\n".join(run_lineage(uri)))
-    except RegistryError as e:
-        fail(str(e), 1)
+    typer.echo("\n".join(run_lineage(uri)))
 
 
 @app.command()
@@ -356,10 +312,7 @@ def predict(
     from liverseg.inference import predict_file
     from liverseg.lits import InputError
 
-    try:
-        lm = load_model(model, device)
-    except Exception as e:
-        fail(f"{model}: cannot load model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", 1)
+    lm = load_model(model, device)
     if src.is_dir():
         if overlay or truth:
             fail(f"{src}: --overlay and --truth take a single file, not a folder", 2)
@@ -377,10 +330,7 @@ def predict(
                 typer.echo(f"FAILED {e}", err=True)
         typer.echo(f"predict: {len(files) - failed} masks written to {dst}, {failed} failed")
         raise typer.Exit(1 if failed else 0)
-    try:
-        t = predict_file(lm, src, dst, lcc, overlay, truth)
-    except InputError as e:
-        fail(str(e), 1)
+    t = predict_file(lm, src, dst, lcc, overlay, truth)
     typer.echo(
         f"wrote {dst}{f' and {overlay}' if overlay else ''} (" + ", ".join(f"{k} {v:.2f}s" for k, v in t.items()) + ")"
     )
@@ -405,10 +355,7 @@ def serve(
     from liverseg.serve import serve as run_serve
 
     cfg = _load(ServeConfig, config, set_, None, "serve")
-    try:
-        run_serve(model, host, port, device, max_mb * 1024 * 1024, cfg.serve)
-    except Exception as e:
-        fail(f"cannot serve {model}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", 1)
+    run_serve(model, host, port, device, max_mb * 1024 * 1024, cfg.serve)
 
 
 webhook_app = typer.Typer(no_args_is_help=True, help="MLflow registry webhooks that tell replicas of new aliases")
@@ -424,10 +371,7 @@ def webhook_add(
     from liverseg.webhook import add_webhook
 
     for url in urls:
-        try:
-            hook = add_webhook(url)
-        except Exception as e:
-            fail(f"webhook {url}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", 1)
+        hook = add_webhook(url)
         typer.echo(f"webhook {hook.webhook_id} -> {url} ({', '.join(str(e) for e in hook.events)})")
 
 

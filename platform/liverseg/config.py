@@ -114,7 +114,6 @@ class RunSection(Strict):
     storage_path: str | None = Field(None, description="None: ./ray_results (absolute); s3:// on clusters")
     max_failures: int = Field(2, ge=-1, description="worker crashes survived, resuming from checkpoint")
     ray_address: str | None = Field(None, description="None: RAY_ADDRESS or a local Ray")
-    fail_at_epoch: int | None = Field(None, ge=0, description="fault injection for tests: crash once there")
 
 
 class TrainConfig(Strict):

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from liverseg.artifact import LoadedModel
+from liverseg.errors import InputError
 from liverseg.metrics import counts, overlap_scores, score_volume
 from liverseg.storage import atomic_write_bytes, atomic_write_json
 
@@ -82,7 +83,7 @@ def evaluate(
     for case in store.cases_in(split):
         if raw:
             if case not in raw_cases:
-                raise FileNotFoundError(f"{raw}: no volume-{case}.nii[.gz] for store case {case}")
+                raise InputError(f"{raw}: no volume-{case}.nii[.gz] for store case {case}")
             vol = read_case(raw_cases[case])
             image, ref = vol.image, vol.mask
             spacing = tuple(reversed(vol.spacing))  # (z, y, x) to match the (Z, Y, X) arrays
@@ -164,7 +165,7 @@ def model_link_tags(client, uri: str) -> dict[str, str]:
 
 def score_files(pred: str | Path, ref: str | Path) -> dict[str, Any]:
     """Score a segmentation file against a reference on the same grid (liver = label >= 1 in both)."""
-    from liverseg.lits import AFFINE_TOL, InputError, load_nifti
+    from liverseg.lits import AFFINE_TOL, load_nifti
 
     p_img, r_img = load_nifti(pred), load_nifti(ref)
     p = np.asanyarray(p_img.dataobj).reshape(p_img.shape[:3])

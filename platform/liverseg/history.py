@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from liverseg.errors import RegistryError
+
 TAG_PREFIX = "liverseg.history."
 MAX_REASON = 1000  # characters; MLflow caps a registered model tag value at 5000
 
@@ -66,6 +68,11 @@ def record(client: Any, change: Change) -> None:
 
 def history(client: Any, model: str) -> list[Change]:
     """Every recorded change of `model`'s champion, newest first."""
-    tags = client.get_registered_model(model).tags
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tags = client.get_registered_model(model).tags
+    except MlflowException as e:  # not found, or refused
+        raise RegistryError(f"{model}: no history ({e.error_code}: {str(e.message).splitlines()[0]})") from None
     changes = [Change(**json.loads(v)) for k, v in tags.items() if k.startswith(TAG_PREFIX)]
     return sorted(changes, key=lambda c: c.at, reverse=True)

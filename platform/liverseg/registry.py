@@ -71,7 +71,10 @@ def register(
             "give exactly one of --run RUN_ID, --best-of-tune tune-results.json or --best-of-tune-run PARENT_RUN_ID"
         )
     if tune_results is not None:
-        best = json.loads(Path(tune_results).read_text())["best"]
+        try:
+            best = json.loads(Path(tune_results).read_text())["best"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise RegistryError(f"{tune_results}: not a readable tune-results.json ({type(e).__name__})") from None
         run_id = best.get("run_id")
         if not run_id:
             raise RegistryError(f"{tune_results}: best trial has no MLflow run id")

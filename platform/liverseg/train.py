@@ -35,6 +35,7 @@ from liverseg.tracking import (
     store_digest,
     tracking_uri,
 )
+from liverseg.tracking import client as mlflow_client
 from liverseg.train_loop import BEST_FILE, worker_loop
 
 MODEL_NAME = "model"
@@ -120,6 +121,85 @@ def _open_run(client, cfg: TrainConfig, key: str, name: str, tags: dict[str, str
     return run, False
 
 
+FAULT_ENV = "LIVERSEG_TEST_FAIL_AT_EPOCH"  # tests only: rank 0 crashes once, mid-way through that epoch
+
+
+def _open_store(store_path: str) -> tuple[str, SliceStore]:
+    """The store (absolute when local: Ray workers run in other directories); needs train and val cases."""
+    if "://" not in store_path:
+        store_path = str(Path(store_path).resolve())
+    store = SliceStore(store_path)
+    n_train, n_val = len(store.cases_in("train")), len(store.cases_in("val"))
+    if not n_train or not n_val:
+        raise TrainError(f"{store_path}: needs train and val cases, has {n_train} and {n_val}")
+    return store_path, store
+
+
+def _fault_injection(cfg: TrainConfig, name: str) -> dict[str, Any]:
+    """The tests' crash: an epoch from `LIVERSEG_TEST_FAIL_AT_EPOCH` and a marker file that makes it happen once."""
+    epoch, root = os.environ.get(FAULT_ENV), storage_path(cfg)
+    if not epoch or "://" in root:
+        return {}
+    return {"fail_at_epoch": int(epoch), "fault_marker": f"{root}/{name}/.fault-injected"}
+
+
+def _loop_config(cfg: TrainConfig, store: SliceStore, store_path: str, spec: ModelSpec, run_id: str) -> dict:
+    """What every worker gets: config, spec, its share of cases (balanced by slices), where to log."""
+    workers = cfg.scaling.num_workers
+    train_cases, val_cases = store.cases_in("train"), store.cases_in("val")
+    slices = {c: store.num_slices(c) for c in train_cases}
+    return {
+        "cfg": cfg.model_dump(mode="json"),
+        "store": store_path,
+        "spec": spec.to_dict(),
+        "train_shares": assign_cases(slices, workers),
+        "train_slices": sum(slices.values()),
+        "val_cases": val_cases,
+        "val_shares": assign_cases({c: store.num_slices(c) for c in val_cases}, workers),
+        "tracking_uri": tracking_uri(),
+        "run_id": run_id,
+    }
+
+
+def _fit(cfg: TrainConfig, name: str, loop_config: dict[str, Any], callbacks: list[Any] | None):
+    """Run `worker_loop` on Ray Train (resuming the named run from its checkpoint); Ray's Result."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    ensure_ray(cfg.run.ray_address)
+    sc = cfg.scaling
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker={"CPU": sc.cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path(cfg),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),  # latest two; each holds the best weights so far
+            callbacks=callbacks or [],
+        ),
+    )
+    return trainer.fit()
+
+
+def _finish(client, run_id: str, name: str, result, spec: ModelSpec, store: SliceStore, cfg: TrainConfig):
+    """Log the best checkpoint's model and close the MLflow run; the TrainResult."""
+    if result.checkpoint is None:
+        client.set_terminated(run_id, "FAILED")
+        raise TrainError(f"training run {name} reported no checkpoint")
+    with result.checkpoint.as_directory() as d:
+        best = torch.load(Path(d) / BEST_FILE, map_location="cpu", weights_only=True)
+    model_uri = log_best_model(client, run_id, best, spec, store, cfg)
+    client.set_tag(run_id, "best_val_dice", f"{best['val_dice']:.6f}")
+    client.set_tag(run_id, "best_epoch", str(best["epoch"]))
+    client.set_tag(run_id, "model_uri", model_uri)
+    client.set_terminated(run_id, "FINISHED")
+    return TrainResult(run_id, name, float(best["val_dice"]), int(best["epoch"]), model_uri)
+
+
 def train(
     store_path: str,
     cfg: TrainConfig,
@@ -136,24 +216,13 @@ def train(
     `lineage`: tags from `lineage_tags`, when the caller runs elsewhere than the project directory
     (a Tune trial's working directory is its trial folder: no git, no dvc.lock there).
     """
-    from mlflow.tracking import MlflowClient
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    uri = tracking_uri()
-    check_tracking(uri)
-    if "://" not in store_path:  # Ray workers run in other directories
-        store_path = str(Path(store_path).resolve())
-    store = SliceStore(store_path)
-    train_cases, val_cases = store.cases_in("train"), store.cases_in("val")
-    if not train_cases or not val_cases:
-        raise TrainError(f"{store_path}: needs train and val cases, has {len(train_cases)} and {len(val_cases)}")
+    check_tracking(tracking_uri())
+    store_path, store = _open_store(store_path)
     chash = config_hash(to_flat_dict(cfg) | {"store": store_path})
     name = cfg.run.name or f"train-{chash}"
-    key = run_key or name
-    client = MlflowClient(uri)
+    client = mlflow_client()
     tags = {**(lineage or lineage_tags(store, store_path)), "config_hash": chash}
-    run, existed = _open_run(client, cfg, key, name, tags, parent_run_id)
+    run, existed = _open_run(client, cfg, run_key or name, name, tags, parent_run_id)
     run_id = run.info.run_id
     if not existed:
         client.log_inputs(
@@ -164,56 +233,17 @@ def train(
         return TrainResult(run_id, name, float(t["best_val_dice"]), int(t["best_epoch"]), t["model_uri"], True)
     if existed:
         client.update_run(run_id, status="RUNNING")
-
-    mean, std = norm_stats(store, train_cases, cfg.data.window, cfg.data.norm_sample_slices, cfg.train.seed)
-    spec = spec_for(cfg, store.size, mean, std)
-    workers = cfg.scaling.num_workers
-    slices = {c: store.num_slices(c) for c in train_cases}
-    loop_config = {
-        "cfg": cfg.model_dump(mode="json"),
-        "store": store_path,
-        "spec": spec.to_dict(),
-        "train_shares": assign_cases(slices, workers),
-        "train_slices": sum(slices.values()),
-        "val_cases": val_cases,
-        "val_shares": assign_cases({c: store.num_slices(c) for c in val_cases}, workers),
-        "tracking_uri": uri,
-        "run_id": run_id,
-        "fault_marker": f"{storage_path(cfg)}/{name}/.fault-injected" if "://" not in storage_path(cfg) else None,
-    }
-    ensure_ray(cfg.run.ray_address)
-    trainer = TorchTrainer(
-        worker_loop,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(
-            num_workers=workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}
-        ),
-        run_config=RunConfig(
-            name=name,
-            storage_path=storage_path(cfg),
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),  # latest two; each holds the best weights so far
-            callbacks=callbacks or [],
-        ),
-    )
+    stats = norm_stats(store, store.cases_in("train"), cfg.data.window, cfg.data.norm_sample_slices, cfg.train.seed)
+    spec = spec_for(cfg, store.size, *stats)
+    loop_config = _loop_config(cfg, store, store_path, spec, run_id) | _fault_injection(cfg, name)
     try:
-        result = trainer.fit()
+        result = _fit(cfg, name, loop_config, callbacks)
     except Exception as e:
         client.set_terminated(run_id, "FAILED")
         raise TrainError(
             f"training run {name} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         ) from e
-    if result.checkpoint is None:
-        client.set_terminated(run_id, "FAILED")
-        raise TrainError(f"training run {name} reported no checkpoint")
-    with result.checkpoint.as_directory() as d:
-        best = torch.load(Path(d) / BEST_FILE, map_location="cpu", weights_only=True)
-    model_uri = log_best_model(client, run_id, best, spec, store, cfg)
-    client.set_tag(run_id, "best_val_dice", f"{best['val_dice']:.6f}")
-    client.set_tag(run_id, "best_epoch", str(best["epoch"]))
-    client.set_tag(run_id, "model_uri", model_uri)
-    client.set_terminated(run_id, "FINISHED")
-    return TrainResult(run_id, name, float(best["val_dice"]), int(best["epoch"]), model_uri)
+    return _finish(client, run_id, name, result, spec, store, cfg)
 
 
 def log_best_model(

@@ -17,6 +17,7 @@ from typing import Any
 from liverseg.config import ConfigError, TrainConfig, TuneConfig, set_dotted, valid_keys
 from liverseg.storage import atomic_write_json
 from liverseg.tracking import RUN_KEY, author, check_tracking, experiment_id, find_run, tracking_uri
+from liverseg.tracking import client as mlflow_client
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid", "randint")
 SEARCHES = ("random", "grid", "optuna")
@@ -145,7 +146,6 @@ def tune_search(
     store_path: str, cfg: TuneConfig, resume: bool = False, results_path: str | Path = "tune-results.json"
 ) -> TuneSummary:
     """Run (or resume) a search; writes `results_path` (JSON for DVC) and returns trials best-first."""
-    from mlflow.tracking import MlflowClient
     from ray import tune
 
     from liverseg.store import SliceStore
@@ -159,7 +159,7 @@ def tune_search(
     # git commit and DVC hash are read here, in the project directory: trials run in their own
     lineage = lineage_tags(SliceStore(store_path), store_path)
     search = make_search(cfg, space)
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     root = storage_path(cfg)
     exp_dir = f"{root.rstrip('/')}/{cfg.tune.name}"
     ensure_ray(cfg.run.ray_address)
