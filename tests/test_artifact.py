@@ -202,3 +202,31 @@ def test_pyfunc_flavour_round_trip(mlflow_uri, real_ct):
     out = model.predict({"volume": np.asanyarray(img.dataobj).astype(np.float32), "affine": img.affine})
     assert out.shape == img.shape and out.dtype == np.uint8 and out.sum() == 0
     assert model.metadata.get_input_schema().input_names() == ["volume", "affine"]
+
+
+def test_model_logged_before_the_spec_loads_without_its_pickle(mlflow_uri, tmp_path):
+    """A model logged by earlier liverseg versions: pickled python_model, `meta_version` 1 metadata.
+    It loads from the registry through the spec and weights alone; its pickle is never read."""
+    import mlflow
+    import mlflow.pyfunc
+
+    from liverseg.registry import register
+    from liverseg.tracking import client
+
+    folder = tmp_path / "model_files"
+    folder.mkdir()
+    torch.save(constant_state(liver=True), folder / WEIGHTS_FILE)
+    old = {"meta_version": 1, **{k: v for k, v in spec().to_dict().items() if k not in ("format", "format_version")}}
+    (folder / SPEC_FILE).write_text(json.dumps(old))
+    rid, _ = log_model_run(constant_state(liver=False))  # a run with lineage tags; its model is replaced below
+    with mlflow.start_run(run_id=rid):
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=mlflow.pyfunc.PythonModel(), artifacts={"model_dir": str(folder)}
+        )
+    client().set_tag(rid, "model_uri", info.model_uri)
+    mv = register(run_id=rid)
+    marker = tmp_path / "pwned"
+    _booby_trap(_location(client(), info.model_uri), marker)
+    lm = load_model(f"models:/{mv.name}/{mv.version}", "cpu")
+    assert lm.spec.format_version == 2 and lm.spec.window == spec().window and not marker.exists()
+    assert lm.net(torch.zeros(1, 1, 64, 64)).argmax(1).all()  # the weights of the old folder
