@@ -72,14 +72,29 @@ def _run_count(client: MlflowClient) -> int:
 def demo(tmp_path_factory):
     repo = tmp_path_factory.mktemp("clone")
     _clone_worktree(repo)
-    out = _sh(["bash", "scripts/demo.sh"], repo)
-    return repo, out
+    res = subprocess.run(
+        ["bash", "scripts/demo.sh"],
+        cwd=repo,
+        env=_env(repo),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert res.returncode == 0, res.stdout[-6000:]
+    return repo, res.stdout
 
 
 def test_demo_then_rerun_changes_nothing(demo):
     repo, out = demo
     for stage in ("ingest", "tune", "evaluate", "register"):
         assert f"Running stage '{stage}'" in out
+    # quiet by default: stdout and stderr together under 80 lines, one per trial epoch, Ray's tables in logs/
+    lines = out.splitlines()
+    assert len(lines) < 80, out
+    assert sum(" epoch " in ln and "ETA" in ln for ln in lines) >= 4, out
+    assert not any("PreemptionWatcher" in ln or "Trial status" in ln for ln in lines), out
+    tune_log = next((repo / "logs").glob("tune-*.log"))
+    assert "liverseg-tune" in tune_log.read_text()  # what the terminal did not show is in the log
     test = json.loads((repo / "metrics" / "test-metrics.json").read_text())
     assert test["dice"]["mean"] > 0.9 and test["split"] == "test", test["dice"]
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
