@@ -61,7 +61,9 @@ def main() -> None:
         procs = [server]
         try:
             client = MlflowClient(uri)
-            versions = [str(register(run_id=log_model_run(constant_state(v))[0], name=name).version) for v in (0, 1)]
+            cands = [register(run_id=log_model_run(constant_state(v))[0], name=name) for v in (0, 1)]
+            # served versions are copies in `name`, as promote makes them
+            versions = [str(client.copy_model_version(f"models:/{c.name}/{c.version}", name).version) for c in cands]
             client.set_registered_model_alias(name, "champion", versions[0])
             model = f"models:/{name}@champion"
             a, base_a = start_serve(root, model, {"LIVERSEG_WEBHOOK_SECRET": SECRET}, "--set", "serve.poll_s=0")

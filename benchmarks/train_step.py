@@ -2,8 +2,9 @@
 
 Both sides in one process, same model (smp U-Net), batch, precision, channels_last and compile
 setting, timed in alternating rounds (the median round ratio is reported). liverseg's side gathers
-int16 slices from a SliceSet in (pinned) host memory, copies them to the device, windows, augments
-(on the device) and standardises, as `train_loop` does. Prints JSON.
+int16 slices from a SliceSet in (pinned) host memory, copies them to the device, and calls
+`train_loop.train_step` (window, augment, standardise, step on the device), the function training
+calls. Prints JSON.
 
     python benchmarks/train_step.py --encoder resnet50 --size 128 --batch 512 --steps 20 --rounds 5 [--compile]
 """
@@ -44,29 +45,12 @@ def _sync(dev):
         torch.cuda.synchronize()
 
 
-def run(args) -> dict:
-    from liverseg.data import DeviceBatches, SliceSet, epoch_indices
-    from liverseg.losses import HybridLoss
-    from liverseg.model import build_model
-    from liverseg.train_loop import optimise
-    from liverseg.transforms import random_affine, standardise, window01
-
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    bf16 = dev.type == "cuda"
-    loss_fn = HybridLoss()
-    B, S = args.batch, args.size
-
-    def make():
-        torch.manual_seed(0)
-        net = build_model(args.encoder, "none", 1).to(dev, memory_format=torch.channels_last)
-        model = torch.compile(net) if args.compile else net
-        return model, torch.optim.Adam(net.parameters(), lr=1e-4)
-
-    out = {
+def _environment(args, dev: torch.device, bf16: bool) -> dict:
+    return {
         "device": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or "cpu",
         "encoder": args.encoder,
-        "size": S,
-        "batch": B,
+        "size": args.size,
+        "batch": args.batch,
         "compile": args.compile,
         "precision": "bf16" if bf16 else "fp32",
         "rounds": args.rounds,
@@ -75,7 +59,26 @@ def run(args) -> dict:
         "cpus_available": len(os.sched_getaffinity(0)),
     }
 
-    # plain PyTorch: random data already on the device
+
+def _sides(args, dev: torch.device, bf16: bool, out: dict):
+    """The two step functions: plain PyTorch on device-resident random data, and liverseg's
+    SliceSet in host memory -> device -> `train_loop.train_step` (window, augment, standardise, step)."""
+    from liverseg.artifact import ModelSpec
+    from liverseg.config import TrainConfig
+    from liverseg.data import DeviceBatches, SliceSet, epoch_indices
+    from liverseg.losses import HybridLoss
+    from liverseg.model import build_model
+    from liverseg.train_loop import optimise, prepare_batch, train_step
+
+    B, S = args.batch, args.size
+    loss_fn = HybridLoss()
+
+    def make():
+        torch.manual_seed(0)
+        net = build_model(args.encoder, "none", 1).to(dev, memory_format=torch.channels_last)
+        model = torch.compile(net) if args.compile else net
+        return model, torch.optim.Adam(net.parameters(), lr=1e-4)
+
     plain_model, plain_opt = make()
     x = torch.randn(B, 1, S, S, device=dev).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 2, (B, S, S), device=dev)
@@ -83,7 +86,6 @@ def run(args) -> dict:
     def plain_step(_i):
         optimise(plain_model, plain_opt, loss_fn, x, y, bf16)
 
-    # liverseg: SliceSet in host memory -> device -> window -> augment -> standardise -> step
     store = _MemStore(args.cases, args.slices_per_case, S)
     data = SliceSet(store, list(store.data), 1)
     t0 = time.perf_counter()
@@ -92,21 +94,29 @@ def run(args) -> dict:
         data.batch(idx[i * B : (i + 1) * B])
     out["loader_only_slices_per_s_one_core"] = B * 64 / (time.perf_counter() - t0)
     lv_model, lv_opt = make()
+    spec = ModelSpec(args.encoder, 1, (-200.0, 250.0), 0.2, 0.3, (S, S))
+    cfg = TrainConfig()  # augment and channels_last on, as training's defaults
     gen = torch.Generator(device=dev).manual_seed(0)
-    total = args.warmup + args.rounds * args.steps
-    idx = epoch_indices(len(data), B * total, 1)
+    idx = epoch_indices(len(data), B * (args.warmup + args.rounds * args.steps), 1)
     batches = DeviceBatches(data, dev, B)
-    input_host_s = [0.0]  # host time spent issuing the input path (gather, copy, transforms): no sync
 
     def lv_step(i):
-        t = time.perf_counter()
         img, msk = batches.get(idx[i * B : (i + 1) * B])
-        msk = msk.long()
-        xx = window01(img, (-200, 250))
-        xx, msk = random_affine(xx, msk, gen)
-        xx = standardise(xx, 0.2, 0.3).contiguous(memory_format=torch.channels_last)
-        input_host_s[0] += time.perf_counter() - t
-        optimise(lv_model, lv_opt, loss_fn, xx, msk, bf16)
+        train_step(lv_model, lv_opt, loss_fn, img, msk, spec, cfg, gen, bf16)
+
+    def input_path(i):  # train_step's input half alone: host time of issuing gather, copy and transforms
+        img, msk = batches.get(idx[i * B : (i + 1) * B])
+        prepare_batch(img, msk, spec, cfg, gen)
+
+    return plain_step, lv_step, input_path
+
+
+def run(args) -> dict:
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bf16 = dev.type == "cuda"
+    out = _environment(args, dev, bf16)
+    plain_step, lv_step, input_path = _sides(args, dev, bf16, out)
+    B = args.batch
 
     def timed(step, first: int) -> float:
         _sync(dev)
@@ -119,7 +129,6 @@ def run(args) -> dict:
     for i in range(args.warmup):
         plain_step(i)
         lv_step(i)
-    input_host_s[0] = 0.0
     # Alternate the two sides round by round, so that clock boost, thermal state or a noisy
     # neighbour affect both alike; the median round ratio is the figure.
     plain, lv = [], []
@@ -131,7 +140,12 @@ def run(args) -> dict:
     out["liverseg_slices_per_s"] = statistics.median(lv)
     out["ratio_liverseg_to_plain"] = statistics.median(ratios)
     out["ratio_min_max"] = [min(ratios), max(ratios)]
-    out["input_path_host_ms_per_step"] = 1e3 * input_host_s[0] / (args.rounds * args.steps)
+    _sync(dev)
+    t = time.perf_counter()
+    for i in range(args.steps):  # no sync inside: the host's share of the input path per step
+        input_path(args.warmup + i)
+    out["input_path_host_ms_per_step"] = 1e3 * (time.perf_counter() - t) / args.steps
+    _sync(dev)
     out["liverseg_ms_per_step"] = 1e3 * B / out["liverseg_slices_per_s"]
     out["loader_to_gpu_ratio"] = out["loader_only_slices_per_s_one_core"] / out["plain_slices_per_s"]
     out["torch"] = torch.__version__

@@ -145,10 +145,10 @@ def test_every_uri_form_loads_the_same_weights(mlflow_uri):
     mv = register(run_id=rid)
     assert mv.tags[WEIGHTS_TAG] and mv.tags[SPEC_TAG]
     ref = load_local(_location(client(), uri) / "artifacts" / "m", "cpu").net.state_dict()
-    for form in (uri, f"runs:/{rid}/model", "models:/liver-unet@challenger", f"models:/liver-unet/{mv.version}"):
+    for form in (uri, f"runs:/{rid}/model", f"models:/{mv.name}@challenger", f"models:/{mv.name}/{mv.version}"):
         lm = load_model(form, "cpu")
         assert lm.spec == spec() and all(torch.equal(v, lm.net.state_dict()[k]) for k, v in ref.items()), form
-    assert load_model("models:/liver-unet@challenger").uri == f"models:/liver-unet/{mv.version}"
+    assert load_model(f"models:/{mv.name}@challenger").uri == f"models:/{mv.name}/{mv.version}"
 
 
 def test_tampered_weights_are_refused(mlflow_uri):
@@ -156,12 +156,12 @@ def test_tampered_weights_are_refused(mlflow_uri):
     from liverseg.tracking import client
 
     rid, uri = log_model_run(constant_state(liver=True))
-    register(run_id=rid)
+    mv = register(run_id=rid)
     folder = _location(client(), uri) / "artifacts" / "m"
     torch.save(constant_state(liver=False), folder / WEIGHTS_FILE)  # a valid state dict, other values
     with pytest.raises(ModelError) as e:
-        load_model("models:/liver-unet@challenger", "cpu")
-    assert "liver-unet v1: weights sha256" in str(e.value) and "\n" not in str(e.value)
+        load_model(f"models:/{mv.name}@challenger", "cpu")
+    assert f"{mv.name} v{mv.version}: weights sha256" in str(e.value) and "\n" not in str(e.value)
     assert load_model(uri, "cpu").spec == spec()  # not a registry version: nothing to check against
 
 
@@ -178,10 +178,10 @@ def test_no_liverseg_command_runs_code_from_the_artifact_store(mlflow_uri, store
 
     marker = tmp_path / "pwned"
     rid, uri = log_model_run(constant_state(liver=True), store_path=store_path)
-    register(run_id=rid)
+    candidate = f"models:/{register(run_id=rid).name}@challenger"
     _booby_trap(_location(client(), uri), marker)
-    predict_file(load_model("models:/liver-unet@challenger", "cpu"), real_ct / "volume-0.nii.gz", tmp_path / "m.nii")
-    evaluate("models:/liver-unet@challenger", store_path, "test", device="cpu")
+    predict_file(load_model(candidate, "cpu"), real_ct / "volume-0.nii.gz", tmp_path / "m.nii")
+    evaluate(candidate, store_path, "test", device="cpu")
     assert promote(store_path, min_dice=0.0).promoted
     holder = ModelHolder("models:/liver-unet@champion", "cpu")
     app = TestClient(create_app(holder, reload_token="t0ken"))
@@ -202,3 +202,31 @@ def test_pyfunc_flavour_round_trip(mlflow_uri, real_ct):
     out = model.predict({"volume": np.asanyarray(img.dataobj).astype(np.float32), "affine": img.affine})
     assert out.shape == img.shape and out.dtype == np.uint8 and out.sum() == 0
     assert model.metadata.get_input_schema().input_names() == ["volume", "affine"]
+
+
+def test_model_logged_before_the_spec_loads_without_its_pickle(mlflow_uri, tmp_path):
+    """A model logged by earlier liverseg versions: pickled python_model, `meta_version` 1 metadata.
+    It loads from the registry through the spec and weights alone; its pickle is never read."""
+    import mlflow
+    import mlflow.pyfunc
+
+    from liverseg.registry import register
+    from liverseg.tracking import client
+
+    folder = tmp_path / "model_files"
+    folder.mkdir()
+    torch.save(constant_state(liver=True), folder / WEIGHTS_FILE)
+    old = {"meta_version": 1, **{k: v for k, v in spec().to_dict().items() if k not in ("format", "format_version")}}
+    (folder / SPEC_FILE).write_text(json.dumps(old))
+    rid, _ = log_model_run(constant_state(liver=False))  # a run with lineage tags; its model is replaced below
+    with mlflow.start_run(run_id=rid):
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=mlflow.pyfunc.PythonModel(), artifacts={"model_dir": str(folder)}
+        )
+    client().set_tag(rid, "model_uri", info.model_uri)
+    mv = register(run_id=rid)
+    marker = tmp_path / "pwned"
+    _booby_trap(_location(client(), info.model_uri), marker)
+    lm = load_model(f"models:/{mv.name}/{mv.version}", "cpu")
+    assert lm.spec.format_version == 2 and lm.spec.window == spec().window and not marker.exists()
+    assert lm.net(torch.zeros(1, 1, 64, 64)).argmax(1).all()  # the weights of the old folder

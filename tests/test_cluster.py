@@ -22,8 +22,11 @@ def _free_port():
 
 @pytest.fixture
 def two_node_ray(tmp_path):
+    from liverseg.train import FORWARDED_ENV
+
     port = _free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # the nodes know neither the tracking server nor the object store: jobs bring them (runtime_env)
+    env = {k: v for k, v in os.environ.items() if k not in FORWARDED_ENV} | {"RAY_USAGE_STATS_ENABLED": "0"}
     if (Path.home() / ".ray" / "auth_token").exists():
         env["RAY_AUTH_MODE"] = "token"
     head = [
@@ -54,16 +57,22 @@ def two_node_ray(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_workers_on_two_nodes_log_to_server(two_node_ray, mlflow_server, store_path, tmp_path):  # noqa: F811
+def test_two_workers_on_two_nodes_read_s3_and_log_to_server(two_node_ray, mlflow_server, store_path, tmp_path, s3):  # noqa: F811
+    """Store and checkpoints in the object store, runs on the server: nothing shared but the services."""
+    from liverseg.publish import publish_store
+
     address, env = two_node_ray
-    env = {**env, "RAY_ADDRESS": address, "MLFLOW_TRACKING_URI": mlflow_server}
+    store = f"{s3}/stores/slices.zarr"
+    publish_store(store_path, store)
+    auth = {k: env[k] for k in ("RAY_AUTH_MODE",) if k in env}
+    env = {**os.environ, **auth, "RAY_ADDRESS": address}  # the submitter's shell: tracking URI and AWS_*
     cmd = [
         sys.executable,
         "-m",
         "liverseg.cli",
         "train",
         "--store",
-        store_path,
+        store,
         "--set",
         "model.encoder=resnet18",
         "--set",
@@ -79,7 +88,7 @@ def test_two_workers_on_two_nodes_log_to_server(two_node_ray, mlflow_server, sto
         "--set",
         "scaling.num_workers=2",
         "--set",
-        f"run.storage_path={tmp_path / 'shared'}",
+        f"run.storage_path={s3}/ray",
         "--set",
         "run.name=cluster",
     ]
@@ -90,3 +99,8 @@ def test_two_workers_on_two_nodes_log_to_server(two_node_ray, mlflow_server, sto
     assert run.info.status == "FINISHED" and run.data.tags.get("model_uri")
     assert len(set(run.data.tags["ray_worker_nodes"].split(","))) == 2  # one worker on each node
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_dice")] == [0, 1]
+    assert run.data.tags["store_path"] == store
+    import boto3
+
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="lake", Prefix="ray/cluster/")["Contents"]]
+    assert any("/checkpoint_" in k for k in keys), keys[:20]

@@ -1,5 +1,6 @@
 """The repo's DVC ingest stage, run with `dvc repro` in a temporary git repo, plus a local remote."""
 
+import ast
 import os
 import shutil
 import subprocess
@@ -20,29 +21,55 @@ def _run(cmd, cwd, **kw):
     return res.stdout
 
 
-def test_dvc_repro_ingest_stage(tmp_path, phantom_dir):
+def _ingest_repo(tmp_path, phantom_dir) -> Path:
+    """A git + DVC repository with three phantom cases and the repo's ingest stage only."""
     repo = tmp_path / "repo"
     for n in ("0", "1", "2"):
         copy_case(phantom_dir, repo / "data" / "lits", n)
     shutil.copytree(REPO / "pipelines", repo / "pipelines")
-    for f in ("ingest.py", "lits.py", "store.py"):
-        (repo / "platform" / "liverseg").mkdir(parents=True, exist_ok=True)
-        shutil.copy(REPO / "platform" / "liverseg" / f, repo / "platform" / "liverseg" / f)
     spec = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    (repo / "platform" / "liverseg").mkdir(parents=True, exist_ok=True)
+    for f in (d for d in spec["stages"]["ingest"]["deps"] if d.startswith("platform/")):
+        shutil.copy(REPO / f, repo / f)
     spec["stages"] = {"ingest": spec["stages"]["ingest"]}
+    spec.pop("plots", None)
     (repo / "dvc.yaml").write_text(yaml.safe_dump(spec))
     _run(["git", "init", "-q"], repo)
     _run(["dvc", "init", "-q"], repo)
     _run(["dvc", "config", "core.site_cache_dir", str(tmp_path / "site-cache")], repo)
     _run(["dvc", "remote", "add", "-d", "local", str(tmp_path / "remote")], repo)
+    return repo
+
+
+def test_dvc_exp_run_set_param_takes_effect_over_the_profile(tmp_path, phantom_dir):
+    """`dvc exp run -S pipelines/ingest.yaml:size=...` wins over the demo profile's size (stage file over
+    profile), and `dvc exp show --json` has each experiment's numbers (metrics committed, not ignored)."""
+    import json
+
+    repo = _ingest_repo(tmp_path, phantom_dir)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    _run([*git, "add", "-A"], repo)
+    _run([*git, "commit", "-qm", "baseline"], repo)
+    for name, size in (("small", 32), ("mid", 48)):
+        _run(["dvc", "exp", "run", "-q", "-n", name, "-S", f"pipelines/ingest.yaml:size=[{size},{size}]"], repo)
+    shown = json.loads(_run(["dvc", "exp", "show", "--json"], repo))
+    exps = {e["name"]: e for rev in shown for e in rev.get("experiments") or []}  # under their baseline
+    assert set(exps) == {"small", "mid"}, shown
+    for name, size in (("small", 32), ("mid", 48)):
+        data = exps[name]["revs"][0]["data"]
+        metrics = data["metrics"]["metrics/ingest.json"]["data"]
+        assert (metrics["height"], metrics["width"], metrics["cases"]) == (size, size, 3), metrics
+        assert data["params"]["pipelines/ingest.yaml"]["data"]["size"] == [size, size]
+
+
+def test_dvc_repro_ingest_stage(tmp_path, phantom_dir):
+    repo = _ingest_repo(tmp_path, phantom_dir)
     out = _run(["dvc", "repro"], repo)
     assert "Running stage 'ingest'" in out
     assert (repo / "data" / "store.zarr" / "zarr.json").exists()
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     params = lock["stages"]["ingest"]["params"]
-    assert (
-        params["pipelines/ingest.yaml"]["size"] == [128, 128] and params["pipelines/profile.yaml"]["profile"] == "demo"
-    )
+    assert params["pipelines/ingest.yaml"]["workers"] == 2 and params["pipelines/profile.yaml"]["profile"] == "demo"
     assert "demo.ingest" in params["pipelines/profiles.yaml"]
     assert "Data and pipelines are up to date" in _run(["dvc", "status"], repo)
     assert "didn't change" in _run(["dvc", "repro"], repo)  # nothing re-runs
@@ -59,12 +86,25 @@ def test_dvc_repro_ingest_stage(tmp_path, phantom_dir):
     assert SliceStore(str(repo / "data" / "store.zarr")).verify() == {}
 
 
-def test_repo_data_dvc_matches_the_demo_phantoms():
-    """data.dvc's hash is what `liverseg synth` produces for the demo seed (so a fresh clone is clean)."""
-    spec = yaml.safe_load((REPO / "data.dvc").read_text())
-    assert spec["outs"][0]["path"] == "data/lits" and spec["outs"][0]["nfiles"] == 40
-    demo = (REPO / "scripts" / "demo.sh").read_text()
-    assert "--cases 20 --seed 0 --shape 96 96 40" in demo
+def test_repo_data_dvc_matches_the_demo_phantoms(tmp_path):
+    """data.dvc's hash is what `liverseg synth` produces for the demo's seed (so a fresh clone is clean):
+    the demo's phantoms are written and `dvc add` hashes them."""
+    import re
+
+    from liverseg.phantoms import write_phantoms
+
+    args = re.search(
+        r"--cases (\d+) --seed (\d+) --shape (\d+) (\d+) (\d+)", (REPO / "scripts" / "demo.sh").read_text()
+    )
+    cases, seed, *shape = (int(g) for g in args.groups())
+    repo = tmp_path / "repo"
+    write_phantoms(repo / "data" / "lits", cases, seed, tuple(shape))
+    _run(["git", "init", "-q"], repo)
+    _run(["dvc", "init", "-q"], repo)
+    _run(["dvc", "config", "core.site_cache_dir", str(tmp_path / "site-cache")], repo)
+    _run(["dvc", "add", "-q", "data/lits"], repo)
+    ours, theirs = (yaml.safe_load(p.read_text())["outs"][0] for p in (REPO / "data.dvc", repo / "data" / "lits.dvc"))
+    assert (ours["md5"], ours["nfiles"], ours["size"]) == (theirs["md5"], theirs["nfiles"], theirs["size"])
 
 
 def test_dvc_push_pull_round_trip_through_s3(tmp_path, phantom_dir, s3):
@@ -89,3 +129,62 @@ def test_dvc_push_pull_round_trip_through_s3(tmp_path, phantom_dir, s3):
     _run(["dvc", "pull", "-q"], repo)
     assert {p.name: p.read_bytes() for p in (repo / "data" / "lits").iterdir()} == before
     assert "in sync" in _run(["dvc", "status", "-c"], repo)
+
+
+PKG = REPO / "platform" / "liverseg"
+# Files used by path rather than by import: training logs the model's MLflow flavour as a file.
+FILE_REFERENCES = {"train": {"pyfunc"}}
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node of `tree` except those under `if TYPE_CHECKING:` (annotations only, never imported)."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING":
+            continue
+        yield node
+        yield from _runtime_nodes(node)
+
+
+def _imports(tree: ast.AST) -> set[str]:
+    """liverseg modules imported anywhere in `tree` (function-level imports too); '__init__' for the package."""
+    found = set()
+    for node in _runtime_nodes(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "liverseg":
+            if node.module == "liverseg":
+                found |= {a.name if (PKG / f"{a.name}.py").exists() else "__init__" for a in node.names}
+            else:
+                found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("liverseg.")}
+    return found
+
+
+def _stage_modules(subcommand: str) -> set[str]:
+    """Every liverseg module the `liverseg <subcommand>` entry reaches: the command function's imports,
+    then the static import graph from there (cli.py itself, the thin wrapper, is left out)."""
+    cli = ast.parse((PKG / "cli.py").read_text())
+    helpers = {n.name: n for n in cli.body if isinstance(n, ast.FunctionDef)}
+    entry = next(f for name, f in helpers.items() if name.replace("_", "-") == subcommand)
+    funcs, stack = {entry.name}, [entry]  # the entry and the cli helpers it calls (e.g. _quietly)
+    while stack:
+        for node in ast.walk(stack.pop()):
+            if isinstance(node, ast.Name) and node.id in helpers and node.id not in funcs:
+                funcs.add(node.id)
+                stack.append(helpers[node.id])
+    todo, seen = set().union(*(_imports(helpers[f]) for f in funcs)), set()
+    while todo:
+        m = todo.pop()
+        if m in seen or m == "cli":
+            continue
+        seen.add(m)
+        todo |= _imports(ast.parse((PKG / f"{m}.py").read_text())) | FILE_REFERENCES.get(m, set())
+    return seen
+
+
+def test_dvc_stage_deps_are_exactly_the_modules_each_stage_imports():
+    """Editing a module re-runs exactly the stages that import it: no module missing, none extra."""
+    for name, stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].items():
+        subcommand = stage["cmd"].split()[1]
+        listed = {d for d in stage.get("deps", []) if d.startswith("platform/")}
+        derived = {f"platform/liverseg/{m}.py" for m in _stage_modules(subcommand)}
+        assert listed == derived, f"{name}: missing {sorted(derived - listed)}, extra {sorted(listed - derived)}"

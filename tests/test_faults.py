@@ -62,4 +62,4 @@ def test_worker_killed_by_pid_resumes_and_registers(mlflow_uri, store_path, tmp_
     reg = subprocess.run(
         [sys.executable, "-m", "liverseg.cli", "register", "--run", runs[0].info.run_id], capture_output=True, text=True
     )
-    assert reg.returncode == 0 and "registered liver-unet v1" in reg.stdout
+    assert reg.returncode == 0 and "registered liver-unet-candidates v1" in reg.stdout

@@ -9,6 +9,8 @@ import numpy as np
 from liverseg.publish import publish_store
 from liverseg.store import SliceStore
 
+CLI = [sys.executable, "-m", "liverseg.cli"]
+
 
 def test_publish_then_read_from_s3_incrementally(s3, store_path, tmp_path):
     url = f"{s3}/stores/slices.zarr"
@@ -20,10 +22,12 @@ def test_publish_then_read_from_s3_incrementally(s3, store_path, tmp_path):
     for a, b in zip(remote.volume(case), local.volume(case)):
         np.testing.assert_array_equal(a, b)
     assert remote.verify() == {}  # every stored array hashes as ingest recorded
+    check = subprocess.run([*CLI, "ingest", "--raw", "-", "--store", url, "--verify"], capture_output=True, text=True)
+    assert check.returncode == 0 and "verify: 0 case(s) with problems" in check.stdout, check.stderr
 
     boto3.client("s3").put_object(Bucket="lake", Key="stores/slices.zarr/notes.txt", Body=b"someone else's")
     again = subprocess.run(
-        [sys.executable, "-m", "liverseg.cli", "publish", "--store", store_path, "--to", url],
+        [*CLI, "publish", "--store", store_path, "--to", url],
         capture_output=True,
         text=True,
     )
@@ -43,3 +47,12 @@ def test_publish_refuses_non_stores_and_paths(s3, tmp_path, store_path):
     with pytest.raises(StoreError, match="expected an object-store URL"):
         publish_store(store_path, str(tmp_path / "copy.zarr"))
     assert "Contents" not in boto3.client("s3").list_objects_v2(Bucket="lake")  # nothing half written
+
+
+def test_ingest_into_a_bucket_is_refused_with_the_way(s3, phantom_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = subprocess.run(
+        [*CLI, "ingest", "--raw", str(phantom_dir), "--store", f"{s3}/x.zarr"], capture_output=True, text=True
+    )
+    assert res.returncode == 1 and "liverseg publish --store FOLDER --to s3://lake/x.zarr" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and not list(tmp_path.iterdir())  # no local 's3:' folder

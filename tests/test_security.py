@@ -1,6 +1,7 @@
-"""Security checks that need no running service: no secrets in the repo, loopback by default.
+"""Security checks that need no running service: no secrets in the repo.
 
-Loading models without running stored code: `test_artifact.py`."""
+Loading models without running stored code: `test_artifact.py`; serving on loopback by default:
+`test_serve.py`."""
 
 import re
 import subprocess
@@ -22,11 +23,3 @@ def test_no_credentials_committed():
         and pattern.search((REPO / f).read_text(errors="ignore"))
     ]
     assert hits == [], hits
-
-
-def test_service_binds_loopback_by_default():
-    import inspect
-
-    from liverseg import serve
-
-    assert inspect.signature(serve.serve).parameters["host"].default == "127.0.0.1"

@@ -42,8 +42,14 @@ def start_server(store_path, tmp_path, max_mb: int, upload_timeout: float):
 
 
 def test_segment_health_model_and_bad_requests(server, real_ct):
+    import psutil
+
     base, _ = server
     assert httpx.get(base + "/health").json() == {"status": "ok", "version": "1"}
+    port = int(base.rsplit(":", 1)[1])  # started without --host: listens on loopback only
+    assert {c.laddr.ip for c in psutil.net_connections("tcp") if c.laddr.port == port and c.status == "LISTEN"} == {
+        "127.0.0.1"
+    }
     info = httpx.get(base + "/model").json()
     assert info["name"] == "liver-unet" and info["alias"] == "champion" and info["lineage"]["git_commit"] == "abc123"
     assert info["preprocessing"]["window"] == [-200.0, 250.0]
@@ -128,8 +134,10 @@ def test_reload_follows_the_alias(server, real_ct, store_path):
     )
     assert np.asanyarray(before.dataobj).sum() == 0  # v1 predicts no liver
     run, _ = log_model_run(constant_state(liver=True), store_path=store_path)
-    mv = register(run_id=run)
-    MlflowClient(tracking_uri()).set_registered_model_alias("liver-unet", "champion", mv.version)
+    mv = register(run_id=run)  # a candidate; served once copied into liver-unet (as promote does)
+    client = MlflowClient(tracking_uri())
+    served = client.copy_model_version(f"models:/{mv.name}/{mv.version}", "liver-unet")
+    client.set_registered_model_alias("liver-unet", "champion", served.version)
     assert httpx.post(base + "/reload", timeout=120).status_code == 401  # no token
     bad = httpx.post(base + "/reload", headers={"Authorization": "Bearer wrong"}, timeout=120)
     assert bad.status_code == 401 and httpx.get(base + "/health").json()["version"] == "1"
@@ -142,11 +150,11 @@ def test_reload_follows_the_alias(server, real_ct, store_path):
 
 @pytest.mark.slow
 def test_mlflow_models_serve_works_as_is(mlflow_uri, tmp_path):
-    """`mlflow models serve -m models:/liver-unet/1` answers with a mask on the volume's grid."""
+    """`mlflow models serve -m models:/liver-unet-candidates/1` answers with a mask on the volume's grid."""
     from liverseg.registry import register
 
     run, _ = log_model_run(constant_state(liver=True))
-    version = register(run_id=run).version
+    version = register(run_id=run).version  # in liver-unet-candidates
     port = free_port()
     bin_dir = os.path.dirname(sys.executable)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
@@ -156,7 +164,7 @@ def test_mlflow_models_serve_works_as_is(mlflow_uri, tmp_path):
             "models",
             "serve",
             "-m",
-            f"models:/liver-unet/{version}",
+            f"models:/liver-unet-candidates/{version}",
             "--env-manager",
             "local",
             "--host",

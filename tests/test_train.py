@@ -1,5 +1,6 @@
 """End-to-end training on Ray Train (CPU), tracked in MLflow: phantoms -> ingest -> train."""
 
+import nibabel as nib
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
@@ -30,11 +31,20 @@ def _chance_dice(store_path):
     return float(np.mean(scores))
 
 
-def test_two_workers_end_to_end(ray_local, mlflow_uri, store_path, tmp_path, monkeypatch):
+def test_two_workers_end_to_end(ray_local, mlflow_uri, store_path, tmp_path, monkeypatch, phantom_dir):
+    """Two workers, the 3-channel input (slice and neighbours) through training, logging and inference."""
     canary = "liverseg-canary-Secret-7f3a9"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", canary)  # a secret in the environment must not be logged
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", canary)
-    cfg = _cfg(tmp_path, "train.epochs=3", "scaling.num_workers=2", "run.name=e2e", "train.lr=0.003")
+    cfg = _cfg(
+        tmp_path,
+        "train.epochs=3",
+        "scaling.num_workers=2",
+        "run.name=e2e",
+        "train.lr=0.003",
+        "model.in_channels=3",
+        "run.system_metrics_s=0.5",
+    )
     res = train(store_path, cfg)
     client = MlflowClient(mlflow_uri)
     run = client.get_run(res.run_id)
@@ -62,26 +72,42 @@ def test_two_workers_end_to_end(ray_local, mlflow_uri, store_path, tmp_path, mon
     }
     assert {"config.json", "plots/curves.png", "plots/val_overlay.png"} <= arts
     assert res.best_val_dice > _chance_dice(store_path)
+    assert "system/cpu_utilization_percentage" in run.data.metrics and "system/system_memory_usage_megabytes" in (
+        run.data.metrics
+    )
+    # the LoggedModel carries the scores of the epoch its weights come from, not epoch 0's
+    saved = client.get_logged_model(res.model_uri.removeprefix("models:/"))
+    model_metrics = {m.key: m for m in saved.metrics}
+    assert {m.step for m in saved.metrics} == {res.best_epoch}
+    assert model_metrics["val_dice"].value == pytest.approx(res.best_val_dice)
     logged = " ".join([*p.keys(), *map(str, p.values()), *t.keys(), *map(str, t.values())])
     assert canary not in logged
     from liverseg.artifact import load_model
+    from liverseg.inference import predict_file
 
-    spec = load_model(res.model_uri, "cpu").spec
-    assert spec.window == (-200.0, 250.0) and spec.size == (64, 64) and 0 < spec.std < 1
+    lm = load_model(res.model_uri, "cpu")
+    spec = lm.spec
+    assert spec.window == (-200.0, 250.0) and spec.size == (64, 64) and 0 < spec.std < 1 and spec.in_channels == 3
     assert spec.train_run_id == res.run_id and spec.best_epoch == res.best_epoch
+    predict_file(lm, phantom_dir / "volume-0.nii.gz", tmp_path / "mask.nii.gz")
+    ref = nib.load(str(phantom_dir / "segmentation-0.nii.gz"))
+    mask = np.asanyarray(nib.load(str(tmp_path / "mask.nii.gz")).dataobj)
+    assert mask.shape == ref.shape and (mask & (np.asanyarray(ref.dataobj) >= 1)).any()  # finds some liver
     assert list((tmp_path / "ray" / "e2e").glob("checkpoint_*"))
     again = train(store_path, cfg)  # same name: finished run is returned, nothing retrained
     assert again.resumed_finished and again.run_id == res.run_id
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
-def test_resume_after_injected_failure(ray_local, mlflow_uri, store_path, tmp_path):
+def test_resume_after_injected_failure(ray_local, mlflow_uri, store_path, tmp_path, monkeypatch):
+    from liverseg.train import FAULT_ENV
+
+    monkeypatch.setenv(FAULT_ENV, "1")
     cfg = _cfg(
         tmp_path,
         "train.epochs=3",
         "train.steps_per_epoch=2",
         "run.name=crashy",
-        "run.fail_at_epoch=1",
         "run.max_failures=1",
     )
     res = train(store_path, cfg)

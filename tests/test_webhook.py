@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -83,10 +86,13 @@ def webhook_mlflow(tmp_path, monkeypatch):
 
 
 def _new_version(liver: bool, name: str) -> str:
+    from mlflow.tracking import MlflowClient
+
     from liverseg.registry import register
 
     run, _ = log_model_run(constant_state(liver=liver))
-    return str(register(run_id=run, name=name).version)
+    mv = register(run_id=run, name=name)  # @challenger on NAME-candidates: an alias event the replicas ignore
+    return str(MlflowClient().copy_model_version(f"models:/{mv.name}/{mv.version}", name).version)
 
 
 class Client(threading.Thread):
@@ -119,7 +125,7 @@ def _wait_version(base: str, version: str, timeout_s: float = 90) -> float:
 def test_replicas_follow_champion_by_webhook_and_by_polling(webhook_mlflow, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from liverseg.webhook import add_webhook
+    from liverseg.webhook import add_webhook, remove_webhook
 
     name, client = "liver-unet-prod", MlflowClient(webhook_mlflow)
     client.set_registered_model_alias(name, "champion", _new_version(False, name))
@@ -131,7 +137,13 @@ def test_replicas_follow_champion_by_webhook_and_by_polling(webhook_mlflow, tmp_
     )
     try:
         add_webhook(base_a + "/webhook", SECRET)
-        add_webhook(base_a + "/webhook", SECRET)  # idempotent per URL
+        again = subprocess.run(  # the command an admin runs per replica; idempotent per URL
+            [sys.executable, "-m", "liverseg.cli", "webhook", "add", base_a + "/webhook"],
+            env={**os.environ, "LIVERSEG_WEBHOOK_SECRET": SECRET},
+            capture_output=True,
+            text=True,
+        )
+        assert again.returncode == 0 and "model_version_alias.created" in again.stdout, again.stderr
         assert [w.url for w in client.list_webhooks()] == [base_a + "/webhook"]
         since_a = httpx.get(base_a + "/model").json()["since"]
 
@@ -156,6 +168,7 @@ def test_replicas_follow_champion_by_webhook_and_by_polling(webhook_mlflow, tmp_
         time.sleep(1)
         load.done.set()
         load.join(timeout=120)
+        assert remove_webhook(base_a + "/webhook") == 1 and not client.list_webhooks()
     finally:
         stop(a)
         stop(b)

@@ -77,7 +77,7 @@ fi
 # shellcheck disable=SC1091
 . "$DIR/secrets.env"
 BUCKET=liverseg
-PG_PORT=$(free_port); S3_PORT=$(free_port); MLFLOW_PORT=$(free_port); RAY_PORT=$(free_port); DASH_PORT=$(free_port)
+PG_PORT=$(free_port); S3_PORT=$(free_port); MLFLOW_PORT=$(free_port)
 
 # PostgreSQL: initdb refuses to run as root, so as root the server runs as the `postgres` user.
 AS_PG=()
@@ -126,23 +126,34 @@ if sys.argv[1] not in [b['Name'] for b in s3.list_buckets()['Buckets']]:
 " "$BUCKET"
 
 # Ray: two nodes (head + one more), own temp dir so nobody else's ray.init() attaches to it.
-say "ray head on 127.0.0.1:$RAY_PORT"
-RAY_CPUS=${LIVERSEG_RAY_CPUS:-1}
+say "ray: two nodes"
+# Logical CPUs per node: 2, so that a Tune trial's driver (0.01 CPU) and its 1-CPU Train worker fit on
+# one node; with 1 per node, two searches' drivers on both nodes leave no whole CPU anywhere (deadlock).
+RAY_CPUS=${LIVERSEG_RAY_CPUS:-2}
 export RAY_USAGE_STATS_ENABLED=0
 # Token auth with this stack's own token (not ~/.ray/auth_token, which every local cluster shares).
 export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$DIR/ray-token
 [ -s "$RAY_AUTH_TOKEN_PATH" ] || "$PY" -c 'import secrets; print(secrets.token_hex(32))' >"$RAY_AUTH_TOKEN_PATH"
-"$BIN/ray" start --head --node-ip-address 127.0.0.1 --port "$RAY_PORT" --num-cpus "$RAY_CPUS" \
-  --temp-dir "$DIR/ray" --object-store-memory 200000000 --include-dashboard true \
-  --dashboard-host 127.0.0.1 --dashboard-port "$DASH_PORT" --disable-usage-stats >"$DIR/logs/ray-head.log" 2>&1 \
-  || die "ray start --head failed (see $DIR/logs/ray-head.log)"
-"$BIN/ray" start --address "127.0.0.1:$RAY_PORT" --node-ip-address 127.0.0.1 --num-cpus "$RAY_CPUS" \
-  --object-store-memory 200000000 --disable-usage-stats >"$DIR/logs/ray-node.log" 2>&1 \
-  || die "second ray node failed (see $DIR/logs/ray-node.log)"
+ray_up() {  # head + one more node on fresh ports; Ray picks more ports itself and may lose a race for one
+  RAY_PORT=$(free_port); DASH_PORT=$(free_port)
+  "$BIN/ray" start --head --node-ip-address 127.0.0.1 --port "$RAY_PORT" --num-cpus "$RAY_CPUS" \
+    --temp-dir "$DIR/ray" --object-store-memory 200000000 --include-dashboard true \
+    --dashboard-host 127.0.0.1 --dashboard-port "$DASH_PORT" --disable-usage-stats >"$DIR/logs/ray-head.log" 2>&1 \
+    && "$BIN/ray" start --address "127.0.0.1:$RAY_PORT" --node-ip-address 127.0.0.1 --num-cpus "$RAY_CPUS" \
+      --object-store-memory 200000000 --disable-usage-stats >"$DIR/logs/ray-node.log" 2>&1
+}
+if ! ray_up; then
+  cp "$DIR/logs/ray-head.log" "$DIR/logs/ray-head.first-try.log"
+  say "ray start failed (see $DIR/logs/ray-head.first-try.log); once more on other ports"
+  leftover=$("$PY" "$REPO/deploy/local/stackpids.py" "$DIR/ray")
+  [ -z "$leftover" ] || { kill -KILL $leftover 2>/dev/null || true; sleep 1; }
+  ray_up || die "ray start failed twice (see $DIR/logs/ray-head.log, ray-node.log)"
+fi
 # Ray daemonises: its processes are the ones whose command line names our temp dir.
 "$PY" "$REPO/deploy/local/stackpids.py" "$DIR/ray" >"$DIR/pids/ray"
 
-# MLflow: PostgreSQL backend, artifacts proxied into the bucket, basic-auth with its users in PostgreSQL.
+# MLflow: PostgreSQL backend, artifacts proxied into the bucket, basic-auth with its users in PostgreSQL;
+# webhooks may go to http://127.0.0.1 replicas, and a new one is seen within 5 s (MLflow caches the list).
 PG_URI=postgresql+psycopg://postgres:$PG_PASSWORD@127.0.0.1:$PG_PORT
 cat >"$DIR/basic_auth.ini" <<EOF
 [mlflow]
@@ -158,6 +169,7 @@ start_bg mlflow env MLFLOW_BACKEND_STORE_URI="$PG_URI/mlflow" MLFLOW_AUTH_CONFIG
   AWS_ACCESS_KEY_ID="$S3_KEY_ID" AWS_SECRET_ACCESS_KEY="$S3_SECRET" AWS_DEFAULT_REGION=us-east-1 \
   MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY="$WEBHOOK_KEY" MLFLOW_FLASK_SERVER_SECRET_KEY="$FLASK_SECRET" \
   MLFLOW_WEBHOOK_ALLOWED_SCHEMES=http,https MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS=true \
+  MLFLOW_WEBHOOK_CACHE_TTL="${LIVERSEG_WEBHOOK_CACHE_TTL:-5}" \
   PATH="$BIN:$PATH" "$BIN/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT" \
   --artifacts-destination "s3://$BUCKET/artifacts" --app-name basic-auth --workers "${LIVERSEG_MLFLOW_WORKERS:-2}"
 wait_http "http://127.0.0.1:$MLFLOW_PORT/health" 120

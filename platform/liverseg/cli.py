@@ -2,17 +2,59 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+from liverseg.errors import ConfigError, LiversegError
 
-ConfigOpt = typer.Option(None, "--config", "-c", help="stage YAML (pipelines/<stage>.yaml)")
+
+class _App(typer.Typer):
+    """The command group. Every error liverseg raises on purpose is a LiversegError with a one-line
+    message: it is printed here, once for all commands (exit 2 for a config error, 1 otherwise), and so
+    is an MLflow error about the user's request a command did not catch (a deleted version, ...);
+    anything else is a bug and keeps its traceback."""
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return super().__call__(*args, **kwargs)
+        except LiversegError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise SystemExit(2 if isinstance(e, ConfigError) else 1) from None
+        except Exception as e:
+            if not type(e).__module__.startswith("mlflow."):
+                raise
+            typer.echo(f"error: MLflow: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
+            raise SystemExit(1) from None
+
+
+app = _App(add_completion=False, no_args_is_help=True, help=__doc__, rich_markup_mode=None)
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="stage YAML [default: pipelines/<stage>.yaml if present]")
 SetOpt = typer.Option(None, "--set", "-s", help="override key=value (YAML value, dotted key); repeatable")
-ProfileOpt = typer.Option(None, "--profile", help="named profile from pipelines/profiles.yaml (demo, paper)")
+ProfileOpt = typer.Option(
+    None, "--profile", help="profile in pipelines/profiles.yaml (demo, paper) [default: pipelines/profile.yaml's]"
+)
+VerboseOpt = typer.Option(False, "--verbose", "-v", help="print Ray's and MLflow's own output here, not to the log")
+PIPELINES = Path("pipelines")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"liverseg {version('liverseg')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version"),
+) -> None:
+    """Train, tune, track, register and serve liver-segmentation models (`liverseg COMMAND --help`)."""
 
 
 def fail(msg: str, code: int = 2) -> None:
@@ -20,13 +62,53 @@ def fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _load(model, config, overrides, profile, stage):
-    from liverseg.config import ConfigError, load_config
+def _quietly(command: str, verbose: bool, fn):
+    """`fn(console)` with library output in the command's log file (see liverseg.console). A failure ends
+    in one line: liverseg's own message, or for anything else the root cause (traceback in the log), then
+    the log file's path."""
+    import traceback
 
-    try:
-        return load_config(model, config, overrides, profile=profile, stage=stage)
-    except ConfigError as e:
-        fail(str(e))
+    from liverseg.console import quiet, root_cause
+
+    with quiet(command, verbose) as con:
+        try:
+            return fn(con)
+        except LiversegError as e:
+            msg, code = str(e), 2 if isinstance(e, ConfigError) else 1
+        except KeyboardInterrupt:  # train/tune marked their MLflow runs KILLED on the way out
+            msg, code = f"interrupted: {command} stopped, its MLflow runs marked KILLED (rerun to resume)", 130
+        except Exception as e:
+            traceback.print_exc()  # into the log
+            msg, code = root_cause(e), 1
+        finally:  # Ray's last words (placement-group clean-up, worker exits) into the log, not after it
+            ray = sys.modules.get("ray")
+            if ray is not None and ray.is_initialized():
+                ray.shutdown()
+        msg += con.log_hint()
+    fail(msg, code)
+
+
+def keys_help(model_name: str) -> str:
+    """`--help` epilog: every config key, its default and the reason for it."""
+    from liverseg import config
+
+    rows = [(k, json.dumps(d), why) for k, d, why in config.describe_keys(getattr(config, model_name))]
+    width = min(max(len(k) + len(d) for k, d, _ in rows) + 5, 60)
+    lines = [f"  {k} = {d}".ljust(width) + f"  {why}" for k, d, why in rows]
+    return f"Config keys (--set KEY=VALUE; precedence: {config.PRECEDENCE}):\n\n\b\n" + "\n".join(lines)
+
+
+def _load(model, config, overrides, profile, stage):
+    """The stage's config; without --config/--profile, pipelines/<stage>.yaml and pipelines/profile.yaml."""
+    from liverseg.config import default_profile, load_config
+
+    if config is None and (PIPELINES / f"{stage}.yaml").exists():
+        config = PIPELINES / f"{stage}.yaml"
+    if profile is None:
+        profile = default_profile(Path(config).parent if config else PIPELINES)
+    cfg = load_config(model, config, overrides, profile=profile, stage=stage)
+    typer.echo(f"{stage}: config {config or 'defaults'}, profile {profile or 'none'}", err=True)
+    return cfg
 
 
 @app.command()
@@ -43,37 +125,38 @@ def synth(
     typer.echo(f"wrote {len(paths)} phantom cases to {out}")
 
 
-@app.command()
+@app.command(epilog=keys_help("IngestConfig"))
 def ingest(
     raw: Path = typer.Option(..., help="LiTS folder: volume-N.nii[.gz] + segmentation-N.nii[.gz]"),
-    store: Path = typer.Option(..., help="Zarr v3 slice store to create or update"),
+    store: str = typer.Option(..., help="local Zarr v3 slice store to create or update (--verify: also s3://...)"),
     config: Path | None = ConfigOpt,
     set_: list[str] | None = SetOpt,
     profile: str | None = ProfileOpt,
     verify: bool = typer.Option(False, "--verify", help="only check the store: listing, shapes, dtypes, hashes"),
     prune: bool = typer.Option(False, "--prune", help="remove stored cases whose files left the raw folder"),
+    out: Path | None = typer.Option(None, help="write case, slice and split counts as JSON (DVC metrics)"),
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Convert LiTS NIfTI volumes into the sharded Zarr slice store (incremental, atomic per case)."""
     from liverseg.config import IngestConfig
     from liverseg.ingest import ingest as run_ingest
     from liverseg.ingest import verify as run_verify
-    from liverseg.lits import InputError
-    from liverseg.store import StoreError
 
     if verify:
-        try:
-            problems = run_verify(str(store))
-        except StoreError as e:
-            fail(str(e), 1)
+        problems = run_verify(str(store))
         for case, msg in problems.items():
             typer.echo(f"case {case}: {msg}", err=True)
         typer.echo(f"verify: {len(problems)} case(s) with problems")
         raise typer.Exit(1 if problems else 0)
     cfg = _load(IngestConfig, config, set_, profile, "ingest")
-    try:
-        report = run_ingest(raw, store, cfg, prune=prune)
-    except (InputError, StoreError) as e:
-        fail(str(e), 1)
+
+    def go(con):
+        with contextlib.redirect_stderr(con.stream):  # the progress bar on the terminal
+            return run_ingest(raw, store, cfg, prune=prune)
+
+    report = _quietly("ingest", verbose, go)
+    if out:
+        _ingest_metrics(store, out)
     for msg in report.failed.values():
         typer.echo(f"FAILED {msg}", err=True)
     if report.kept:
@@ -88,6 +171,18 @@ def ingest(
     raise typer.Exit(0 if report.ok else 1)
 
 
+def _ingest_metrics(store: str, out: Path) -> None:
+    """Counts a user compares between experiments (`dvc exp show`): cases per split, slices, slice size."""
+    from liverseg.storage import atomic_write_json
+    from liverseg.store import SliceStore
+
+    st = SliceStore(store)
+    h, w = st.size
+    counts = {f"{split}_cases": len(cases) for split, cases in st.splits.items()}
+    slices = sum(st.num_slices(c) for c in st.cases)
+    atomic_write_json(out, {"cases": len(st.cases), **counts, "slices": slices, "height": h, "width": w})
+
+
 @app.command()
 def publish(
     store: Path = typer.Option(..., help="local slice store written by `liverseg ingest`"),
@@ -95,38 +190,30 @@ def publish(
 ) -> None:
     """Upload a slice store to object storage for Ray workers on any node (incremental, root metadata last)."""
     from liverseg.publish import publish_store
-    from liverseg.store import StoreError
 
     try:
         rep = publish_store(store, to)
-    except (StoreError, OSError) as e:
+    except OSError as e:
         fail(str(e), 1)
     extra = f"; {len(rep.extra)} object(s) there not in {store} (kept)" if rep.extra else ""
     typer.echo(f"publish: {len(rep.uploaded)} uploaded, {len(rep.unchanged)} unchanged -> {to}{extra}")
 
 
-@app.command()
+@app.command(epilog=keys_help("TrainConfig"))
 def train(
     store: str = typer.Option(..., help="slice store path or URL"),
     config: Path | None = ConfigOpt,
     set_: list[str] | None = SetOpt,
     profile: str | None = ProfileOpt,
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Train a U-Net on Ray Train from the slice store; tracked in MLflow (prints the run id)."""
     from liverseg.config import TrainConfig
-    from liverseg.model import ModelError
-    from liverseg.store import StoreError
-    from liverseg.tracking import TrackingError
-    from liverseg.train import TrainError
+    from liverseg.console import EpochView
     from liverseg.train import train as run_train
 
     cfg = _load(TrainConfig, config, set_, profile, "train")
-    try:
-        res = run_train(store, cfg)
-    except (StoreError, TrackingError, TrainError, ModelError) as e:
-        fail(str(e), 1)
-    except KeyboardInterrupt:
-        fail("interrupted: the MLflow run is marked KILLED; the same run.name resumes it", 130)
+    res = _quietly("train", verbose, lambda con: run_train(store, cfg, view=EpochView(con, cfg.train.epochs)))
     state = "already finished" if res.resumed_finished else "finished"
     typer.echo(
         f"run {res.run_name} {state}: mlflow run {res.run_id}, best val_dice {res.best_val_dice:.4f} "
@@ -134,7 +221,7 @@ def train(
     )
 
 
-@app.command()
+@app.command(epilog=keys_help("TuneConfig"))
 def tune(
     store: str = typer.Option(..., help="slice store path or URL"),
     config: Path | None = ConfigOpt,
@@ -142,24 +229,36 @@ def tune(
     profile: str | None = ProfileOpt,
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted search of the same tune.name"),
     out: Path = typer.Option(Path("tune-results.json"), help="results JSON (a DVC output)"),
+    plots_dir: Path | None = typer.Option(None, help="write search.json and curves.json here (dvc plots)"),
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Search learning rate and loss weights with Ray Tune (ASHA); each trial an MLflow child run."""
-    from liverseg.config import ConfigError, TuneConfig
-    from liverseg.errors import TrainError
-    from liverseg.model import ModelError
-    from liverseg.store import StoreError
-    from liverseg.tracking import TrackingError
+    from liverseg.config import TuneConfig
+    from liverseg.console import EpochView
     from liverseg.tune import format_table, tune_search
 
     cfg = _load(TuneConfig, config, set_, profile, "tune")
-    try:
-        summary = tune_search(store, cfg, resume=resume, results_path=out)
-    except (ConfigError, StoreError, TrackingError, ModelError, TrainError) as e:
-        fail(str(e), 1)
-    except KeyboardInterrupt:
-        fail("interrupted: the search and its running trials are marked KILLED; --resume continues it", 130)
+    log: list[str] = []
+
+    def go(con):
+        log.append(con.log_hint())
+        view = EpochView(con, cfg.tune.num_samples * cfg.train.epochs)
+        summary = tune_search(store, cfg, resume=resume, results_path=out, view=view)
+        if plots_dir:
+            from liverseg.report import write_dvc_plots
+            from liverseg.tracking import client
+
+            write_dvc_plots(client(), summary, plots_dir)
+        return summary
+
+    summary = _quietly("tune", verbose, go)
     typer.echo(format_table(summary))
+    for t in summary.trials:
+        if t.get("error"):
+            typer.echo(f"trial {t['trial_id']} failed: {t['error']}", err=True)
     best = summary.best
+    if not best["model_uri"]:
+        fail(f"no trial finished with a model; first failure: {best.get('error') or 'none'}{log[0]}", 1)
     typer.echo(
         f"best trial {best['trial_id']}: val_dice {best['val_dice']:.4f}, mlflow run {best['run_id']}, "
         f"checkpoint {best['checkpoint']}; results -> {out}; search run {summary.parent_run_id} "
@@ -189,23 +288,32 @@ def evaluate(
     out: Path = typer.Option(Path("metrics/test-metrics.json"), help="summary JSON (DVC metrics)"),
     cases_csv: Path = typer.Option(Path("metrics/test-cases.csv"), help="per-case table"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Score a model per volume (Dice, IoU, VOE, RVD, ASSD, MSD, HD95) and log an evaluation run."""
     from liverseg.evaluate import evaluate as run_eval
     from liverseg.evaluate import log_evaluation, write_outputs
-    from liverseg.lits import InputError
-    from liverseg.store import StoreError
 
     uri = _model_from(model, model_from)
-    try:
-        ev = run_eval(uri, store, split, raw, lcc, device)
-    except (StoreError, InputError, FileNotFoundError, ValueError) as e:
-        fail(str(e), 1)
-    write_outputs(ev, out, cases_csv)
-    rid = log_evaluation(ev, out, cases_csv)
+
+    def go(con):
+        import tempfile
+
+        from liverseg.artifact import load_model
+        from liverseg.evaluate import worst_overlays
+
+        lm = load_model(uri, device)
+        ev = run_eval(uri, store, split, raw, lcc, device, lm=lm)
+        write_outputs(ev, out, cases_csv)
+        with tempfile.TemporaryDirectory() as tmp:
+            images = worst_overlays(ev, lm, raw, tmp)
+            return ev, log_evaluation(ev, out, cases_csv, images=images)
+
+    ev, rid = _quietly("evaluate", verbose, go)
     d = ev.summary["dice"]
+    grid = "LiTS: original grid, per volume" if raw else "store grid, not LiTS"
     typer.echo(
-        f"{split} ({ev.resolution} grid, {len(ev.cases)} cases): Dice mean {d['mean']:.4f} median {d['median']:.4f} "
+        f"{split} ({grid}, {len(ev.cases)} cases): Dice mean {d['mean']:.4f} median {d['median']:.4f} "
         f"min {d['min']:.4f}; global Dice {ev.summary['global_dice']:.4f} -> {out} (mlflow run {rid})"
     )
 
@@ -218,16 +326,15 @@ def score(
 ) -> None:
     """Score any liver mask against a reference (liver = label >= 1 in both)."""
     from liverseg.evaluate import score_files
-    from liverseg.lits import InputError
 
-    try:
-        s = score_files(pred, ref)
-    except InputError as e:
-        fail(str(e), 1)
+    s = score_files(pred, ref)
     if as_json:
         typer.echo(json.dumps(s))
     else:
         typer.echo("  ".join(f"{k} {'undefined' if v is None else f'{v:.4f}'}" for k, v in s.items()))
+
+
+EXP_ALIAS_ENV = "LIVERSEG_ALIAS_IN_EXPERIMENTS"  # `dvc exp run` moves no alias unless this is 1
 
 
 @app.command()
@@ -238,64 +345,110 @@ def register(
         None, help="MLflow parent run id of a search: register its best trial (no local file needed)"
     ),
     name: str = typer.Option("liver-unet", help="registered model name"),
-    out: Path | None = typer.Option(None, help="write {name, version, run_id} JSON here (DVC output)"),
+    out: Path | None = typer.Option(None, help="write {name, version, run_id, alias} JSON here (DVC output)"),
+    test_metrics: Path | None = typer.Option(
+        None, help="`liverseg evaluate` JSON of this model: tagged on the version"
+    ),
+    alias: str = typer.Option("challenger", help="alias to move onto the new version ('' for none)"),
+    verbose: bool = VerboseOpt,
 ) -> None:
-    """Register a trained model version with lineage tags and alias it `challenger`."""
-    from liverseg.registry import RegistryError
+    """Register a trained model version with lineage tags, test scores and a description; alias it.
+
+    Inside `dvc exp run` (DVC_EXP_NAME set) no alias moves unless LIVERSEG_ALIAS_IN_EXPERIMENTS=1:
+    an experiment registers its model for comparison, it does not nominate it.
+    """
+    import os
+
     from liverseg.registry import register as run_register
 
-    try:
-        mv = run_register(run, best_of_tune, name, tune_run=best_of_tune_run)
-    except (RegistryError, FileNotFoundError) as e:
-        fail(str(e), 1)
+    experiment = os.environ.get("DVC_EXP_NAME")
+    if experiment and os.environ.get(EXP_ALIAS_ENV) != "1":
+        alias = ""
+    mv = _quietly(
+        "register",
+        verbose,
+        lambda con: run_register(run, best_of_tune, name, best_of_tune_run, test_metrics, alias or None),
+    )
     if out:
         from liverseg.storage import atomic_write_json
 
-        atomic_write_json(out, {"name": name, "version": str(mv.version), "run_id": mv.run_id, "alias": "challenger"})
-    typer.echo(f"registered {name} v{mv.version} (run {mv.run_id}) as @challenger")
+        atomic_write_json(
+            out, {"name": mv.name, "version": str(mv.version), "run_id": mv.run_id, "alias": alias or None}
+        )
+    where = f"as @{alias}" if alias else f"without an alias (experiment {experiment}; {EXP_ALIAS_ENV}=1 to alias)"
+    typer.echo(f"registered {mv.name} v{mv.version} (run {mv.run_id}) {where}")
+
+
+ReasonOpt = typer.Option("", "--reason", help="why: recorded in the champion history (`liverseg history`)")
 
 
 @app.command()
 def promote(
     store: str = typer.Option(..., help="slice store with the test split"),
-    name: str = typer.Option("liver-unet", help="registered model name"),
+    name: str = typer.Option("liver-unet", help="served registered model (candidates: NAME-candidates)"),
     min_dice: float = typer.Option(0.9, help="floor on the challenger's mean test Dice"),
     margin: float = typer.Option(0.0, help="the challenger must beat the champion by more than this"),
+    raw: Path | None = typer.Option(None, help="LiTS NIfTI folder: score on the original grid (the LiTS test Dice)"),
+    reason: str = ReasonOpt,
+    verbose: bool = VerboseOpt,
 ) -> None:
-    """Move @champion to @challenger only if it passes the floor and beats the champion."""
-    from liverseg.registry import RegistryError
+    """Copy NAME-candidates@challenger into NAME as @champion only if it passes the floor and beats the champion."""
     from liverseg.registry import promote as run_promote
 
-    try:
-        d = run_promote(store, name, min_dice, margin)
-    except RegistryError as e:
-        fail(str(e), 1)
+    d = _quietly("promote", verbose, lambda con: run_promote(store, name, min_dice, margin, reason=reason, raw=raw))
     typer.echo(d.line())
 
 
 @app.command()
-def rollback(name: str = typer.Option("liver-unet", help="registered model name")) -> None:
+def rollback(name: str = typer.Option("liver-unet", help="registered model name"), reason: str = ReasonOpt) -> None:
     """Put @champion back on the champion it replaced."""
-    from liverseg.registry import RegistryError
     from liverseg.registry import rollback as run_rollback
 
-    try:
-        old, new = run_rollback(name)
-    except RegistryError as e:
-        fail(str(e), 1)
+    old, new = run_rollback(name, reason)
     typer.echo(f"{name}: champion v{old} -> v{new}")
+
+
+@app.command()
+def history(name: str = typer.Option("liver-unet", help="served registered model")) -> None:
+    """Every change of @champion (promote, rollback), newest first: when, who, from -> to, scores, reason."""
+    from liverseg.history import history as changes
+    from liverseg.tracking import client
+
+    found = changes(client(), name)
+    typer.echo("\n".join(c.line() for c in found) if found else f"{name}: the champion never changed")
+
+
+users_app = typer.Typer(
+    no_args_is_help=True, help="Team accounts on the MLflow server (admin login from the environment)."
+)
+app.add_typer(users_app, name="users")
+
+
+@users_app.command("add")
+def users_add(
+    username: str = typer.Argument(..., help="login name"),
+    role: str = typer.Option(
+        ..., help="scientist (train, tune, register candidates) | release (also promote, roll back)"
+    ),
+    password: str | None = typer.Option(None, help="default: a generated one, printed once"),
+    name: str = typer.Option("liver-unet", help="served registered model the role applies to"),
+) -> None:
+    """Create a user with a role's permissions (needs LIVERSEG_ADMIN_USER / LIVERSEG_ADMIN_PASSWORD)."""
+    from liverseg.team import add_user, grants
+
+    pw = add_user(username, role, password, name)
+    perms = ", ".join(f"{p} on {m}" for _, m, p in grants(role, name))
+    typer.echo(f"user {username} ({role}): {perms}; READ on everything else")
+    if password is None:
+        typer.echo(f"password for {username} (shown once): {pw}")
 
 
 @app.command()
 def lineage(uri: str = typer.Argument(..., help="models:/NAME@ALIAS or models:/NAME/VERSION")) -> None:
     """Print model version -> training run -> git commit -> DVC data hash -> store cases and split."""
-    from liverseg.registry import RegistryError
     from liverseg.registry import lineage as run_lineage
 
-    try:
-        typer.echo("\n".join(run_lineage(uri)))
-    except RegistryError as e:
-        fail(str(e), 1)
+    typer.echo("\n".join(run_lineage(uri)))
 
 
 @app.command()
@@ -311,17 +464,10 @@ def predict(
 ) -> None:
     """Segment CT volumes into uint8 liver masks on each input's own grid (shape and affine)."""
     from liverseg.artifact import load_model
-    from liverseg.errors import PredictError
-    from liverseg.predict import one_line, plan, predict_jobs
+    from liverseg.predict import plan, predict_jobs
 
-    try:
-        jobs = plan(src, dst, overwrite, overlay, truth)  # before the model: a typo costs no load
-    except PredictError as e:
-        fail(str(e), 1)
-    try:
-        lm = load_model(model, device)
-    except Exception as e:
-        fail(f"{model}: cannot load model ({one_line(e)})", 1)
+    jobs = plan(src, dst, overwrite, overlay, truth)  # before the model: a typo costs no load
+    lm = load_model(model, device)
     report = predict_jobs(lm, jobs, lcc, overwrite, overlay, truth, progress=src.is_dir())
     for msg in report.failed.values():
         typer.echo(f"FAILED {msg}", err=True)
@@ -339,7 +485,7 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="bind address; 0.0.0.0 only behind a proxy you trust"),
     port: int = typer.Option(8080, help="TCP port"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    max_mb: int = typer.Option(512, help="largest accepted upload (MiB), every gzip layer decompressed included"),
+    max_mb: int = typer.Option(512, help="largest accepted upload (MiB)"),
     config: Path | None = typer.Option(None, "--config", "-c", help="serve YAML (pipelines/serve.yaml)"),
     set_: list[str] | None = SetOpt,
 ) -> None:
@@ -352,10 +498,7 @@ def serve(
     from liverseg.serve import serve as run_serve
 
     cfg = _load(ServeConfig, config, set_, None, "serve")
-    try:
-        run_serve(model, host, port, device, max_mb * 1024 * 1024, cfg.serve)
-    except Exception as e:
-        fail(f"cannot serve {model}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", 1)
+    run_serve(model, host, port, device, max_mb * 1024 * 1024, cfg.serve)
 
 
 webhook_app = typer.Typer(no_args_is_help=True, help="MLflow registry webhooks that tell replicas of new aliases")
@@ -371,10 +514,7 @@ def webhook_add(
     from liverseg.webhook import add_webhook
 
     for url in urls:
-        try:
-            hook = add_webhook(url)
-        except Exception as e:
-            fail(f"webhook {url}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", 1)
+        hook = add_webhook(url)
         typer.echo(f"webhook {hook.webhook_id} -> {url} ({', '.join(str(e) for e in hook.events)})")
 
 
@@ -388,19 +528,7 @@ def webhook_remove(urls: list[str] = typer.Argument(..., help="replica webhook U
 
 
 def main() -> None:  # pragma: no cover - console entry
-    """Errors liverseg or MLflow raise about the user's request end as one line and exit 1, never a
-    traceback (a command that forgot to catch one included); anything else is a bug and shows its trace."""
-    from liverseg.errors import LiversegError
-
-    try:
-        app()
-    except LiversegError as e:
-        typer.echo(f"error: {e}", err=True)
-    except Exception as e:
-        if not type(e).__module__.startswith("mlflow."):
-            raise
-        typer.echo(f"error: MLflow: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
-    sys.exit(1)
+    app()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -44,3 +44,11 @@ class TrackingError(LiversegError, RuntimeError):
 
 class RegistryError(LiversegError, RuntimeError):
     """A registry operation cannot proceed."""
+
+
+class TeamError(LiversegError, RuntimeError):
+    """An account operation on the tracking server cannot proceed (missing admin login, user exists)."""
+
+
+class PermissionRefused(TeamError):
+    """The tracking server refuses (or would refuse) this user this action: who, what, which permission."""

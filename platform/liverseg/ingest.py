@@ -152,6 +152,84 @@ def _is_current(root: zarr.Group, case: CasePaths, size: tuple[int, int]) -> boo
     )
 
 
+def _open_root(store_path: Path) -> zarr.Group:
+    """Open (or create) the store's root group, refusing another format; clear interrupted leftovers."""
+    root = zarr.open_group(str(store_path), mode="a", zarr_format=3)
+    if root.attrs.get("format", FORMAT) != FORMAT:
+        raise StoreError(f"{store_path}: exists and is not a {FORMAT} store")
+    root.require_group("cases")
+    for leftover in (store_path / "cases").glob(f"{TMP_PREFIX}*"):  # from an interrupted run
+        shutil.rmtree(leftover, ignore_errors=True)
+    return root
+
+
+def _plan(cases: list[CasePaths], root: zarr.Group, cfg: IngestConfig, report: IngestReport) -> list[CasePaths]:
+    """The cases to (re)write; unchanged ones go to report.skipped, unpaired volumes to report.failed."""
+    slices = root.attrs.get("case_slices", {})
+    todo = []
+    for case in cases:
+        if case.segmentation is None:
+            report.failed[case.case_id] = f"{case.volume.name}: missing segmentation-{case.case_id}.nii[.gz]"
+        elif case.case_id in slices and _is_current(root, case, cfg.size):
+            report.skipped.append(case.case_id)
+        else:
+            todo.append(case)
+    return todo
+
+
+def _convert(todo: list[CasePaths], cases_dir: Path, cfg: IngestConfig, progress: bool, report: IngestReport):
+    """Write the cases in worker processes; {case id: slices} of those written (failures to report)."""
+    from tqdm import tqdm
+
+    done: dict[str, int] = {}
+    ctx = mp.get_context("spawn")  # fork after torch/zarr threads exist can deadlock
+    with ProcessPoolExecutor(
+        max_workers=min(cfg.workers, len(todo)),
+        mp_context=ctx,
+        initializer=_die_with_parent,  # a killed ingest leaves no worker writing
+        initargs=(os.getpid(),),
+    ) as pool:
+        futures = {pool.submit(ingest_case, c, str(cases_dir), cfg.size, cfg.shard_slices): c for c in todo}
+        bar = tqdm(total=len(todo), desc="ingest", unit="vol", disable=not progress, file=sys.stderr)
+        try:
+            for fut in as_completed(futures):
+                case = futures[fut]
+                try:
+                    cid, z = fut.result()
+                    done[cid] = z
+                    report.written.append(cid)
+                except InputError as e:
+                    report.failed[case.case_id] = str(e)
+                except Exception as e:  # one bad volume never loses the good ones
+                    report.failed[case.case_id] = f"{case.volume.name}: {type(e).__name__}: {e}"
+                bar.update()
+        except KeyboardInterrupt:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        finally:
+            bar.close()
+    return done
+
+
+def _root_attrs(cfg: IngestConfig, case_slices: dict[str, int], splits: dict[str, list[str]]) -> dict:
+    """The store's description: format, size, cases and their slices, splits, orientation, units, labels."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "size": list(cfg.size),
+        "cases": list(case_slices),
+        "case_slices": case_slices,
+        "splits": splits,
+        "split_seed": cfg.split.seed,
+        "split_fractions": list(cfg.split.fractions),
+        "orientation": "RAS",
+        "axes": ["z", "y", "x"],
+        "units": "HU",
+        "labels": {"0": "background", "1": "liver", "2": "tumour"},
+        "liverseg_version": __version__,
+    }
+
+
 def case_order(case_id: str) -> tuple[int, str]:
     """LiTS ids in numeric order: 2 before 10."""
     return len(case_id), case_id
@@ -165,8 +243,13 @@ def ingest(
     Raises InputError, with the store untouched, when the folder holds no LiTS case, or when a new
     `size` would drop cases whose files vanished and `prune` is not given. `prune`: remove stored cases
     whose files left the raw folder (kept otherwise). The store must be a local path (shards are
-    renamed into place); copy it to object storage after.
+    renamed into place); `publish_store` uploads it after.
     """
+    if "://" in str(store):
+        raise StoreError(
+            f"{store}: ingest writes a local store (cases are renamed into place); "
+            f"ingest to a folder, then `liverseg publish --store FOLDER --to {store}`"
+        )
     store_path = Path(store)
     cases, errors = discover(raw)
     if not cases:
@@ -237,47 +320,17 @@ def _update(store_path: Path, cases, errors, cfg: IngestConfig, progress: bool, 
     report = IngestReport(store=str(store_path))
     for line in errors:
         report.failed[line.split(":")[0]] = line
-    root = zarr.open_group(str(store_path), mode="a", zarr_format=3)
-    if root.attrs.get("format", FORMAT) != FORMAT:
-        raise StoreError(f"{store_path}: exists and is not a {FORMAT} store")
-    cases_dir = store_path / "cases"
-    root.require_group("cases")
-    for leftover in cases_dir.glob(f"{TMP_PREFIX}*"):  # from an interrupted run
-        shutil.rmtree(leftover, ignore_errors=True)
-
+    root = _open_root(store_path)
     slices: dict[str, int] = dict(root.attrs.get("case_slices", {}))
-    todo = []
-    for case in cases:
-        if case.segmentation is None:
-            report.failed[case.case_id] = f"{case.volume.name}: missing segmentation-{case.case_id}.nii[.gz]"
-        elif case.case_id in slices and _is_current(root, case, cfg.size):
-            report.skipped.append(case.case_id)
-        else:
-            todo.append(case)
+    todo = _plan(cases, root, cfg, report)
     done: dict[str, int] = {cid: slices[cid] for cid in report.skipped}
     if todo:
-        done.update(_run_pool(todo, cases_dir, cfg, report, progress))
-    _reconcile(cases_dir, {c.case_id for c in cases}, slices, done, report, prune)
+        done |= _convert(todo, store_path / "cases", cfg, progress, report)
+    _reconcile(store_path / "cases", {c.case_id for c in cases}, slices, done, report, prune)
     ordered = sorted(done, key=case_order)
     report.splits = split_cases(ordered, cfg.split.fractions, cfg.split.seed)
     report.written.sort(key=case_order)
-    root.attrs.update(
-        {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "size": list(cfg.size),
-            "cases": ordered,
-            "case_slices": {c: done[c] for c in ordered},
-            "splits": report.splits,
-            "split_seed": cfg.split.seed,
-            "split_fractions": list(cfg.split.fractions),
-            "orientation": "RAS",
-            "axes": ["z", "y", "x"],
-            "units": "HU",
-            "labels": {"0": "background", "1": "liver", "2": "tumour"},
-            "liverseg_version": __version__,
-        }
-    )
+    root.attrs.update(_root_attrs(cfg, {c: done[c] for c in ordered}, report.splits))
     return report
 
 
@@ -292,40 +345,6 @@ def _reconcile(cases_dir: Path, present: set[str], slices: dict[str, int], done:
             done[cid] = slices[cid]
             if cid not in present:
                 report.kept.append(cid)
-
-
-def _run_pool(todo: list[CasePaths], cases_dir: Path, cfg: IngestConfig, report: IngestReport, progress: bool):
-    """Write cases in worker processes that die with this one; returns {case id: slices} written."""
-    from tqdm import tqdm
-
-    done: dict[str, int] = {}
-    ctx = mp.get_context("spawn")  # fork after torch/zarr threads exist can deadlock
-    with ProcessPoolExecutor(
-        max_workers=min(cfg.workers, len(todo)),
-        mp_context=ctx,
-        initializer=_die_with_parent,
-        initargs=(os.getpid(),),
-    ) as pool:
-        futures = {pool.submit(ingest_case, c, str(cases_dir), cfg.size, cfg.shard_slices): c for c in todo}
-        bar = tqdm(total=len(todo), desc="ingest", unit="vol", disable=not progress, file=sys.stderr)
-        try:
-            for fut in as_completed(futures):
-                case = futures[fut]
-                try:
-                    cid, z = fut.result()
-                    done[cid] = z
-                    report.written.append(cid)
-                except InputError as e:
-                    report.failed[case.case_id] = str(e)
-                except Exception as e:  # one bad volume never loses the good ones
-                    report.failed[case.case_id] = f"{case.volume.name}: {type(e).__name__}: {e}"
-                bar.update()
-        except KeyboardInterrupt:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-        finally:
-            bar.close()
-    return done
 
 
 def verify(store: str) -> dict[str, str]:

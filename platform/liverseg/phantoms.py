@@ -27,6 +27,22 @@ def _ellipsoid(g: tuple[np.ndarray, ...], center, radii) -> np.ndarray:
     return sum(((gi - c) / r) ** 2 for gi, c, r in zip(g, center, radii))
 
 
+def _add_tumours(rng, g, hu: np.ndarray, liver: np.ndarray, liver_hu: float) -> np.ndarray:
+    """0-3 tumours inside the liver, darker than parenchyma (written into `hu`); labels 0/1/2 (X, Y, Z) uint8."""
+    labels = liver.astype(np.uint8)
+    for _ in range(int(rng.integers(0, 4))):
+        inside = np.argwhere(liver)
+        if len(inside) == 0:
+            break
+        c = inside[rng.integers(len(inside))]
+        r = rng.uniform(0.04, 0.1)
+        t = _ellipsoid(g, tuple(gi[tuple(c)] for gi in g), (r, r, r * 1.2)) <= 1
+        t &= liver
+        hu[t] = liver_hu - rng.uniform(20, 40)
+        labels[t] = 2
+    return labels
+
+
 def make_phantom(seed: int, case: int, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One phantom in RAS+ voxel order.
 
@@ -73,17 +89,7 @@ def make_phantom(seed: int, case: int, shape: tuple[int, int, int]) -> tuple[np.
     liver_hu = 100 + jitter(10)  # portal-venous liver ~100 HU, spleen alike, muscle ~50
     hu[liver] = liver_hu
     hu[ivc] = 110 + jitter(20)
-    labels = liver.astype(np.uint8)
-    for _ in range(int(rng.integers(0, 4))):  # tumours are darker than parenchyma
-        inside = np.argwhere(liver)
-        if len(inside) == 0:
-            break
-        c = inside[rng.integers(len(inside))]
-        r = rng.uniform(0.04, 0.1)
-        t = _ellipsoid(g, tuple(gi[tuple(c)] for gi in g), (r, r, r * 1.2)) <= 1
-        t &= liver
-        hu[t] = liver_hu - rng.uniform(20, 40)
-        labels[t] = 2
+    labels = _add_tumours(rng, g, hu, liver, liver_hu)
 
     noise = rng.standard_normal(shape).astype(np.float32) * 14
     hu += ndimage.gaussian_filter(noise, 0.7) * 1.6

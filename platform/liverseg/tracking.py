@@ -31,6 +31,14 @@ def client(uri: str | None = None) -> Any:
     return MlflowClient(uri or tracking_uri())
 
 
+def author() -> str:
+    """Who acts: the tracking server login (MLFLOW_TRACKING_USERNAME, forwarded to Ray workers) when set,
+    else the OS login. Runs carry it as `mlflow.user` (the UI's User column); promotions record it."""
+    import getpass
+
+    return os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser()
+
+
 def check_tracking(uri: str, timeout_s: float = 10.0) -> None:
     """Fail in seconds, before any training, when the tracking store is unusable.
 
@@ -143,6 +151,18 @@ def store_datasets(store: Any, store_path: str, contexts: dict[str, str]) -> lis
         )
         out.append(DatasetInput(ds, [InputTag(MLFLOW_DATASET_CONTEXT, context)]))
     return out
+
+
+def start_system_metrics(uri: str | None, run_id: str | None, resume: bool = False, interval_s: float = 5.0):
+    """MLflow's system metrics (CPU, memory, disk, network; GPU when pynvml sees one) for `run_id`, sampled
+    by a thread of this process every `interval_s`; returns the monitor (call .finish()) or None."""
+    if not (uri and run_id):
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=resume, tracking_uri=uri)
+    monitor.start()
+    return monitor
 
 
 def config_hash(flat: dict[str, Any]) -> str:

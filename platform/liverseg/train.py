@@ -18,12 +18,14 @@ import torch
 
 from liverseg.artifact import ModelSpec, load_local, log_model, save_local, spec_for
 from liverseg.config import TrainConfig, to_flat_dict
+from liverseg.console import EpochView, root_cause, watch_run
 from liverseg.data import assign_cases, norm_stats
 from liverseg.errors import ModelError, TrainError
 from liverseg.plots import curves_png, overlay_png
 from liverseg.store import FORMAT_VERSION, SliceStore
 from liverseg.tracking import (
     RUN_KEY,
+    author,
     check_tracking,
     config_hash,
     dvc_hash,
@@ -34,6 +36,7 @@ from liverseg.tracking import (
     store_digest,
     tracking_uri,
 )
+from liverseg.tracking import client as mlflow_client
 from liverseg.train_loop import BEST_FILE, worker_loop
 
 MODEL_NAME = "model"
@@ -54,6 +57,21 @@ def storage_path(cfg: TrainConfig) -> str:
     """Ray storage must be absolute or a URI; a relative path is taken from the working directory."""
     p = cfg.run.storage_path or "ray_results"
     return p if "://" in p else str(Path(p).expanduser().resolve())
+
+
+# The submitter's services and identity: a shared cluster's workers were started with other variables
+# (or none), so these travel with the job (Ray's runtime_env) and each trial logs as its author.
+FORWARDED_ENV = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+)
 
 
 def preflight(cfg: TrainConfig) -> None:
@@ -80,15 +98,17 @@ def preflight(cfg: TrainConfig) -> None:
 
 
 def ensure_ray(address: str | None) -> None:
+    """Connect to `address` (or RAY_ADDRESS) handing the job FORWARDED_ENV, else start a local Ray."""
     import ray
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env})
     else:
-        ray.init(log_to_driver=True)
+        ray.init(log_to_driver=True)  # local workers inherit this process's environment
 
 
 def lineage_tags(store: SliceStore, store_path: str) -> dict[str, str]:
@@ -113,7 +133,7 @@ def _open_run(client, cfg: TrainConfig, key: str, name: str, tags: dict[str, str
     existing = find_run(client, exp, key)
     if existing is not None:
         return existing, True
-    all_tags = {RUN_KEY: key, **tags}
+    all_tags = {RUN_KEY: key, "mlflow.user": author(), **tags}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(exp, run_name=name, tags=all_tags)
@@ -126,59 +146,34 @@ def _open_run(client, cfg: TrainConfig, key: str, name: str, tags: dict[str, str
     return run, False
 
 
-def train(
-    store_path: str,
-    cfg: TrainConfig,
-    *,
-    run_key: str | None = None,
-    parent_run_id: str | None = None,
-    callbacks: list[Any] | None = None,
-    lineage: dict[str, str] | None = None,
-    check_first: bool = True,
-) -> TrainResult:
-    """Train (or resume) one model and log it to MLflow; returns the run id and the logged model URI.
+FAULT_ENV = "LIVERSEG_TEST_FAIL_AT_EPOCH"  # tests only: rank 0 crashes once, mid-way through that epoch
 
-    Re-running with the same `run.name` resumes the Ray run from its last checkpoint and continues the
-    same MLflow run; a finished run is returned as is (nothing retrained, no new MLflow run).
-    `lineage`: tags from `lineage_tags`, when the caller runs elsewhere than the project directory
-    (a Tune trial's working directory is its trial folder: no git, no dvc.lock there).
-    """
-    from mlflow.tracking import MlflowClient
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    uri = tracking_uri()
-    check_tracking(uri)
-    if check_first:  # before any MLflow run or Ray: what cannot work fails in seconds
-        preflight(cfg)
-    if "://" not in store_path:  # Ray workers run in other directories
+def _open_store(store_path: str) -> tuple[str, SliceStore]:
+    """The store (absolute when local: Ray workers run in other directories); needs train and val cases."""
+    if "://" not in store_path:
         store_path = str(Path(store_path).resolve())
     store = SliceStore(store_path)
-    train_cases, val_cases = store.cases_in("train"), store.cases_in("val")
-    if not train_cases or not val_cases:
-        raise TrainError(f"{store_path}: needs train and val cases, has {len(train_cases)} and {len(val_cases)}")
-    chash = config_hash(to_flat_dict(cfg) | {"store": store_path})
-    name = cfg.run.name or f"train-{chash}"
-    key = run_key or name
-    client = MlflowClient(uri)
-    tags = {**(lineage or lineage_tags(store, store_path)), "config_hash": chash}
-    run, existed = _open_run(client, cfg, key, name, tags, parent_run_id)
-    run_id = run.info.run_id
-    if not existed:
-        client.log_inputs(
-            run_id, datasets=store_datasets(store, store_path, {"train": "training", "val": "validation"})
-        )
-    if existed and run.info.status == "FINISHED" and run.data.tags.get("model_uri"):
-        t = run.data.tags
-        return TrainResult(run_id, name, float(t["best_val_dice"]), int(t["best_epoch"]), t["model_uri"], True)
-    if existed:
-        client.update_run(run_id, status="RUNNING")
+    n_train, n_val = len(store.cases_in("train")), len(store.cases_in("val"))
+    if not n_train or not n_val:
+        raise TrainError(f"{store_path}: needs train and val cases, has {n_train} and {n_val}")
+    return store_path, store
 
-    mean, std = norm_stats(store, train_cases, cfg.data.window, cfg.data.norm_sample_slices, cfg.train.seed)
-    spec = spec_for(cfg, store.size, mean, std)
+
+def _fault_injection(cfg: TrainConfig, name: str) -> dict[str, Any]:
+    """The tests' crash: an epoch from `LIVERSEG_TEST_FAIL_AT_EPOCH` and a marker file that makes it happen once."""
+    epoch, root = os.environ.get(FAULT_ENV), storage_path(cfg)
+    if not epoch or "://" in root:
+        return {}
+    return {"fail_at_epoch": int(epoch), "fault_marker": f"{root}/{name}/.fault-injected"}
+
+
+def _loop_config(cfg: TrainConfig, store: SliceStore, store_path: str, spec: ModelSpec, run_id: str) -> dict:
+    """What every worker gets: config, spec, its share of cases (balanced by slices), where to log."""
     workers = cfg.scaling.num_workers
+    train_cases, val_cases = store.cases_in("train"), store.cases_in("val")
     slices = {c: store.num_slices(c) for c in train_cases}
-    loop_config = {
+    return {
         "cfg": cfg.model_dump(mode="json"),
         "store": store_path,
         "spec": spec.to_dict(),
@@ -186,17 +181,24 @@ def train(
         "train_slices": sum(slices.values()),
         "val_cases": val_cases,
         "val_shares": assign_cases({c: store.num_slices(c) for c in val_cases}, workers),
-        "tracking_uri": uri,
+        "tracking_uri": tracking_uri(),
         "run_id": run_id,
-        "fault_marker": f"{storage_path(cfg)}/{name}/.fault-injected" if "://" not in storage_path(cfg) else None,
     }
+
+
+def _fit(cfg: TrainConfig, name: str, loop_config: dict[str, Any], callbacks: list[Any] | None):
+    """Run `worker_loop` on Ray Train (resuming the named run from its checkpoint); Ray's Result."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     ensure_ray(cfg.run.ray_address)
     os.environ[WORKER_START_TIMEOUT_ENV] = str(cfg.run.worker_start_timeout_s)  # Train passes it to its controller
+    sc = cfg.scaling
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
-            num_workers=workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}
+            num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker={"CPU": sc.cpus_per_worker}
         ),
         run_config=RunConfig(
             name=name,
@@ -208,27 +210,78 @@ def train(
             callbacks=callbacks or [],
         ),
     )
-    try:
-        result = trainer.fit()
-    except KeyboardInterrupt:  # Ctrl-C: the run is over, say so in MLflow rather than leave it RUNNING
-        client.set_terminated(run_id, "KILLED")
-        raise
-    except Exception as e:
-        client.set_terminated(run_id, "FAILED")
-        raise TrainError(
-            f"training run {name} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        ) from e
+    return trainer.fit()
+
+
+def _finish(client, run_id: str, name: str, result, spec: ModelSpec, store: SliceStore, cfg: TrainConfig):
+    """Log the best checkpoint's model and close the MLflow run; the TrainResult."""
     if result.checkpoint is None:
         client.set_terminated(run_id, "FAILED")
         raise TrainError(f"training run {name} reported no checkpoint")
     with result.checkpoint.as_directory() as d:
         best = torch.load(Path(d) / BEST_FILE, map_location="cpu", weights_only=True)
+    client.log_metric(run_id, "best_val_dice", float(best["val_dice"]), step=int(best["epoch"]))
     model_uri = log_best_model(client, run_id, best, spec, store, cfg)
     client.set_tag(run_id, "best_val_dice", f"{best['val_dice']:.6f}")
     client.set_tag(run_id, "best_epoch", str(best["epoch"]))
     client.set_tag(run_id, "model_uri", model_uri)
     client.set_terminated(run_id, "FINISHED")
     return TrainResult(run_id, name, float(best["val_dice"]), int(best["epoch"]), model_uri)
+
+
+def train(
+    store_path: str,
+    cfg: TrainConfig,
+    *,
+    run_key: str | None = None,
+    parent_run_id: str | None = None,
+    callbacks: list[Any] | None = None,
+    lineage: dict[str, str] | None = None,
+    view: EpochView | None = None,
+    check_first: bool = True,
+) -> TrainResult:
+    """Train (or resume) one model and log it to MLflow; returns the run id and the logged model URI.
+
+    Re-running with the same `run.name` resumes the Ray run from its last checkpoint and continues the
+    same MLflow run; a finished run is returned as is (nothing retrained, no new MLflow run).
+    `lineage`: tags from `lineage_tags`, when the caller runs elsewhere than the project directory
+    (a Tune trial's working directory is its trial folder: no git, no dvc.lock there).
+    `view`: the terminal's progress view (one line per epoch, read back from MLflow while Ray trains).
+    `check_first`: `preflight` before anything starts (a Tune trial's driver leaves it to the search's).
+    """
+    check_tracking(tracking_uri())
+    if check_first:  # before any MLflow run or Ray: what cannot work fails in seconds
+        preflight(cfg)
+    store_path, store = _open_store(store_path)
+    chash = config_hash(to_flat_dict(cfg) | {"store": store_path})
+    name = cfg.run.name or f"train-{chash}"
+    client = mlflow_client()
+    tags = {**(lineage or lineage_tags(store, store_path)), "config_hash": chash}
+    run, existed = _open_run(client, cfg, run_key or name, name, tags, parent_run_id)
+    run_id = run.info.run_id
+    if not existed:
+        client.log_inputs(
+            run_id, datasets=store_datasets(store, store_path, {"train": "training", "val": "validation"})
+        )
+    if existed and run.info.status == "FINISHED" and run.data.tags.get("model_uri"):
+        t = run.data.tags
+        return TrainResult(run_id, name, float(t["best_val_dice"]), int(t["best_epoch"]), t["model_uri"], True)
+    if existed:
+        client.update_run(run_id, status="RUNNING")
+    stats = norm_stats(store, store.cases_in("train"), cfg.data.window, cfg.data.norm_sample_slices, cfg.train.seed)
+    spec = spec_for(cfg, store.size, *stats)
+    loop_config = _loop_config(cfg, store, store_path, spec, run_id) | _fault_injection(cfg, name)
+    first = len(client.get_metric_history(run_id, "val_dice")) if existed else 0
+    try:
+        with watch_run(view, client, run_id, first, cfg.train.epochs, name):
+            result = _fit(cfg, name, loop_config, callbacks)
+    except KeyboardInterrupt:  # Ctrl-C: the run is over, say so in MLflow rather than leave it RUNNING
+        client.set_terminated(run_id, "KILLED")
+        raise
+    except Exception as e:
+        client.set_terminated(run_id, "FAILED")
+        raise TrainError(f"training run {name} failed: {root_cause(e)}") from e
+    return _finish(client, run_id, name, result, spec, store, cfg)
 
 
 def log_best_model(
@@ -242,7 +295,8 @@ def log_best_model(
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
         model_dir = Path(tmp) / "model_files"
         save_local(model_dir, best["model"], spec)
-        info = log_model(model_dir, MODEL_NAME)
+        # step: MLflow links the run's metrics of that step to the LoggedModel (the epoch it was saved at)
+        info = log_model(model_dir, MODEL_NAME, step=int(best["epoch"]))
         (Path(tmp) / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
         mlflow.log_artifact(str(Path(tmp) / "config.json"))
         mlflow.log_dict(spec.to_dict(), "liverseg_model_meta.json")

@@ -10,6 +10,7 @@ import hashlib
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,12 @@ import torch.distributed as dist
 from liverseg.artifact import ModelSpec, preprocess, use_bf16
 from liverseg.config import TrainConfig
 from liverseg.data import DeviceBatches, SliceSet, epoch_indices
+from liverseg.errors import TrackingError
 from liverseg.losses import HybridLoss
 from liverseg.metrics import overlap_scores
 from liverseg.model import build_model
 from liverseg.store import SliceStore
+from liverseg.tracking import start_system_metrics
 from liverseg.transforms import random_affine, standardise, window01
 
 STATE_FILE = "state.pt"
@@ -46,9 +49,9 @@ class MetricLogger:
         self.run_id, self.pending = run_id, []
         self.client = None
         if uri and run_id:
-            from mlflow.tracking import MlflowClient
+            from liverseg.tracking import client
 
-            self.client = MlflowClient(uri)
+            self.client = client(uri)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.client is None:
@@ -67,7 +70,7 @@ class MetricLogger:
             self.pending = []
         except Exception as e:
             if raise_on_error:
-                raise RuntimeError(f"MLflow: {len(self.pending)} metric values could not be written: {e}") from e
+                raise TrackingError(f"MLflow: {len(self.pending)} metric values could not be written: {e}") from e
             print(f"[liverseg] MLflow write failed, will retry: {type(e).__name__}", flush=True)
 
 
@@ -118,6 +121,31 @@ def optimise(model, opt, loss_fn, x: torch.Tensor, target: torch.Tensor, bf16: b
     return loss.detach()
 
 
+def prepare_batch(
+    img: torch.Tensor, msk: torch.Tensor, spec: ModelSpec, cfg: TrainConfig, gen
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A raw batch, (N, C, H, W) int16 HU and (N, H, W) uint8 labels on the device -> (inputs (N, C, H, W)
+    float standardised, targets (N, H, W) int64 in {0, 1}): window, augment (when `cfg.data.augment`),
+    standardise; the training side of `artifact.preprocess`, with augmentation between its two halves."""
+    target = msk.long().clamp_(max=1)  # liver = label >= 1 (tumour is liver)
+    x = window01(img, spec.window)
+    if cfg.data.augment:
+        x, target = random_affine(x, target, gen, cfg.data.rotate_deg, cfg.data.zoom)
+    x = standardise(x, spec.mean, spec.std)
+    if cfg.train.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, target
+
+
+def train_step(
+    model, opt, loss_fn, img: torch.Tensor, msk: torch.Tensor, spec: ModelSpec, cfg: TrainConfig, gen, bf16: bool
+) -> torch.Tensor:
+    """One training step from a raw batch (see `prepare_batch`); returns the detached loss.
+    The training loop and `benchmarks/train_step.py` both call it."""
+    x, target = prepare_batch(img, msk, spec, cfg, gen)
+    return optimise(model, opt, loss_fn, x, target, bf16)
+
+
 def _inject_fault(marker: str | None) -> None:
     """Tests' fault injection: die mid-epoch once (a marker file remembers), as a crashed worker would."""
     if not marker or os.path.exists(marker):
@@ -128,26 +156,40 @@ def _inject_fault(marker: str | None) -> None:
     os._exit(17)
 
 
-def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
-    import ray
-    import ray.train
-    import ray.train.torch
-    from ray.train import Checkpoint
+@dataclass
+class Worker:
+    """What one Ray Train worker holds for a run: its data shares, model, optimiser and schedule."""
 
-    cfg = TrainConfig.model_validate(config["cfg"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    torch.manual_seed(cfg.train.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
-    spec = ModelSpec.from_dict(config["spec"])
+    cfg: TrainConfig
+    spec: ModelSpec
+    rank: int
+    world: int
+    device: torch.device
+    train_set: SliceSet
+    val_set: SliceSet
+    val_pos: list[int]  # position of each of this worker's validation cases among all of them
+    n_val: int
+    model: Any
+    opt: Any
+    sched: Any
+    loss_fn: Any
+    batches: DeviceBatches
+    steps: int  # optimiser steps per epoch, per worker
+    bf16: bool
+
+
+def _data(config: dict[str, Any], cfg: TrainConfig, rank: int) -> tuple[SliceSet, SliceSet, list[int]]:
+    """This worker's training and validation cases, in memory; positions of its validation cases."""
     store = SliceStore(config["store"])
     train_set = SliceSet(store, config["train_shares"][rank], cfg.model.in_channels)
-    val_cases: list[str] = config["val_cases"]
     my_val = config["val_shares"][rank]
     val_set = SliceSet(store, my_val, cfg.model.in_channels)
-    val_pos = [val_cases.index(c) for c in my_val]
+    return train_set, val_set, [config["val_cases"].index(c) for c in my_val]
+
+
+def _model_and_optimiser(cfg: TrainConfig, total_steps: int):
+    """DDP-prepared (and optionally compiled) U-Net, its optimiser and lr schedule."""
+    import ray.train.torch
 
     net = build_model(cfg.model.encoder, cfg.model.encoder_weights, cfg.model.in_channels, cfg.model.decoder_channels)
     if cfg.train.channels_last:
@@ -157,92 +199,168 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
         model = torch.compile(model)
     opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
     opt = opt_cls(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    batch = cfg.train.batch_size
-    batches = DeviceBatches(train_set, device, batch)
-    steps = cfg.train.steps_per_epoch or max(1, config["train_slices"] // (batch * world))
-    total = steps * cfg.train.epochs
     sched = (
-        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
         if cfg.train.scheduler == "cosine"
         else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     )
-    loss_fn = HybridLoss(cfg.loss.ce_weight, cfg.loss.dice_weight)
-    bf16 = use_bf16(device, spec.precision)
+    return model, opt, sched
 
-    start, best_dice, best_epoch, best_state = 0, -1.0, -1, None
+
+def setup_worker(config: dict[str, Any]) -> Worker:
+    """Build this worker's state from the driver's loop config (see `train.train`)."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = TrainConfig.model_validate(config["cfg"])
+    spec = ModelSpec.from_dict(config["spec"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    torch.manual_seed(cfg.train.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
+    train_set, val_set, val_pos = _data(config, cfg, rank)
+    batch = cfg.train.batch_size
+    steps = cfg.train.steps_per_epoch or max(1, config["train_slices"] // (batch * world))
+    model, opt, sched = _model_and_optimiser(cfg, steps * cfg.train.epochs)
+    loss_fn = HybridLoss(cfg.loss.ce_weight, cfg.loss.dice_weight)
+    batches = DeviceBatches(train_set, device, batch)
+    bf16 = use_bf16(device, spec.precision)
+    n_val = len(config["val_cases"])
+    return Worker(
+        cfg, spec, rank, world, device, train_set, val_set, val_pos, n_val, model, opt, sched, loss_fn, batches,
+        steps, bf16,
+    )  # fmt: skip
+
+
+@dataclass
+class Best:
+    """The best epoch so far: its validation Dice and weights (on the host)."""
+
+    dice: float = -1.0
+    epoch: int = -1
+    state: dict[str, torch.Tensor] | None = None
+
+
+def restore(w: Worker) -> tuple[int, Best]:
+    """Resume from Ray's latest checkpoint, if any: (first epoch to run, best so far)."""
+    import ray.train
+
     ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
-            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-            best = torch.load(Path(d) / BEST_FILE, map_location="cpu", weights_only=True)
-        unwrap(model).load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start, best_dice, best_epoch, best_state = state["epoch"] + 1, best["val_dice"], best["epoch"], best["model"]
-        print(f"[liverseg] rank {rank}: resumed after epoch {state['epoch']}", flush=True)
-    logger = MetricLogger(config.get("tracking_uri"), config.get("run_id")) if rank == 0 else None
+    if not ckpt:
+        return 0, Best()
+    with ckpt.as_directory() as d:
+        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+        best = torch.load(Path(d) / BEST_FILE, map_location="cpu", weights_only=True)
+    unwrap(w.model).load_state_dict(state["model"])
+    w.opt.load_state_dict(state["optimizer"])
+    w.sched.load_state_dict(state["scheduler"])
+    print(f"[liverseg] rank {w.rank}: resumed after epoch {state['epoch']}", flush=True)
+    return state["epoch"] + 1, Best(best["val_dice"], best["epoch"], best["model"])
+
+
+def train_epoch(w: Worker, epoch: int, fault: tuple[int | None, str | None] = (None, None)) -> float:
+    """One epoch of `w.steps` steps over seeded indices; returns the mean training loss over workers.
+
+    fault: (epoch, marker) of the tests' injected crash (see `train._fault_injection`)."""
+    cfg, batch = w.cfg, w.cfg.train.batch_size
+    w.model.train()
+    idx = epoch_indices(len(w.train_set), w.steps * batch, _seed(cfg.train.seed, epoch, w.rank))
+    gen = torch.Generator(device=w.device).manual_seed(_seed(cfg.train.seed, epoch, w.rank, 1))
+    loss_sum = torch.zeros((), device=w.device)
+    for s in range(w.steps):
+        img, msk = w.batches.get(idx[s * batch : (s + 1) * batch])
+        loss_sum += train_step(w.model, w.opt, w.loss_fn, img, msk, w.spec, cfg, gen, w.bf16)
+        w.sched.step()
+        if fault[0] == epoch and w.rank == 0 and s == w.steps // 2:
+            _inject_fault(fault[1])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(loss_sum)
+    return float(loss_sum) / (w.steps * w.world)
+
+
+def epoch_metrics(w: Worker, train_loss: float, train_time: float) -> dict[str, float]:
+    """Validate on every worker's cases (per-case scores, then their mean) and gather the epoch's metrics."""
+    per_case = _validate(unwrap(w.model), w.val_set, w.val_pos, w.n_val, w.cfg, w.spec, w.device, w.loss_fn)
+    per_case = per_case.cpu().numpy()
+    scores = [overlap_scores(tp, fp, fn) for tp, fp, fn in per_case[:, :3]]
+    return {
+        "train_loss": train_loss,
+        "val_loss": float(per_case[:, 3].sum() / max(per_case[:, 4].sum(), 1)),
+        "val_dice": float(np.mean([s["dice"] for s in scores])),
+        "val_iou": float(np.mean([s["iou"] for s in scores])),
+        "val_precision": float(np.mean([s["precision"] for s in scores])),
+        "val_recall": float(np.mean([s["recall"] for s in scores])),
+        "lr": float(w.opt.param_groups[0]["lr"]),
+        "train_slices_per_s": w.steps * w.cfg.train.batch_size * w.world / train_time,
+    }
+
+
+def report(w: Worker, epoch: int, metrics: dict[str, float], best: Best, cfg_json: dict[str, Any]) -> None:
+    """Report the epoch to Ray; rank 0 attaches the checkpoint (resume state + best weights so far)."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    payload = {**metrics, "epoch": epoch, "best_val_dice": best.dice}
+    if w.rank != 0:
+        ray.train.report(payload)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        torch.save(
+            {
+                "model": unwrap(w.model).state_dict(),
+                "optimizer": w.opt.state_dict(),
+                "scheduler": w.sched.state_dict(),
+                "epoch": epoch,
+                "config": cfg_json,  # bf16 needs no loss scaler, so there is none to save
+            },
+            Path(d) / STATE_FILE,
+        )
+        torch.save({"model": best.state, "epoch": best.epoch, "val_dice": best.dice}, Path(d) / BEST_FILE)
+        ray.train.report(payload, checkpoint=Checkpoint.from_directory(d))
+
+
+def _record_nodes(w: Worker, logger: MetricLogger | None) -> None:
+    """Tag the run with the node id of every rank (where the workers ran)."""
+    import ray
+
     nodes = [ray.get_runtime_context().get_node_id()]
     if dist.is_available() and dist.is_initialized():
-        nodes = [None] * world
+        nodes = [None] * w.world
         dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-    if logger and logger.client:  # where the workers ran: one node id per rank
+    if logger and logger.client:
         logger.client.set_tag(logger.run_id, "ray_worker_nodes", ",".join(nodes))
 
-    for epoch in range(start, cfg.train.epochs):
+
+def _system_metrics(w: Worker, config: dict[str, Any], resumed: bool):
+    """Rank 0 samples its machine (CPU, memory, GPU) into the run: where the training runs, not the driver."""
+    every = w.cfg.run.system_metrics_s
+    if w.rank != 0 or not every:
+        return None
+    return start_system_metrics(config.get("tracking_uri"), config.get("run_id"), resumed, every)
+
+
+def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
+    """What Ray Train runs on every worker: set up, resume, then per epoch train, validate, report."""
+    w = setup_worker(config)
+    start, best = restore(w)
+    logger = MetricLogger(config.get("tracking_uri"), config.get("run_id")) if w.rank == 0 else None
+    _record_nodes(w, logger)
+    monitor = _system_metrics(w, config, resumed=start > 0)
+    fault = (config.get("fail_at_epoch"), config.get("fault_marker"))
+    for epoch in range(start, w.cfg.train.epochs):
         t0 = time.perf_counter()
-        model.train()
-        idx = epoch_indices(len(train_set), steps * batch, _seed(cfg.train.seed, epoch, rank))
-        gen = torch.Generator(device=device).manual_seed(_seed(cfg.train.seed, epoch, rank, 1))
-        loss_sum = torch.zeros((), device=device)
-        for s in range(steps):
-            img, msk = batches.get(idx[s * batch : (s + 1) * batch])
-            msk = msk.long().clamp_(max=1)
-            x = window01(img, cfg.data.window)
-            if cfg.data.augment:
-                x, msk = random_affine(x, msk, gen, cfg.data.rotate_deg, cfg.data.zoom)
-            x = standardise(x, spec.mean, spec.std)
-            if cfg.train.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            loss_sum += optimise(model, opt, loss_fn, x, msk, bf16)
-            sched.step()
-            if cfg.run.fail_at_epoch == epoch and rank == 0 and s == steps // 2:
-                _inject_fault(config.get("fault_marker"))
-        train_time = time.perf_counter() - t0
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(loss_sum)
-        per_case = _validate(unwrap(model), val_set, val_pos, len(val_cases), cfg, spec, device, loss_fn).cpu().numpy()
-        scores = [overlap_scores(tp, fp, fn) for tp, fp, fn in per_case[:, :3]]
-        metrics = {
-            "train_loss": float(loss_sum) / (steps * world),
-            "val_loss": float(per_case[:, 3].sum() / max(per_case[:, 4].sum(), 1)),
-            "val_dice": float(np.mean([s["dice"] for s in scores])),
-            "val_iou": float(np.mean([s["iou"] for s in scores])),
-            "val_precision": float(np.mean([s["precision"] for s in scores])),
-            "val_recall": float(np.mean([s["recall"] for s in scores])),
-            "lr": float(opt.param_groups[0]["lr"]),
-            "train_slices_per_s": steps * batch * world / train_time,
-        }
-        if metrics["val_dice"] > best_dice:
-            best_dice, best_epoch = metrics["val_dice"], epoch
-            best_state = {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
-        report = {**metrics, "epoch": epoch, "best_val_dice": best_dice}
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as d:
-                torch.save(
-                    {
-                        "model": unwrap(model).state_dict(),
-                        "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(),
-                        "epoch": epoch,
-                        "config": config["cfg"],  # bf16 needs no loss scaler, so there is none to save
-                    },
-                    Path(d) / STATE_FILE,
-                )
-                torch.save({"model": best_state, "epoch": best_epoch, "val_dice": best_dice}, Path(d) / BEST_FILE)
-                ray.train.report(report, checkpoint=Checkpoint.from_directory(d))
+        train_loss = train_epoch(w, epoch, fault)
+        metrics = epoch_metrics(w, train_loss, time.perf_counter() - t0)
+        if metrics["val_dice"] > best.dice:
+            state = {k: v.detach().cpu().clone() for k, v in unwrap(w.model).state_dict().items()}
+            best = Best(metrics["val_dice"], epoch, state)
+        report(w, epoch, metrics, best, config["cfg"])
+        if logger:
             logger.log(metrics, step=epoch)
-        else:
-            ray.train.report(report)
     if logger:
         logger.flush()
-    return {"best_val_dice": best_dice, "best_epoch": best_epoch, "epochs": cfg.train.epochs}
+    if monitor:
+        monitor.finish()
+    return {"best_val_dice": best.dice, "best_epoch": best.epoch, "epochs": w.cfg.train.epochs}

@@ -21,6 +21,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from liverseg.errors import ConfigError, TrackingError
+
 SECRET_ENV = "LIVERSEG_WEBHOOK_SECRET"
 EVENT = "model_version_alias.created"
 SIGNATURE_HEADER = "x-mlflow-signature"
@@ -106,13 +108,18 @@ def add_webhook(url: str, secret: str | None = None, name: str | None = None) ->
 
     secret = secret or os.environ.get(SECRET_ENV)
     if not secret:
-        raise ValueError(f"{SECRET_ENV}: not set; the replica and the webhook need the same shared secret")
+        raise ConfigError(f"{SECRET_ENV}: not set; the replica and the webhook need the same shared secret")
+    from mlflow.exceptions import MlflowException
+
     client = mlflow_client()
-    existing = next((w for w in _all_webhooks(client) if w.url == url), None)
-    if existing is not None:
-        return client.update_webhook(existing.webhook_id, events=[EVENT], secret=secret, status="ACTIVE")
     name = name or "liverseg-serve-" + hashlib.sha256(url.encode()).hexdigest()[:12]
-    return client.create_webhook(name, url, events=[EVENT], secret=secret, description=f"liverseg replica {url}")
+    try:
+        existing = next((w for w in _all_webhooks(client) if w.url == url), None)
+        if existing is not None:
+            return client.update_webhook(existing.webhook_id, events=[EVENT], secret=secret, status="ACTIVE")
+        return client.create_webhook(name, url, events=[EVENT], secret=secret, description=f"liverseg replica {url}")
+    except MlflowException as e:  # e.g. not an admin, or a server without webhooks
+        raise TrackingError(f"webhook {url}: {str(e.message).splitlines()[0]}") from None
 
 
 def remove_webhook(url: str) -> int:
