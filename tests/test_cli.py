@@ -106,6 +106,7 @@ def test_model_errors_are_one_line(tmp_path):
     """Every command reports liverseg's errors through one handler: `error: ...`, exit 1, no traceback."""
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "liverseg.json").write_text('{"format_version": 99}')
+    (tmp_path / "ct.nii.gz").write_bytes(b"")  # inputs are checked before the model: one that exists
     for model, says in ((str(tmp_path / "nope"), "not a model folder"), (str(tmp_path / "m"), "format version 99")):
         res = _cli("predict", str(tmp_path / "ct.nii.gz"), str(tmp_path / "out.nii.gz"), "--model", model)
         assert res.returncode == 1 and res.stderr.startswith("error: ") and says in res.stderr, res.stderr

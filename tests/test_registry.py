@@ -230,7 +230,7 @@ def _check_register_race(store_path):
     both commands name it."""
     runs = [log_model_run(constant_state(liver=True), store_path=store_path)[0] for _ in range(2)]
     printed = _race_register(runs)
-    _, vs = _versions()
+    _, vs = _versions("liver-unet-candidates")
     per_run = {r: sorted(v for v, mv in vs.items() if mv.run_id == r) for r in runs}
     assert all(len(v) == 1 for v in per_run.values()), per_run
     assert printed == [set(per_run[r]) for r in runs]
@@ -246,13 +246,14 @@ def test_racing_registrations_make_one_version_server(mlflow_server, store_path)
 
 
 def test_rollback_to_a_deleted_version_is_one_line(mlflow_uri, store_path):
+    import mlflow
     from mlflow.tracking import MlflowClient
 
     from liverseg.tracking import tracking_uri
 
     client = MlflowClient(tracking_uri())
-    for liver in (False, True):
-        register(run_id=log_model_run(constant_state(liver=liver), store_path=store_path)[0])
+    for liver in (False, True):  # two served versions, as promotions made them
+        mlflow.register_model(log_model_run(constant_state(liver=liver), store_path=store_path)[1], "liver-unet")
     client.set_registered_model_alias("liver-unet", "champion", "2")
     client.set_model_version_tag("liver-unet", "2", "previous_champion", "1")
     client.delete_model_version("liver-unet", "1")
