@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no weight downloads in tests
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no weight downloads in tests (users keep their network)
+# command logs (liverseg.console) of CLI runs in tests: one temporary folder, not ./logs of the worktree
+os.environ.setdefault("LIVERSEG_LOG_DIR", tempfile.mkdtemp(prefix="liverseg-test-logs-"))
 os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")

@@ -1,11 +1,13 @@
 import pytest
 
+from conftest import REPO
 from liverseg.config import (
     ConfigError,
     IngestConfig,
     ServeConfig,
     TrainConfig,
     TuneConfig,
+    _flatten,
     load_config,
     parse_overrides,
     to_flat_dict,
@@ -56,13 +58,46 @@ def test_bad_override_syntax():
         parse_overrides(["train.lr"])
 
 
-def test_profile_layer(tmp_path):
-    (tmp_path / "profiles.yaml").write_text("demo:\n  train:\n    train:\n      epochs: 2\n")
-    (tmp_path / "train.yaml").write_text("train:\n  epochs: 5\n")
+def test_precedence_defaults_profile_file_set(tmp_path):
+    """One rule: defaults < profile < stage file < --set (a `dvc exp run -S` on the file takes effect)."""
+    (tmp_path / "profiles.yaml").write_text("demo:\n  train:\n    train: {epochs: 2, lr: 0.5, batch_size: 4}\n")
+    (tmp_path / "train.yaml").write_text("train:\n  epochs: 5\n  lr: 0.25\n")
+    cfg = load_config(TrainConfig, tmp_path / "train.yaml", ["train.lr=0.125"], profile="demo", stage="train")
+    assert (cfg.train.batch_size, cfg.train.epochs, cfg.train.lr, cfg.train.seed) == (4, 5, 0.125, 0)
+    (tmp_path / "train.yaml").write_text("train:\n  epochs: null\n  batch_size: 8\n")  # null: the profile's
     cfg = load_config(TrainConfig, tmp_path / "train.yaml", profile="demo", stage="train")
-    assert cfg.train.epochs == 2
-    with pytest.raises(ConfigError, match="unknown profile 'gpu'.*demo"):
-        load_config(TrainConfig, tmp_path / "train.yaml", profile="gpu", stage="train")
+    assert (cfg.train.epochs, cfg.train.batch_size) == (2, 8)
+    with pytest.raises(ConfigError, match="unknown profile 'dem'.*did you mean 'demo'"):
+        load_config(TrainConfig, tmp_path / "train.yaml", profile="dem", stage="train")
+
+
+def test_misspelled_key_suggests_the_closest():
+    with pytest.raises(ConfigError, match="unknown key 'train.epoch' \\(did you mean 'train.epochs'\\?\\)"):
+        load_config(TrainConfig, None, ["train.epoch=3"])
+
+
+def test_bad_value_names_its_source(tmp_path):
+    (tmp_path / "profiles.yaml").write_text("demo:\n  train:\n    train: {lr: -1}\n")
+    (tmp_path / "train.yaml").write_text("train:\n  epochs: 0\n")
+    with pytest.raises(ConfigError, match=r"^--set: train.batch_size"):
+        load_config(TrainConfig, None, ["train.batch_size=0"])
+    with pytest.raises(ConfigError, match=r"^\S*train.yaml: train.epochs"):
+        load_config(TrainConfig, tmp_path / "train.yaml")
+    with pytest.raises(ConfigError, match=r"^profile 'demo' \(\S*profiles.yaml: demo.train\): train.lr"):
+        load_config(TrainConfig, tmp_path / "train.yaml", ["train.epochs=1"], profile="demo", stage="train")
+
+
+def test_shipped_stage_files_leave_the_profiles_alone():
+    """A key set (not null) in both a stage file and a profile would make the profile switch ineffective."""
+    import yaml
+
+    root = REPO / "pipelines"
+    profiles = yaml.safe_load((root / "profiles.yaml").read_text())
+    for stage, model in (("ingest", IngestConfig), ("train", TrainConfig), ("tune", TuneConfig)):
+        mine = {k for k, v in _flatten(yaml.safe_load((root / f"{stage}.yaml").read_text()), model) if v is not None}
+        for name, prof in profiles.items():
+            theirs = {k for k, _ in _flatten(prof.get(stage, {}), model)}
+            assert not mine & theirs, f"pipelines/{stage}.yaml repeats profile {name}'s {sorted(mine & theirs)}"
 
 
 def test_repo_pipelines_load():

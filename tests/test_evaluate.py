@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -8,7 +9,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from helpers import constant_state, log_model_run
-from liverseg.evaluate import evaluate, log_evaluation, score_files, write_outputs
+from liverseg.artifact import load_model
+from liverseg.evaluate import evaluate, log_evaluation, score_files, worst_overlays, write_outputs
 from liverseg.lits import InputError
 from liverseg.store import SliceStore
 
@@ -77,8 +79,19 @@ def test_evaluate_on_store_and_original_grid(mlflow_uri, store_path, phantom_dir
     summary = json.loads((tmp_path / "m.json").read_text())
     assert set(summary["dice"]) == {"mean", "median", "std", "min", "max", "undefined"}
     assert (tmp_path / "c.csv").read_text().splitlines()[0] == "case,dice,iou,voe,rvd,assd_mm,msd_mm,hd95_mm,slices"
-    run = MlflowClient(mlflow_uri).get_run(log_evaluation(ev, tmp_path / "m.json", tmp_path / "c.csv"))
-    assert run.data.tags["model_uri"] == uri and run.data.metrics["test_dice"] == pytest.approx(summary["dice"]["mean"])
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(log_evaluation(ev, tmp_path / "m.json", tmp_path / "c.csv"))
+    # the store-grid figure is labelled: `test_dice` is only ever the LiTS one (original grid)
+    assert "test_dice" not in run.data.metrics
+    assert run.data.tags["model_uri"] == uri
+    assert run.data.metrics["test_dice_store_grid"] == pytest.approx(summary["dice"]["mean"])
+    images = worst_overlays(raw, load_model(uri), phantom_dir, tmp_path / "worst", k=1)
+    assert len(images) == 1 and images[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lits = client.get_run(log_evaluation(raw, tmp_path / "m.json", None, images=images))
+    assert lits.data.metrics["test_dice"] == pytest.approx(raw.summary["dice"]["mean"])
+    table = json.loads(Path(client.download_artifacts(lits.info.run_id, "cases.json", str(tmp_path))).read_text())
+    assert [r[0] for r in table["data"]] == st.cases_in("test") and table["columns"][:2] == ["case", "dice"]
+    assert [a.path for a in client.list_artifacts(lits.info.run_id, "worst_cases")] == [f"worst_cases/{images[0].name}"]
     (test_input,) = run.inputs.dataset_inputs
     assert test_input.dataset.name == "slices.zarr/test" and json.loads(test_input.dataset.profile)["cases"] == len(
         st.cases_in("test")

@@ -67,6 +67,41 @@ def test_registry_flow_sqlite(mlflow_uri, store_path):
     _check_flow(store_path)
 
 
+def test_register_tags_lits_test_dice_and_writes_descriptions(mlflow_uri, store_path, phantom_dir, tmp_path):
+    """The candidate version carries `liverseg evaluate`'s LiTS test Dice; models and versions get Markdown
+    descriptions; inside `dvc exp run` no alias moves unless asked; promote scores on the original grid."""
+    import json
+
+    from liverseg.evaluate import evaluate, write_outputs
+
+    run, uri = log_model_run(constant_state(liver=True), store_path=store_path)
+    ev = evaluate(uri, store_path, "test", raw=phantom_dir)
+    write_outputs(ev, tmp_path / "test-metrics.json")
+    env = {**os.environ, "DVC_EXP_NAME": "exp-1"}
+    cli = [sys.executable, "-m", "liverseg.cli", "register", "--run", run, "--test-metrics", "test-metrics.json"]
+    res = subprocess.run(cli, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert res.returncode == 0 and "without an alias (experiment exp-1" in res.stdout, res.stderr
+    client, vs = _versions("liver-unet-candidates")
+    mv = vs["1"]
+    assert not mv.aliases and mv.tags["test_dice"] == f"{ev.summary['dice']['mean']:.6f}"
+    assert "(original grid, per volume (LiTS))" in mv.description
+    assert "| v1 | - |" in client.get_registered_model("liver-unet-candidates").description
+    for text in (run, "abc123", "d41d8cd9", "**Config**"):  # lineage, data digest, config
+        assert text in mv.description, text
+    other, _ = log_model_run(constant_state(liver=False), store_path=store_path)
+    with pytest.raises(RegistryError, match="not this run's model"):
+        register(run_id=other, test_metrics=tmp_path / "test-metrics.json")
+    assert set(_versions("liver-unet-candidates")[1]) == {"1"}  # the refused registration left no version
+    assert register(run_id=run).aliases == ["challenger"]
+    d = promote(store_path, min_dice=0.0, raw=phantom_dir, reason="first LiTS-scored model")
+    assert d.challenger_dice == pytest.approx(ev.summary["dice"]["mean"]) and "(LiTS)" in d.line()
+    served = client.get_model_version("liver-unet", d.champion_after)
+    assert served.tags["test_dice"] == f"{d.challenger_dice:.6f}"
+    assert "**Promotion**: promoted by " in served.description and "first champion" in served.description
+    assert "| v1 | champion |" in client.get_registered_model("liver-unet").description
+    assert json.loads((tmp_path / "test-metrics.json").read_text())["resolution"] == "original"
+
+
 def test_register_needs_a_logged_model(mlflow_uri):
     from mlflow.tracking import MlflowClient
 

@@ -94,8 +94,12 @@ def test_server_enforces_roles_and_records_history(team_stack, store_path, tmp_p
         alice.copy_model_version(f"models:/liver-unet-candidates/{mv.version}", "liver-unet")
     refused = _cli(["promote", "--store", store_path, "--min-dice", "0", "--reason", "mine"], stack.env_for("alice"))
     assert refused.returncode == 1
-    assert refused.stderr.strip() == (
-        "error: refused: alice may not promote liver-unet: needs EDIT on registered model 'liver-unet', has READ"
+    assert (
+        refused.stderr.strip()
+        .splitlines()[-1]
+        .startswith(  # then the command's log file
+            "error: refused: alice may not promote liver-unet: needs EDIT on registered model 'liver-unet', has READ"
+        )
     )
     bob = requests.post(
         f"{uri}/api/2.0/mlflow/experiments/delete",

@@ -1,5 +1,6 @@
 """Ray Tune search on CPU: trials as MLflow child runs, ASHA stopping, resume after a killed driver."""
 
+import io
 import json
 import os
 import signal
@@ -12,6 +13,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from liverseg.config import TuneConfig, load_config
+from liverseg.console import Console, EpochView
+from liverseg.report import write_dvc_plots
 from liverseg.tune import build_space, tune_search
 
 BASE = [
@@ -48,7 +51,8 @@ def _project_here(store_path) -> str:
 def test_search_four_trials_two_concurrent(ray_local, mlflow_uri, store_path, tmp_path):
     head = _project_here(store_path)  # mlflow_uri made tmp_path the working directory
     cfg = load_config(TuneConfig, None, [*BASE, "tune.max_concurrent=2", f"run.storage_path={tmp_path / 'ray'}"])
-    summary = tune_search(store_path, cfg, results_path=tmp_path / "tune-results.json")
+    view = EpochView(Console(io.StringIO()), total=4 * 3)
+    summary = tune_search(store_path, cfg, results_path=tmp_path / "tune-results.json", view=view)
     client = MlflowClient(mlflow_uri)
     kids = _children(client, summary.parent_run_id)
     assert len(kids) == 4 and len({k.data.tags["liverseg.run_key"] for k in kids}) == 4
@@ -80,6 +84,21 @@ def test_search_four_trials_two_concurrent(ray_local, mlflow_uri, store_path, tm
     assert parent.data.metrics["best_val_dice"] == pytest.approx(best_dice)
     assert parent.data.params["search"] == "grid" and parent.data.tags["git_commit"].startswith(head)
     assert parent.data.tags["best.train.lr"] == str(summary.best["params"]["train.lr"])
+    # the parent run's description names the best trial and tabulates every trial; the same as a table
+    note = parent.data.tags["mlflow.note.content"]
+    assert note.startswith(f"**Best trial** `{summary.best['trial_id']}`") and note.count("\n| ") == 1 + 4
+    table = json.loads(Path(client.download_artifacts(summary.parent_run_id, "trials.json", str(tmp_path))).read_text())
+    assert table["columns"][:4] == ["trial", "status", "epochs", "val_dice"] and "train_lr" in table["columns"]
+    # the terminal's progress view: one line per trial epoch, with the metric, elapsed time and ETA
+    lines = view.console.stream.getvalue().splitlines()
+    ran = sum(t["epochs"] for t in summary.trials)
+    assert len(lines) == ran == view.done and all("val_dice" in ln and "ETA" in ln for ln in lines), lines
+    assert view.total == ran  # early-stopped trials' epochs left the estimate
+    # what `dvc plots` draws: the search (val_dice against each searched key) and the best trial's curves
+    search, curves = write_dvc_plots(client, summary, tmp_path / "plots")
+    rows = json.loads(search.read_text())
+    assert [r["trial"] for r in rows] == [t["trial_id"] for t in summary.trials] and "train_lr" in rows[0]
+    assert [c["epoch"] for c in json.loads(curves.read_text())] == [0, 1, 2]
 
 
 def test_space_errors_list_choices():

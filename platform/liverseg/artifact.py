@@ -237,9 +237,12 @@ def digests(model_dir: str | Path) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------- MLflow
-def log_model(model_dir: str | Path, name: str = "model") -> Any:
+def log_model(model_dir: str | Path, name: str = "model", step: int = 0) -> Any:
     """Log a model folder in the active MLflow run, with the pyfunc flavour for `mlflow models serve`
-    (the flavour's code is `pyfunc.py`, logged as a file; liverseg never loads it). Returns ModelInfo."""
+    (the flavour's code is `pyfunc.py`, logged as a file; liverseg never loads it). Returns ModelInfo.
+
+    `step`: the epoch the weights come from; MLflow copies the run's metrics of that step onto the
+    LoggedModel (its page and the models table then show the saved epoch's scores, not epoch 0's)."""
     import mlflow.pyfunc
     from mlflow.models import ModelSignature
     from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
@@ -263,6 +266,7 @@ def log_model(model_dir: str | Path, name: str = "model") -> Any:
         input_example=example,
         code_paths=[str(Path(__file__).parent)],
         pip_requirements=_requirements(),
+        step=step,
     )
 
 

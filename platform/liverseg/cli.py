@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -24,11 +25,30 @@ class _App(typer.Typer):
             raise SystemExit(2 if isinstance(e, ConfigError) else 1) from None
 
 
-app = _App(add_completion=False, no_args_is_help=True, help=__doc__)
+app = _App(add_completion=False, no_args_is_help=True, help=__doc__, rich_markup_mode=None)
 
-ConfigOpt = typer.Option(None, "--config", "-c", help="stage YAML (pipelines/<stage>.yaml)")
+ConfigOpt = typer.Option(None, "--config", "-c", help="stage YAML [default: pipelines/<stage>.yaml if present]")
 SetOpt = typer.Option(None, "--set", "-s", help="override key=value (YAML value, dotted key); repeatable")
-ProfileOpt = typer.Option(None, "--profile", help="named profile from pipelines/profiles.yaml (demo, paper)")
+ProfileOpt = typer.Option(
+    None, "--profile", help="profile in pipelines/profiles.yaml (demo, paper) [default: pipelines/profile.yaml's]"
+)
+VerboseOpt = typer.Option(False, "--verbose", "-v", help="print Ray's and MLflow's own output here, not to the log")
+PIPELINES = Path("pipelines")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"liverseg {version('liverseg')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version"),
+) -> None:
+    """Train, tune, track, register and serve liver-segmentation models (`liverseg COMMAND --help`)."""
 
 
 def fail(msg: str, code: int = 2) -> None:
@@ -36,10 +56,51 @@ def fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _load(model, config, overrides, profile, stage):
-    from liverseg.config import load_config
+def _quietly(command: str, verbose: bool, fn):
+    """`fn(console)` with library output in the command's log file (see liverseg.console). A failure ends
+    in one line: liverseg's own message, or for anything else the root cause (traceback in the log), then
+    the log file's path."""
+    import traceback
 
-    return load_config(model, config, overrides, profile=profile, stage=stage)
+    from liverseg.console import quiet, root_cause
+
+    with quiet(command, verbose) as con:
+        try:
+            return fn(con)
+        except LiversegError as e:
+            msg, code = str(e), 2 if isinstance(e, ConfigError) else 1
+        except Exception as e:
+            traceback.print_exc()  # into the log
+            msg, code = root_cause(e), 1
+        finally:  # Ray's last words (placement-group clean-up, worker exits) into the log, not after it
+            ray = sys.modules.get("ray")
+            if ray is not None and ray.is_initialized():
+                ray.shutdown()
+        msg += con.log_hint()
+    fail(msg, code)
+
+
+def keys_help(model_name: str) -> str:
+    """`--help` epilog: every config key, its default and the reason for it."""
+    from liverseg import config
+
+    rows = [(k, json.dumps(d), why) for k, d, why in config.describe_keys(getattr(config, model_name))]
+    width = min(max(len(k) + len(d) for k, d, _ in rows) + 5, 60)
+    lines = [f"  {k} = {d}".ljust(width) + f"  {why}" for k, d, why in rows]
+    return f"Config keys (--set KEY=VALUE; precedence: {config.PRECEDENCE}):\n\n\b\n" + "\n".join(lines)
+
+
+def _load(model, config, overrides, profile, stage):
+    """The stage's config; without --config/--profile, pipelines/<stage>.yaml and pipelines/profile.yaml."""
+    from liverseg.config import default_profile, load_config
+
+    if config is None and (PIPELINES / f"{stage}.yaml").exists():
+        config = PIPELINES / f"{stage}.yaml"
+    if profile is None:
+        profile = default_profile(Path(config).parent if config else PIPELINES)
+    cfg = load_config(model, config, overrides, profile=profile, stage=stage)
+    typer.echo(f"{stage}: config {config or 'defaults'}, profile {profile or 'none'}", err=True)
+    return cfg
 
 
 @app.command()
@@ -56,7 +117,7 @@ def synth(
     typer.echo(f"wrote {len(paths)} phantom cases to {out}")
 
 
-@app.command()
+@app.command(epilog=keys_help("IngestConfig"))
 def ingest(
     raw: Path = typer.Option(..., help="LiTS folder: volume-N.nii[.gz] + segmentation-N.nii[.gz]"),
     store: str = typer.Option(..., help="local Zarr v3 slice store to create or update (--verify: also s3://...)"),
@@ -64,6 +125,8 @@ def ingest(
     set_: list[str] | None = SetOpt,
     profile: str | None = ProfileOpt,
     verify: bool = typer.Option(False, "--verify", help="only check the store against its hashes"),
+    out: Path | None = typer.Option(None, help="write case, slice and split counts as JSON (DVC metrics)"),
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Convert LiTS NIfTI volumes into the sharded Zarr slice store (incremental, atomic per case)."""
     from liverseg.config import IngestConfig
@@ -77,7 +140,14 @@ def ingest(
         typer.echo(f"verify: {len(problems)} case(s) with problems")
         raise typer.Exit(1 if problems else 0)
     cfg = _load(IngestConfig, config, set_, profile, "ingest")
-    report = run_ingest(raw, store, cfg)
+
+    def go(con):
+        with contextlib.redirect_stderr(con.stream):  # the progress bar on the terminal
+            return run_ingest(raw, store, cfg)
+
+    report = _quietly("ingest", verbose, go)
+    if out:
+        _ingest_metrics(store, out)
     for msg in report.failed.values():
         typer.echo(f"FAILED {msg}", err=True)
     sizes = {k: len(v) for k, v in report.splits.items()}
@@ -86,6 +156,18 @@ def ingest(
         f"{len(report.failed)} failed; splits {sizes} -> {store}"
     )
     raise typer.Exit(0 if report.ok else 1)
+
+
+def _ingest_metrics(store: str, out: Path) -> None:
+    """Counts a user compares between experiments (`dvc exp show`): cases per split, slices, slice size."""
+    from liverseg.storage import atomic_write_json
+    from liverseg.store import SliceStore
+
+    st = SliceStore(store)
+    h, w = st.size
+    counts = {f"{split}_cases": len(cases) for split, cases in st.splits.items()}
+    slices = sum(st.num_slices(c) for c in st.cases)
+    atomic_write_json(out, {"cases": len(st.cases), **counts, "slices": slices, "height": h, "width": w})
 
 
 @app.command()
@@ -104,19 +186,21 @@ def publish(
     typer.echo(f"publish: {len(rep.uploaded)} uploaded, {len(rep.unchanged)} unchanged -> {to}{extra}")
 
 
-@app.command()
+@app.command(epilog=keys_help("TrainConfig"))
 def train(
     store: str = typer.Option(..., help="slice store path or URL"),
     config: Path | None = ConfigOpt,
     set_: list[str] | None = SetOpt,
     profile: str | None = ProfileOpt,
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Train a U-Net on Ray Train from the slice store; tracked in MLflow (prints the run id)."""
     from liverseg.config import TrainConfig
+    from liverseg.console import EpochView
     from liverseg.train import train as run_train
 
     cfg = _load(TrainConfig, config, set_, profile, "train")
-    res = run_train(store, cfg)
+    res = _quietly("train", verbose, lambda con: run_train(store, cfg, view=EpochView(con, cfg.train.epochs)))
     state = "already finished" if res.resumed_finished else "finished"
     typer.echo(
         f"run {res.run_name} {state}: mlflow run {res.run_id}, best val_dice {res.best_val_dice:.4f} "
@@ -124,7 +208,7 @@ def train(
     )
 
 
-@app.command()
+@app.command(epilog=keys_help("TuneConfig"))
 def tune(
     store: str = typer.Option(..., help="slice store path or URL"),
     config: Path | None = ConfigOpt,
@@ -132,15 +216,36 @@ def tune(
     profile: str | None = ProfileOpt,
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted search of the same tune.name"),
     out: Path = typer.Option(Path("tune-results.json"), help="results JSON (a DVC output)"),
+    plots_dir: Path | None = typer.Option(None, help="write search.json and curves.json here (dvc plots)"),
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Search learning rate and loss weights with Ray Tune (ASHA); each trial an MLflow child run."""
     from liverseg.config import TuneConfig
+    from liverseg.console import EpochView
     from liverseg.tune import format_table, tune_search
 
     cfg = _load(TuneConfig, config, set_, profile, "tune")
-    summary = tune_search(store, cfg, resume=resume, results_path=out)
+    log: list[str] = []
+
+    def go(con):
+        log.append(con.log_hint())
+        view = EpochView(con, cfg.tune.num_samples * cfg.train.epochs)
+        summary = tune_search(store, cfg, resume=resume, results_path=out, view=view)
+        if plots_dir:
+            from liverseg.report import write_dvc_plots
+            from liverseg.tracking import client
+
+            write_dvc_plots(client(), summary, plots_dir)
+        return summary
+
+    summary = _quietly("tune", verbose, go)
     typer.echo(format_table(summary))
+    for t in summary.trials:
+        if t.get("error"):
+            typer.echo(f"trial {t['trial_id']} failed: {t['error']}", err=True)
     best = summary.best
+    if not best["model_uri"]:
+        fail(f"no trial finished with a model; first failure: {best.get('error') or 'none'}{log[0]}", 1)
     typer.echo(
         f"best trial {best['trial_id']}: val_dice {best['val_dice']:.4f}, mlflow run {best['run_id']}, "
         f"checkpoint {best['checkpoint']}; results -> {out}; search run {summary.parent_run_id} "
@@ -170,18 +275,32 @@ def evaluate(
     out: Path = typer.Option(Path("metrics/test-metrics.json"), help="summary JSON (DVC metrics)"),
     cases_csv: Path = typer.Option(Path("metrics/test-cases.csv"), help="per-case table"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Score a model per volume (Dice, IoU, VOE, RVD, ASSD, MSD, HD95) and log an evaluation run."""
     from liverseg.evaluate import evaluate as run_eval
     from liverseg.evaluate import log_evaluation, write_outputs
 
     uri = _model_from(model, model_from)
-    ev = run_eval(uri, store, split, raw, lcc, device)
-    write_outputs(ev, out, cases_csv)
-    rid = log_evaluation(ev, out, cases_csv)
+
+    def go(con):
+        import tempfile
+
+        from liverseg.artifact import load_model
+        from liverseg.evaluate import worst_overlays
+
+        lm = load_model(uri, device)
+        ev = run_eval(uri, store, split, raw, lcc, device, lm=lm)
+        write_outputs(ev, out, cases_csv)
+        with tempfile.TemporaryDirectory() as tmp:
+            images = worst_overlays(ev, lm, raw, tmp)
+            return ev, log_evaluation(ev, out, cases_csv, images=images)
+
+    ev, rid = _quietly("evaluate", verbose, go)
     d = ev.summary["dice"]
+    grid = "LiTS: original grid, per volume" if raw else "store grid, not LiTS"
     typer.echo(
-        f"{split} ({ev.resolution} grid, {len(ev.cases)} cases): Dice mean {d['mean']:.4f} median {d['median']:.4f} "
+        f"{split} ({grid}, {len(ev.cases)} cases): Dice mean {d['mean']:.4f} median {d['median']:.4f} "
         f"min {d['min']:.4f}; global Dice {ev.summary['global_dice']:.4f} -> {out} (mlflow run {rid})"
     )
 
@@ -202,6 +321,9 @@ def score(
         typer.echo("  ".join(f"{k} {'undefined' if v is None else f'{v:.4f}'}" for k, v in s.items()))
 
 
+EXP_ALIAS_ENV = "LIVERSEG_ALIAS_IN_EXPERIMENTS"  # `dvc exp run` moves no alias unless this is 1
+
+
 @app.command()
 def register(
     run: str | None = typer.Option(None, "--run", help="MLflow training run id"),
@@ -210,19 +332,38 @@ def register(
         None, help="MLflow parent run id of a search: register its best trial (no local file needed)"
     ),
     name: str = typer.Option("liver-unet", help="registered model name"),
-    out: Path | None = typer.Option(None, help="write {name, version, run_id} JSON here (DVC output)"),
+    out: Path | None = typer.Option(None, help="write {name, version, run_id, alias} JSON here (DVC output)"),
+    test_metrics: Path | None = typer.Option(
+        None, help="`liverseg evaluate` JSON of this model: tagged on the version"
+    ),
+    alias: str = typer.Option("challenger", help="alias to move onto the new version ('' for none)"),
+    verbose: bool = VerboseOpt,
 ) -> None:
-    """Register a trained model version with lineage tags and alias it `challenger`."""
+    """Register a trained model version with lineage tags, test scores and a description; alias it.
+
+    Inside `dvc exp run` (DVC_EXP_NAME set) no alias moves unless LIVERSEG_ALIAS_IN_EXPERIMENTS=1:
+    an experiment registers its model for comparison, it does not nominate it.
+    """
+    import os
+
     from liverseg.registry import register as run_register
 
-    mv = run_register(run, best_of_tune, name, tune_run=best_of_tune_run)
+    experiment = os.environ.get("DVC_EXP_NAME")
+    if experiment and os.environ.get(EXP_ALIAS_ENV) != "1":
+        alias = ""
+    mv = _quietly(
+        "register",
+        verbose,
+        lambda con: run_register(run, best_of_tune, name, best_of_tune_run, test_metrics, alias or None),
+    )
     if out:
         from liverseg.storage import atomic_write_json
 
         atomic_write_json(
-            out, {"name": mv.name, "version": str(mv.version), "run_id": mv.run_id, "alias": "challenger"}
+            out, {"name": mv.name, "version": str(mv.version), "run_id": mv.run_id, "alias": alias or None}
         )
-    typer.echo(f"registered {mv.name} v{mv.version} (run {mv.run_id}) as @challenger")
+    where = f"as @{alias}" if alias else f"without an alias (experiment {experiment}; {EXP_ALIAS_ENV}=1 to alias)"
+    typer.echo(f"registered {mv.name} v{mv.version} (run {mv.run_id}) {where}")
 
 
 ReasonOpt = typer.Option("", "--reason", help="why: recorded in the champion history (`liverseg history`)")
@@ -234,12 +375,14 @@ def promote(
     name: str = typer.Option("liver-unet", help="served registered model (candidates: NAME-candidates)"),
     min_dice: float = typer.Option(0.9, help="floor on the challenger's mean test Dice"),
     margin: float = typer.Option(0.0, help="the challenger must beat the champion by more than this"),
+    raw: Path | None = typer.Option(None, help="LiTS NIfTI folder: score on the original grid (the LiTS test Dice)"),
     reason: str = ReasonOpt,
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Copy NAME-candidates@challenger into NAME as @champion only if it passes the floor and beats the champion."""
     from liverseg.registry import promote as run_promote
 
-    d = run_promote(store, name, min_dice, margin, reason=reason)
+    d = _quietly("promote", verbose, lambda con: run_promote(store, name, min_dice, margin, reason=reason, raw=raw))
     typer.echo(d.line())
 
 

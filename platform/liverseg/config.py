@@ -1,8 +1,10 @@
 """Typed stage configs loaded from `pipelines/*.yaml`, a named profile, and `--set key=value` overrides.
 
-Every default carries the reason it was chosen. Values given with `--set` are parsed as YAML, keys are
-dotted paths (`train.lr=3e-4`, `split.fractions=[0.8,0.1,0.1]`); an unknown key is an error that lists
-the valid ones.
+Every default carries the reason it was chosen. Precedence, lowest first: defaults (here) < the named
+profile's section (pipelines/profiles.yaml) < the stage file (pipelines/<stage>.yaml) < `--set`.
+Values given with `--set` are parsed as YAML, keys are dotted paths (`train.lr=3e-4`,
+`split.fractions=[0.8,0.1,0.1]`); an unknown key is an error that suggests the closest and lists the
+valid ones.
 """
 
 from __future__ import annotations
@@ -114,6 +116,9 @@ class RunSection(Strict):
     storage_path: str | None = Field(None, description="None: ./ray_results (absolute); s3:// on clusters")
     max_failures: int = Field(2, ge=-1, description="worker crashes survived, resuming from checkpoint")
     ray_address: str | None = Field(None, description="None: RAY_ADDRESS or a local Ray")
+    system_metrics_s: float | None = Field(
+        10.0, gt=0, description="CPU/memory/GPU sampled into the MLflow run every N s (MLflow's default); None: off"
+    )
 
 
 class TrainConfig(Strict):
@@ -180,6 +185,14 @@ def valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
+def did_you_mean(word: str, choices: list[str]) -> str:
+    """' (did you mean 'x'?)' for the closest choice, or '' when nothing is close."""
+    import difflib
+
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
 def set_dotted(tree: dict[str, Any], key: str, value: Any, model: type[BaseModel]) -> None:
     """Set `a.b.c` in a nested dict, refusing keys the model does not have."""
     parts = key.split(".")
@@ -188,7 +201,8 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any, model: type[BaseModel
     for i, part in enumerate(parts):
         fields = node_model.model_fields if node_model else {}
         if node_model is not None and part not in fields:
-            raise ConfigError(f"unknown key '{key}'; valid keys: {', '.join(valid_keys(model))}")
+            keys = valid_keys(model)
+            raise ConfigError(f"unknown key '{key}'{did_you_mean(key, keys)}; valid keys: {', '.join(keys)}")
         last = i == len(parts) - 1
         if last:
             node[part] = value
@@ -242,6 +256,24 @@ def _flatten(tree: dict[str, Any], model: type[BaseModel], prefix: str = "") -> 
     return pairs
 
 
+PRECEDENCE = "defaults < profile < stage file < --set"  # the one rule, in README and --help
+
+
+def default_profile(pipelines: str | Path = "pipelines") -> str | None:
+    """The profile named in `pipelines/profile.yaml` (the one switch), or None without that file."""
+    path = Path(pipelines) / "profile.yaml"
+    return str(_read_yaml(path).get("profile") or "") or None if path.exists() else None
+
+
+def _profile_layer(profile: str, ppath: Path, stage: str | None) -> dict[str, Any]:
+    profiles = _read_yaml(ppath)
+    if profile not in profiles:
+        raise ConfigError(
+            f"{ppath}: unknown profile '{profile}'{did_you_mean(profile, list(profiles))}; valid: {', '.join(profiles)}"
+        )
+    return (profiles[profile] or {}).get(stage or "", {}) or {}
+
+
 def load_config(
     model: type[Cfg],
     path: str | Path | None = None,
@@ -250,35 +282,50 @@ def load_config(
     profiles_path: str | Path | None = None,
     stage: str | None = None,
 ) -> Cfg:
-    """Build a config: defaults <- YAML file <- profile section for `stage` <- `--set` overrides.
+    """Build a config: defaults < profile section for `stage` < YAML stage file < `--set` overrides.
 
-    Raises ConfigError with one line naming the file and key on any problem.
+    The stage file is what the user edits (`dvc exp run -S pipelines/tune.yaml:train.epochs=2`), so it
+    wins over the profile, except where it says null (the profile's value, or the default); the profile picks the machine (demo laptop, paper GPU box). Raises ConfigError
+    with one line naming the key and where its value came from (`--set`, the file, the profile).
     """
     tree: dict[str, Any] = {}
-    source = str(path) if path else "defaults"
+    sources: dict[str, str] = {}
     layers: list[tuple[str, dict[str, Any]]] = []
-    if path:
-        layers.append((str(path), _read_yaml(Path(path))))
     if profile:
         ppath = Path(profiles_path or Path(path or "pipelines/x").parent / "profiles.yaml")
-        profiles = _read_yaml(ppath)
-        if profile not in profiles:
-            raise ConfigError(f"{ppath}: unknown profile '{profile}'; valid: {', '.join(profiles)}")
-        layers.append((f"{ppath}:{profile}", (profiles[profile] or {}).get(stage or "", {}) or {}))
-    for where, layer in layers:
+        layers.append((f"profile '{profile}' ({ppath}: {profile}.{stage})", _profile_layer(profile, ppath, stage)))
+    if path:
+        layers.append((str(path), _read_yaml(Path(path))))
+    # null in a stage file means "the profile's value": the file can name every key a user may set with
+    # `dvc exp run -S` (DVC only overrides keys that exist) without taking them from the profile
+    staged = [(w, [(k, v) for k, v in _flatten(lay, model) if v is not None or w != str(path)]) for w, lay in layers]
+    for where, pairs in [*staged, ("--set", parse_overrides(overrides))]:
         try:
-            for key, value in _flatten(layer, model):
+            for key, value in pairs:
                 set_dotted(tree, key, value, model)
+                sources[key] = where
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
-    for key, value in parse_overrides(overrides):
-        set_dotted(tree, key, value, model)
     try:
         return model.model_validate(tree)
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(f"{source}: {loc}: {err['msg']} (got {err.get('input')!r})") from None
+        where = next((w for k, w in sources.items() if loc == k or loc.startswith(f"{k}.")), "defaults")
+        raise ConfigError(f"{where}: {loc}: {err['msg']} (got {err.get('input')!r})") from None
+
+
+def describe_keys(model: type[BaseModel], prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, default, one-line reason) for every leaf of a config model, for `--help`."""
+    rows: list[tuple[str, Any, str]] = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows += describe_keys(ann, f"{prefix}{name}.")
+        else:
+            default = field.get_default(call_default_factory=True)
+            rows.append((f"{prefix}{name}", default, field.description or ""))
+    return rows
 
 
 def to_flat_dict(cfg: BaseModel) -> dict[str, Any]:

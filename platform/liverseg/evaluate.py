@@ -72,7 +72,7 @@ def evaluate(
     """Score a model on every case of a split (see module docstring)."""
     from liverseg.artifact import load_model
     from liverseg.inference import segment_canonical
-    from liverseg.lits import CasePaths, discover, read_case
+    from liverseg.lits import CasePaths, discover
     from liverseg.store import SliceStore
 
     store = SliceStore(store_path)
@@ -81,15 +81,7 @@ def evaluate(
     ev = Evaluation(model_uri, split, "original" if raw else "store", store_path)
     totals = np.zeros(4, dtype=np.float64)
     for case in store.cases_in(split):
-        if raw:
-            if case not in raw_cases:
-                raise InputError(f"{raw}: no volume-{case}.nii[.gz] for store case {case}")
-            vol = read_case(raw_cases[case])
-            image, ref = vol.image, vol.mask
-            spacing = tuple(reversed(vol.spacing))  # (z, y, x) to match the (Z, Y, X) arrays
-        else:
-            image, ref = store.volume(case)
-            spacing = tuple(store.case_attrs(case)["stored_spacing_mm_zyx"])
+        image, ref, spacing = case_arrays(store, case, raw, raw_cases)
         pred = segment_canonical(lm, image, lcc=lcc)
         totals += counts(pred, ref)
         scores = score_volume(pred, ref, spacing)
@@ -104,6 +96,43 @@ def evaluate(
     return ev
 
 
+def case_arrays(store: Any, case: str, raw: str | Path | None, raw_cases: dict[str, Any]):
+    """(image (Z, Y, X) HU, reference mask (Z, Y, X), spacing (z, y, x) mm) of a case: from the raw NIfTI
+    (original grid, canonical RAS+) when `raw` is given, else from the store."""
+    from liverseg.lits import read_case
+
+    if raw:
+        if case not in raw_cases:
+            raise InputError(f"{raw}: no volume-{case}.nii[.gz] for store case {case}")
+        vol = read_case(raw_cases[case])
+        return vol.image, vol.mask, tuple(reversed(vol.spacing))  # (z, y, x) to match the (Z, Y, X) arrays
+    image, ref = store.volume(case)
+    return image, ref, tuple(store.case_attrs(case)["stored_spacing_mm_zyx"])
+
+
+def worst_overlays(ev: Evaluation, lm: Any, raw: str | Path | None, out_dir: str | Path, k: int = 3) -> list[Path]:
+    """PNG overlays (prediction red, truth green; axial and coronal) of the k cases with the lowest Dice."""
+    from liverseg.inference import segment_canonical
+    from liverseg.lits import discover
+    from liverseg.plots import mask_overlay_png
+    from liverseg.store import SliceStore
+
+    store = SliceStore(ev.store_path)
+    raw_cases = {c.case_id: c for c in discover(raw)[0]} if raw else {}
+    worst = sorted(ev.cases, key=lambda c: -1.0 if c["dice"] is None else c["dice"])[:k]
+    paths = []
+    for rank, c in enumerate(worst, 1):
+        image, ref, spacing = case_arrays(store, c["case"], raw, raw_cases)
+        pred = segment_canonical(lm, image, lcc=bool(ev.summary.get("lcc", True)))
+        dice = "undefined" if c["dice"] is None else f"{c['dice']:.4f}"
+        out = Path(out_dir) / f"worst-{rank}-case-{c['case']}.png"
+        title = f"case {c['case']}: Dice {dice} ({ev.resolution} grid)"
+        window = tuple(lm.spec.window)
+        mask_overlay_png(image, pred, tuple(reversed(spacing)), window, out, truth=ref, title=title)
+        paths.append(out)
+    return paths
+
+
 def write_outputs(ev: Evaluation, out_json: str | Path, out_csv: str | Path | None = None) -> None:
     atomic_write_json(out_json, ev.summary)
     if out_csv:
@@ -115,9 +144,15 @@ def write_outputs(ev: Evaluation, out_json: str | Path, out_csv: str | Path | No
 
 
 def log_evaluation(
-    ev: Evaluation, out_json: str | Path, out_csv: str | Path | None, experiment: str = "liverseg"
+    ev: Evaluation,
+    out_json: str | Path,
+    out_csv: str | Path | None,
+    experiment: str = "liverseg",
+    images: list[Path] | None = None,
 ) -> str:
-    """An MLflow evaluation run linked to the model (URI, training run, registry version)."""
+    """An MLflow evaluation run linked to the model (URI, training run, registry version): summary metrics,
+    the per-case scores as an MLflow table (`cases.json`, shown in the run's artifacts and the Evaluations
+    view), and `images` (the worst cases' overlays) under `worst_cases/`."""
     from liverseg.tracking import author, experiment_id, store_datasets
     from liverseg.tracking import client as mlflow_client
 
@@ -138,14 +173,18 @@ def log_evaluation(
         client.log_inputs(
             rid, datasets=store_datasets(SliceStore(ev.store_path), ev.store_path, {ev.split: "evaluation"})
         )
+    label = "" if ev.resolution == "original" else "_store_grid"  # one test Dice: LiTS's, on the original grid
     for m in CASE_METRICS:
         if ev.summary[m]["mean"] is not None:
-            client.log_metric(rid, f"{ev.split}_{m}", ev.summary[m]["mean"])
+            client.log_metric(rid, f"{ev.split}_{m}{label}", ev.summary[m]["mean"])
     for k in ("global_dice", "pixel_accuracy", "pixel_precision", "pixel_recall"):
-        client.log_metric(rid, f"{ev.split}_{k}", ev.summary[k])
+        client.log_metric(rid, f"{ev.split}_{k}{label}", ev.summary[k])
     client.log_artifact(rid, str(out_json))
     if out_csv:
         client.log_artifact(rid, str(out_csv))
+    client.log_table(rid, {k: [c[k] for c in ev.cases] for k in ("case", *CASE_METRICS, "slices")}, "cases.json")
+    for img in images or []:
+        client.log_artifact(rid, str(img), "worst_cases")
     client.set_terminated(rid, "FINISHED")
     ev.mlflow_run_id = rid
     return rid

@@ -22,6 +22,7 @@ from typing import Any
 from liverseg.artifact import digests, fetch, resolve_version
 from liverseg.errors import RegistryError
 from liverseg.history import Change, now, record
+from liverseg.modelcard import TEST_GRID, update_descriptions
 from liverseg.team import candidate_model, check_can_change
 from liverseg.tracking import author as who
 from liverseg.tracking import client as mlflow_client
@@ -51,14 +52,36 @@ def best_of_tune_run(client, parent_run_id: str) -> str:
     return best
 
 
+def _chosen_run(client, run_id: str | None, tune_results: str | Path | None, tune_run: str | None) -> str:
+    """The run to register: given, the best trial of tune-results.json, or of the search `tune_run`."""
+    if sum(x is not None for x in (run_id, tune_results, tune_run)) != 1:
+        raise RegistryError(
+            "give exactly one of --run RUN_ID, --best-of-tune tune-results.json or --best-of-tune-run PARENT_RUN_ID"
+        )
+    if tune_run is not None:
+        return best_of_tune_run(client, tune_run)
+    if tune_results is None:
+        return run_id
+    try:
+        best = json.loads(Path(tune_results).read_text())["best"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RegistryError(f"{tune_results}: not a readable tune-results.json ({type(e).__name__})") from None
+    if not best.get("run_id"):
+        raise RegistryError(f"{tune_results}: best trial has no MLflow run id")
+    return best["run_id"]
+
+
 def register(
     run_id: str | None = None,
     tune_results: str | Path | None = None,
     name: str = DEFAULT_NAME,
     tune_run: str | None = None,
+    test_metrics: str | Path | None = None,
+    alias: str | None = CHALLENGER,
 ) -> Any:
     """Register a training run's logged model as a new version of `<name>-candidates` with lineage tags;
-    alias it `challenger`.
+    alias it `alias` (None: no alias moves). `test_metrics`: `liverseg evaluate`'s JSON for this model,
+    tagged on the version (test Dice, grid, HD95).
 
     The run is given directly, as the best trial of tune-results.json, or as the best trial of the
     search whose MLflow parent run is `tune_run`.
@@ -66,21 +89,8 @@ def register(
     import mlflow
 
     name = candidate_model(name)  # every version is a candidate; only promotion copies one into `name`
-    if sum(x is not None for x in (run_id, tune_results, tune_run)) != 1:
-        raise RegistryError(
-            "give exactly one of --run RUN_ID, --best-of-tune tune-results.json or --best-of-tune-run PARENT_RUN_ID"
-        )
-    if tune_results is not None:
-        try:
-            best = json.loads(Path(tune_results).read_text())["best"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise RegistryError(f"{tune_results}: not a readable tune-results.json ({type(e).__name__})") from None
-        run_id = best.get("run_id")
-        if not run_id:
-            raise RegistryError(f"{tune_results}: best trial has no MLflow run id")
     client = mlflow_client()
-    if tune_run is not None:
-        run_id = best_of_tune_run(client, tune_run)
+    run_id = _chosen_run(client, run_id, tune_results, tune_run)
     try:
         run = client.get_run(run_id)
     except Exception:
@@ -88,6 +98,7 @@ def register(
     t = run.data.tags
     if "model_uri" not in t:
         raise RegistryError(f"run {run_id}: has no logged model (did training finish?)")
+    test_tags = test_metric_tags(test_metrics, t["model_uri"]) if test_metrics is not None else {}
     for mv in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
         version = mv  # registering the same run twice returns its existing version (idempotent, for DVC)
         break
@@ -104,8 +115,33 @@ def register(
         }
         version = mlflow.register_model(t["model_uri"], name, tags=lineage)
         _wait_ready(client, name, version.version)
-    client.set_registered_model_alias(name, CHALLENGER, version.version)
+    for k, v in test_tags.items():  # also on an existing version: a later evaluation of the same model
+        client.set_model_version_tag(name, str(version.version), k, v)
+    if alias:
+        client.set_registered_model_alias(name, alias, version.version)
+    update_descriptions(client, name, str(version.version))
     return client.get_model_version(name, version.version)
+
+
+def gate_dice(tags: dict[str, str]) -> str | None:
+    """The score the gate gave a version: the LiTS test Dice, else a store-grid one (promote without --raw)."""
+    return tags.get("test_dice") or tags.get("test_dice_store_grid")
+
+
+def test_metric_tags(path: str | Path, model_uri: str) -> dict[str, str]:
+    """Version tags from `liverseg evaluate`'s JSON of this model: `test_dice` only for the LiTS convention
+    (original grid), a store-grid figure as `test_dice_store_grid` (never two test Dices)."""
+    s = json.loads(Path(path).read_text())
+    if s.get("model_uri") != model_uri:
+        raise RegistryError(f"{path}: scores {s.get('model_uri')}, not this run's model {model_uri}")
+    original = s.get("resolution") == "original"
+    hd95 = (s.get("hd95_mm") or {}).get("mean")
+    return {
+        "test_dice" if original else "test_dice_store_grid": f"{s['dice']['mean']:.6f}",
+        "test_dice_grid": TEST_GRID if original else "store grid (not LiTS)",
+        "test_hd95_mm": "" if hd95 is None else f"{hd95:.3f}",
+        "test_cases": str(s.get("n_cases", "")),
+    }
 
 
 def _model_digests(client, model_uri: str) -> dict[str, str]:
@@ -135,13 +171,14 @@ class Decision:
     champion_dice: float | None
     promoted: bool
     reason: str
+    grid: str = TEST_GRID
 
     def line(self) -> str:
-        champ = f"v{self.champion_before} test Dice {self.champion_dice:.4f}" if self.champion_before else "none"
+        champ = f"v{self.champion_before} {self.champion_dice:.4f}" if self.champion_before else "none"
         verdict = "PROMOTED" if self.promoted else "KEPT"
         return (
-            f"{verdict}: {self.name} challenger v{self.challenger} test Dice {self.challenger_dice:.4f}; "
-            f"champion before: {champ}; champion now: v{self.champion_after}; {self.reason}"
+            f"{verdict}: {self.name} test Dice ({self.grid}): challenger v{self.challenger} "
+            f"{self.challenger_dice:.4f}; champion before: {champ}; champion now: v{self.champion_after}; {self.reason}"
         )
 
 
@@ -172,17 +209,21 @@ def promote(
     split: str = "test",
     scorer=None,
     reason: str = "",
+    raw: str | Path | None = None,
 ) -> Decision:
     """Evaluate `<name>-candidates@challenger` and `<name>@champion` on the same split; only if the
     challenger passes the floor and beats the champion by `margin` (strictly), copy it into `name` and
     move `champion` there. Decision, scores and reason become tags; a champion change joins the history
     with `reason` (who, when, from, to, scores). A user without EDIT on `name` is refused before the gate.
 
+    `raw`: the LiTS NIfTI folder, so that the gate scores on each volume's original grid (the one test
+    Dice, tagged `test_dice`); without it the store grid, tagged and labelled as such.
     `scorer(uri) -> mean test Dice` defaults to `evaluate` on the store (tests may pass a cheaper one).
     """
     from liverseg.evaluate import evaluate
 
-    scorer = scorer or (lambda uri: evaluate(uri, store_path, split).summary["dice"]["mean"])
+    scorer = scorer or (lambda uri: evaluate(uri, store_path, split, raw).summary["dice"]["mean"])
+    dice_tag, grid = ("test_dice", TEST_GRID) if raw else ("test_dice_store_grid", "store grid, not LiTS")
     check_can_change(name, f"promote {name}")
     client, cand = mlflow_client(), candidate_model(name)
     with _Lock(name):  # compare-and-set: nobody moves the champion between our read and our write
@@ -191,15 +232,16 @@ def promote(
             raise RegistryError(f"{cand}: no '{CHALLENGER}' alias; run `liverseg register` first")
         champ = _alias(client, name, CHAMPION)
         if champ is not None and champ.tags.get("candidate_version") == str(chal.version):
-            dice = float(champ.tags.get("test_dice", "nan"))
+            dice = float(champ.tags.get(dice_tag) or "nan")
             v = str(champ.version)
-            return Decision(name, str(chal.version), v, v, dice, dice, False, "challenger is already champion")
+            return Decision(name, str(chal.version), v, v, dice, dice, False, "challenger is already champion", grid)
         chal_dice = float(scorer(f"models:/{cand}/{chal.version}"))
         champ_dice = float(scorer(f"models:/{name}/{champ.version}")) if champ else None
         ok, why = _gate(chal_dice, champ_dice, min_dice, margin)
         for k, v in {
             "promotion_decision": "promoted" if ok else "rejected",
-            "test_dice": f"{chal_dice:.6f}",
+            dice_tag: f"{chal_dice:.6f}",
+            "test_dice_grid": grid,
             "champion_test_dice": "" if champ_dice is None else f"{champ_dice:.6f}",
             "promotion_reason": why,
             "decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -215,7 +257,9 @@ def promote(
                 "promote", name, before, after, who(), now(), reason, chal_dice, champ_dice, str(chal.version)
             )
             record(client, change)
-        return Decision(name, str(chal.version), before, after, chal_dice, champ_dice, ok, why)
+            update_descriptions(client, name, after)
+        update_descriptions(client, cand, str(chal.version))
+        return Decision(name, str(chal.version), before, after, chal_dice, champ_dice, ok, why, grid)
 
 
 def _gate(chal_dice: float, champ_dice: float | None, min_dice: float, margin: float) -> tuple[bool, str]:
@@ -257,7 +301,7 @@ def rollback(name: str = DEFAULT_NAME, reason: str = "") -> tuple[str, str]:
             raise RegistryError(f"{name}: champion v{champ.version} replaced no earlier champion")
         client.set_registered_model_alias(name, CHAMPION, prev)
         client.set_model_version_tag(name, champ.version, "rolled_back_at", now())
-        dice = {v: client.get_model_version(name, v).tags.get("test_dice") for v in (prev, str(champ.version))}
+        dice = {v: gate_dice(client.get_model_version(name, v).tags) for v in (prev, str(champ.version))}
         score = {v: float(d) if d else None for v, d in dice.items()}
         change = Change(
             "rollback", name, str(champ.version), prev, who(), now(), reason, score[prev], score[str(champ.version)]
@@ -276,7 +320,7 @@ def lineage(uri: str) -> list[str]:
     run = client.get_run(mv.run_id)
     t = run.data.tags
     lines = [
-        f"model      {mv.name} v{mv.version} (aliases: {', '.join(mv.aliases) or '-'}) test Dice {mv.tags.get('test_dice', '-')}",
+        f"model      {mv.name} v{mv.version} (aliases: {', '.join(mv.aliases) or '-'}) test Dice {mv.tags.get('test_dice') or 'store grid ' + mv.tags.get('test_dice_store_grid', '-')}",
         f"  run      {run.info.run_id} '{run.info.run_name}' val Dice {t.get('best_val_dice', '-')} ({run.info.status})",
         f"  parent   {t.get('mlflow.parentRunId', '-')} (tuning search)",
         f"  commit   {t.get('git_commit', 'unknown')}",

@@ -153,5 +153,17 @@ def store_datasets(store: Any, store_path: str, contexts: dict[str, str]) -> lis
     return out
 
 
+def start_system_metrics(uri: str | None, run_id: str | None, resume: bool = False, interval_s: float = 5.0):
+    """MLflow's system metrics (CPU, memory, disk, network; GPU when pynvml sees one) for `run_id`, sampled
+    by a thread of this process every `interval_s`; returns the monitor (call .finish()) or None."""
+    if not (uri and run_id):
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=resume, tracking_uri=uri)
+    monitor.start()
+    return monitor
+
+
 def config_hash(flat: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:12]

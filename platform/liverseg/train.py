@@ -18,6 +18,7 @@ import torch
 
 from liverseg.artifact import ModelSpec, load_local, log_model, save_local, spec_for
 from liverseg.config import TrainConfig, to_flat_dict
+from liverseg.console import EpochView, root_cause, watch_run
 from liverseg.data import assign_cases, norm_stats
 from liverseg.errors import TrainError
 from liverseg.plots import curves_png, overlay_png
@@ -192,6 +193,7 @@ def _finish(client, run_id: str, name: str, result, spec: ModelSpec, store: Slic
         raise TrainError(f"training run {name} reported no checkpoint")
     with result.checkpoint.as_directory() as d:
         best = torch.load(Path(d) / BEST_FILE, map_location="cpu", weights_only=True)
+    client.log_metric(run_id, "best_val_dice", float(best["val_dice"]), step=int(best["epoch"]))
     model_uri = log_best_model(client, run_id, best, spec, store, cfg)
     client.set_tag(run_id, "best_val_dice", f"{best['val_dice']:.6f}")
     client.set_tag(run_id, "best_epoch", str(best["epoch"]))
@@ -208,6 +210,7 @@ def train(
     parent_run_id: str | None = None,
     callbacks: list[Any] | None = None,
     lineage: dict[str, str] | None = None,
+    view: EpochView | None = None,
 ) -> TrainResult:
     """Train (or resume) one model and log it to MLflow; returns the run id and the logged model URI.
 
@@ -215,6 +218,7 @@ def train(
     same MLflow run; a finished run is returned as is (nothing retrained, no new MLflow run).
     `lineage`: tags from `lineage_tags`, when the caller runs elsewhere than the project directory
     (a Tune trial's working directory is its trial folder: no git, no dvc.lock there).
+    `view`: the terminal's progress view (one line per epoch, read back from MLflow while Ray trains).
     """
     check_tracking(tracking_uri())
     store_path, store = _open_store(store_path)
@@ -236,13 +240,13 @@ def train(
     stats = norm_stats(store, store.cases_in("train"), cfg.data.window, cfg.data.norm_sample_slices, cfg.train.seed)
     spec = spec_for(cfg, store.size, *stats)
     loop_config = _loop_config(cfg, store, store_path, spec, run_id) | _fault_injection(cfg, name)
+    first = len(client.get_metric_history(run_id, "val_dice")) if existed else 0
     try:
-        result = _fit(cfg, name, loop_config, callbacks)
+        with watch_run(view, client, run_id, first, cfg.train.epochs, name):
+            result = _fit(cfg, name, loop_config, callbacks)
     except Exception as e:
         client.set_terminated(run_id, "FAILED")
-        raise TrainError(
-            f"training run {name} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        ) from e
+        raise TrainError(f"training run {name} failed: {root_cause(e)}") from e
     return _finish(client, run_id, name, result, spec, store, cfg)
 
 
@@ -257,7 +261,8 @@ def log_best_model(
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
         model_dir = Path(tmp) / "model_files"
         save_local(model_dir, best["model"], spec)
-        info = log_model(model_dir, MODEL_NAME)
+        # step: MLflow links the run's metrics of that step to the LoggedModel (the epoch it was saved at)
+        info = log_model(model_dir, MODEL_NAME, step=int(best["epoch"]))
         (Path(tmp) / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
         mlflow.log_artifact(str(Path(tmp) / "config.json"))
         mlflow.log_dict(spec.to_dict(), "liverseg_model_meta.json")

@@ -26,6 +26,7 @@ from liverseg.losses import HybridLoss
 from liverseg.metrics import overlap_scores
 from liverseg.model import build_model
 from liverseg.store import SliceStore
+from liverseg.tracking import start_system_metrics
 from liverseg.transforms import random_affine, standardise, window01
 
 STATE_FILE = "state.pt"
@@ -332,12 +333,21 @@ def _record_nodes(w: Worker, logger: MetricLogger | None) -> None:
         logger.client.set_tag(logger.run_id, "ray_worker_nodes", ",".join(nodes))
 
 
+def _system_metrics(w: Worker, config: dict[str, Any], resumed: bool):
+    """Rank 0 samples its machine (CPU, memory, GPU) into the run: where the training runs, not the driver."""
+    every = w.cfg.run.system_metrics_s
+    if w.rank != 0 or not every:
+        return None
+    return start_system_metrics(config.get("tracking_uri"), config.get("run_id"), resumed, every)
+
+
 def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     """What Ray Train runs on every worker: set up, resume, then per epoch train, validate, report."""
     w = setup_worker(config)
     start, best = restore(w)
     logger = MetricLogger(config.get("tracking_uri"), config.get("run_id")) if w.rank == 0 else None
     _record_nodes(w, logger)
+    monitor = _system_metrics(w, config, resumed=start > 0)
     fault = (config.get("fail_at_epoch"), config.get("fault_marker"))
     for epoch in range(start, w.cfg.train.epochs):
         t0 = time.perf_counter()
@@ -351,4 +361,6 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
             logger.log(metrics, step=epoch)
     if logger:
         logger.flush()
+    if monitor:
+        monitor.finish()
     return {"best_val_dice": best.dice, "best_epoch": best.epoch, "epochs": w.cfg.train.epochs}

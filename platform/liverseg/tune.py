@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from liverseg.config import ConfigError, TrainConfig, TuneConfig, set_dotted, valid_keys
+from liverseg.config import ConfigError, TrainConfig, TuneConfig, did_you_mean, set_dotted, valid_keys
+from liverseg.console import EpochView, root_cause
+from liverseg.report import describe_search
 from liverseg.storage import atomic_write_json
 from liverseg.tracking import RUN_KEY, author, check_tracking, experiment_id, find_run, tracking_uri
 from liverseg.tracking import client as mlflow_client
@@ -45,7 +47,9 @@ def build_space(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
     out = {}
     for key, spec in space.items():
         if key not in keys:
-            raise ConfigError(f"space: unknown training key '{key}'; valid: {', '.join(sorted(keys))}")
+            raise ConfigError(
+                f"space: unknown training key '{key}'{did_you_mean(key, sorted(keys))}; valid: {', '.join(sorted(keys))}"
+            )
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
             raise ConfigError(f"space.{key}: expected one of {{{', '.join(DISTRIBUTIONS)}: ...}}, got {spec!r}")
         kind, args = next(iter(spec.items()))
@@ -142,10 +146,59 @@ def _parent_run(client, cfg: TuneConfig, resume: bool, lineage: dict[str, str]) 
     return rid
 
 
+def progress_callback(view: EpochView, epochs: int):
+    """A Tune callback (runs in the driver) feeding each trial's epoch reports to the terminal's view."""
+    from ray.tune import Callback
+
+    class TuneProgress(Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if "epoch" in result:
+                view.epoch(f"trial {trial.trial_id}", int(result["epoch"]), epochs, result)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            view.shrink(epochs - int((trial.last_result or {}).get("epoch", -1)) - 1)  # early-stopped
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.on_trial_complete(iteration, trials, trial)
+            view.console.line(f"  trial {trial.trial_id} failed (cause in the summary below)")
+
+        def __reduce__(self):  # Tune pickles its run config: restored, this is a do-nothing callback
+            return (Callback, ())
+
+    return TuneProgress()
+
+
+def _new_tuner(trainable, cfg: TuneConfig, search, param_space: dict[str, Any], root: str, view: EpochView | None):
+    """A new search: Ray's Tuner over `param_space` with the configured search and scheduler."""
+    from ray import tune
+
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            num_samples=cfg.tune.num_samples,
+            search_alg=search,
+            scheduler=make_scheduler(cfg),
+        ),  # concurrency is limited by the search algorithm (see make_search)
+        run_config=tune.RunConfig(
+            name=cfg.tune.name,
+            storage_path=root,
+            callbacks=[progress_callback(view, cfg.train.epochs)] if view else None,
+        ),
+    )
+
+
 def tune_search(
-    store_path: str, cfg: TuneConfig, resume: bool = False, results_path: str | Path = "tune-results.json"
+    store_path: str,
+    cfg: TuneConfig,
+    resume: bool = False,
+    results_path: str | Path = "tune-results.json",
+    view: EpochView | None = None,
 ) -> TuneSummary:
-    """Run (or resume) a search; writes `results_path` (JSON for DVC) and returns trials best-first."""
+    """Run (or resume) a search; writes `results_path` (JSON for DVC) and returns trials best-first.
+
+    `view`: the terminal's progress view, one line per trial epoch (new searches only).
+    """
     from ray import tune
 
     from liverseg.store import SliceStore
@@ -180,19 +233,11 @@ def tune_search(
             "tracking_uri": uri,
             "lineage": lineage,
         }
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space,
-            tune_config=tune.TuneConfig(
-                num_samples=cfg.tune.num_samples,
-                search_alg=search,
-                scheduler=make_scheduler(cfg),
-            ),  # concurrency is limited by the search algorithm (see make_search)
-            run_config=tune.RunConfig(name=cfg.tune.name, storage_path=root),
-        )
+        tuner = _new_tuner(trainable, cfg, search, param_space, root, view)
     grid = tuner.fit()
     summary = _summarise(client, cfg, grid, parent)
     _log_parent(client, parent, summary)
+    describe_search(client, summary)
     atomic_write_json(results_path, _results_json(summary, cfg))
     return summary
 
@@ -219,6 +264,7 @@ def _summarise(client, cfg: TuneConfig, grid, parent: str) -> TuneSummary:
             # would paint the scheduler's normal work red in the UI); the tag tells the two apart
             client.set_terminated(run_id, "FAILED" if status == "failed" else "FINISHED")
         sampled = dict((res.config or {}).get("sampled", {}))
+        error = root_cause(res.error) if res.error is not None else None
         trials.append(
             {
                 "trial_id": trial_id,
@@ -229,6 +275,7 @@ def _summarise(client, cfg: TuneConfig, grid, parent: str) -> TuneSummary:
                 "run_id": run_id,
                 "model_uri": model_uri,
                 "checkpoint": metrics.get("checkpoint_path"),
+                "error": error,
             }
         )
     sign = -1 if cfg.tune.mode == "max" else 1
