@@ -17,7 +17,13 @@ dvc push -q || echo "note: dvc push to the local remote failed (see .dvc/config)
 
 echo
 echo "== Where to look =="
-dvc metrics show
+python - <<'PY'
+import json
+m = json.load(open("metrics/test-metrics.json"))
+print(f"Test Dice:       {m['dice']['mean']:.4f} (LiTS: mean over {m['n_cases']} test volumes, original grid); "
+      f"HD95 {m['hd95_mm']['mean']:.2f} mm")
+PY
+echo "All metrics:     dvc metrics show   (experiments: dvc exp show)"
 echo "MLflow UI:       mlflow ui --backend-store-uri $MLFLOW_TRACKING_URI"
 exp=$(python -c "import mlflow; print(mlflow.MlflowClient().get_experiment_by_name('liverseg').experiment_id)")
 echo "                 then http://127.0.0.1:5000/#/experiments/$exp/runs?workflowType=machine_learning"

@@ -64,6 +64,9 @@ def test_precedence_defaults_profile_file_set(tmp_path):
     (tmp_path / "train.yaml").write_text("train:\n  epochs: 5\n  lr: 0.25\n")
     cfg = load_config(TrainConfig, tmp_path / "train.yaml", ["train.lr=0.125"], profile="demo", stage="train")
     assert (cfg.train.batch_size, cfg.train.epochs, cfg.train.lr, cfg.train.seed) == (4, 5, 0.125, 0)
+    (tmp_path / "train.yaml").write_text("train:\n  epochs: null\n  batch_size: 8\n")  # null: the profile's
+    cfg = load_config(TrainConfig, tmp_path / "train.yaml", profile="demo", stage="train")
+    assert (cfg.train.epochs, cfg.train.batch_size) == (2, 8)
     with pytest.raises(ConfigError, match="unknown profile 'dem'.*did you mean 'demo'"):
         load_config(TrainConfig, tmp_path / "train.yaml", profile="dem", stage="train")
 
@@ -85,13 +88,13 @@ def test_bad_value_names_its_source(tmp_path):
 
 
 def test_shipped_stage_files_leave_the_profiles_alone():
-    """A key in both a stage file and a profile would make the profile switch silently ineffective."""
+    """A key set (not null) in both a stage file and a profile would make the profile switch ineffective."""
     import yaml
 
     root = REPO / "pipelines"
     profiles = yaml.safe_load((root / "profiles.yaml").read_text())
     for stage, model in (("ingest", IngestConfig), ("train", TrainConfig), ("tune", TuneConfig)):
-        mine = {k for k, _ in _flatten(yaml.safe_load((root / f"{stage}.yaml").read_text()), model)}
+        mine = {k for k, v in _flatten(yaml.safe_load((root / f"{stage}.yaml").read_text()), model) if v is not None}
         for name, prof in profiles.items():
             theirs = {k for k, _ in _flatten(prof.get(stage, {}), model)}
             assert not mine & theirs, f"pipelines/{stage}.yaml repeats profile {name}'s {sorted(mine & theirs)}"

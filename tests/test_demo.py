@@ -72,14 +72,29 @@ def _run_count(client: MlflowClient) -> int:
 def demo(tmp_path_factory):
     repo = tmp_path_factory.mktemp("clone")
     _clone_worktree(repo)
-    out = _sh(["bash", "scripts/demo.sh"], repo)
-    return repo, out
+    res = subprocess.run(
+        ["bash", "scripts/demo.sh"],
+        cwd=repo,
+        env=_env(repo),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert res.returncode == 0, res.stdout[-6000:]
+    return repo, res.stdout
 
 
 def test_demo_then_rerun_changes_nothing(demo):
     repo, out = demo
     for stage in ("ingest", "tune", "evaluate", "register"):
         assert f"Running stage '{stage}'" in out
+    # quiet by default: stdout and stderr together under 80 lines, one per trial epoch, Ray's tables in logs/
+    lines = out.splitlines()
+    assert len(lines) < 80, out
+    assert sum(" epoch " in ln and "ETA" in ln for ln in lines) >= 4, out
+    assert not any("PreemptionWatcher" in ln or "Trial status" in ln for ln in lines), out
+    tune_log = next((repo / "logs").glob("tune-*.log"))
+    assert "liverseg-tune" in tune_log.read_text()  # what the terminal did not show is in the log
     test = json.loads((repo / "metrics" / "test-metrics.json").read_text())
     assert test["dice"]["mean"] > 0.9 and test["split"] == "test", test["dice"]
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
@@ -182,5 +197,22 @@ def test_mlflow_ui_lists_tuning_trials(mlflow_ui, tmp_path):
         # and the data each trial trained on: the Dataset column (store/split, digest, context)
         page.locator(".ag-cell", has_text="store.zarr/train").first.wait_for(timeout=15_000)
         page.screenshot(path=str(tmp_path / "mlflow-ui.png"))
+        # the search's parent run: its description names the best trial and tabulates the trials
+        page.set_viewport_size({"width": 1600, "height": 1000})
+        page.goto(f"{url}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}")
+        page.get_by_text("Best trial", exact=False).first.wait_for(timeout=60_000)
+        page.screenshot(path=str(tmp_path / "mlflow-search.png"))
+        # the served model's page: its Markdown description (LiTS test Dice, versions, promotion rule)
+        page.goto(f"{url}/#/models/liver-unet")
+        page.get_by_text("Test Dice is the LiTS convention", exact=False).first.wait_for(timeout=60_000)
+        page.screenshot(path=str(tmp_path / "mlflow-model.png"))
         browser.close()
-    assert (tmp_path / "mlflow-ui.png").stat().st_size > 10_000
+    for shot in ("mlflow-ui.png", "mlflow-search.png", "mlflow-model.png"):
+        assert (tmp_path / shot).stat().st_size > 10_000, shot
+    # the champion's logged model carries its saved epoch's metrics, not epoch 0's
+    champ = client.get_model_version_by_alias("liver-unet", "champion")
+    run = client.get_run(champ.run_id)
+    logged = client.get_logged_model(run.data.tags["model_uri"].removeprefix("models:/"))
+    val = {m.key: m.value for m in logged.metrics}["val_dice"]
+    assert val == pytest.approx(float(run.data.tags["best_val_dice"]), abs=1e-6)
+    assert any(k.startswith("system/") for k in run.data.metrics)

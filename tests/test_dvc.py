@@ -21,7 +21,8 @@ def _run(cmd, cwd, **kw):
     return res.stdout
 
 
-def test_dvc_repro_ingest_stage(tmp_path, phantom_dir):
+def _ingest_repo(tmp_path, phantom_dir) -> Path:
+    """A git + DVC repository with three phantom cases and the repo's ingest stage only."""
     repo = tmp_path / "repo"
     for n in ("0", "1", "2"):
         copy_case(phantom_dir, repo / "data" / "lits", n)
@@ -31,11 +32,38 @@ def test_dvc_repro_ingest_stage(tmp_path, phantom_dir):
     for f in (d for d in spec["stages"]["ingest"]["deps"] if d.startswith("platform/")):
         shutil.copy(REPO / f, repo / f)
     spec["stages"] = {"ingest": spec["stages"]["ingest"]}
+    spec.pop("plots", None)
     (repo / "dvc.yaml").write_text(yaml.safe_dump(spec))
     _run(["git", "init", "-q"], repo)
     _run(["dvc", "init", "-q"], repo)
     _run(["dvc", "config", "core.site_cache_dir", str(tmp_path / "site-cache")], repo)
     _run(["dvc", "remote", "add", "-d", "local", str(tmp_path / "remote")], repo)
+    return repo
+
+
+def test_dvc_exp_run_set_param_takes_effect_over_the_profile(tmp_path, phantom_dir):
+    """`dvc exp run -S pipelines/ingest.yaml:size=...` wins over the demo profile's size (stage file over
+    profile), and `dvc exp show --json` has each experiment's numbers (metrics committed, not ignored)."""
+    import json
+
+    repo = _ingest_repo(tmp_path, phantom_dir)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    _run([*git, "add", "-A"], repo)
+    _run([*git, "commit", "-qm", "baseline"], repo)
+    for name, size in (("small", 32), ("mid", 48)):
+        _run(["dvc", "exp", "run", "-q", "-n", name, "-S", f"pipelines/ingest.yaml:size=[{size},{size}]"], repo)
+    shown = json.loads(_run(["dvc", "exp", "show", "--json"], repo))
+    exps = {e["name"]: e for rev in shown for e in rev.get("experiments") or []}  # under their baseline
+    assert set(exps) == {"small", "mid"}, shown
+    for name, size in (("small", 32), ("mid", 48)):
+        data = exps[name]["revs"][0]["data"]
+        metrics = data["metrics"]["metrics/ingest.json"]["data"]
+        assert (metrics["height"], metrics["width"], metrics["cases"]) == (size, size, 3), metrics
+        assert data["params"]["pipelines/ingest.yaml"]["data"]["size"] == [size, size]
+
+
+def test_dvc_repro_ingest_stage(tmp_path, phantom_dir):
+    repo = _ingest_repo(tmp_path, phantom_dir)
     out = _run(["dvc", "repro"], repo)
     assert "Running stage 'ingest'" in out
     assert (repo / "data" / "store.zarr" / "zarr.json").exists()

@@ -72,6 +72,10 @@ def _quietly(command: str, verbose: bool, fn):
         except Exception as e:
             traceback.print_exc()  # into the log
             msg, code = root_cause(e), 1
+        finally:  # Ray's last words (placement-group clean-up, worker exits) into the log, not after it
+            ray = sys.modules.get("ray")
+            if ray is not None and ray.is_initialized():
+                ray.shutdown()
         msg += con.log_hint()
     fail(msg, code)
 

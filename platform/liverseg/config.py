@@ -285,7 +285,7 @@ def load_config(
     """Build a config: defaults < profile section for `stage` < YAML stage file < `--set` overrides.
 
     The stage file is what the user edits (`dvc exp run -S pipelines/tune.yaml:train.epochs=2`), so it
-    wins over the profile; the profile picks the machine (demo laptop, paper GPU box). Raises ConfigError
+    wins over the profile, except where it says null (the profile's value, or the default); the profile picks the machine (demo laptop, paper GPU box). Raises ConfigError
     with one line naming the key and where its value came from (`--set`, the file, the profile).
     """
     tree: dict[str, Any] = {}
@@ -296,7 +296,9 @@ def load_config(
         layers.append((f"profile '{profile}' ({ppath}: {profile}.{stage})", _profile_layer(profile, ppath, stage)))
     if path:
         layers.append((str(path), _read_yaml(Path(path))))
-    staged = [(where, _flatten(layer, model)) for where, layer in layers]
+    # null in a stage file means "the profile's value": the file can name every key a user may set with
+    # `dvc exp run -S` (DVC only overrides keys that exist) without taking them from the profile
+    staged = [(w, [(k, v) for k, v in _flatten(lay, model) if v is not None or w != str(path)]) for w, lay in layers]
     for where, pairs in [*staged, ("--set", parse_overrides(overrides))]:
         try:
             for key, value in pairs:

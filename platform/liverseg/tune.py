@@ -168,6 +168,26 @@ def progress_callback(view: EpochView, epochs: int):
     return TuneProgress()
 
 
+def _new_tuner(trainable, cfg: TuneConfig, search, param_space: dict[str, Any], root: str, view: EpochView | None):
+    """A new search: Ray's Tuner over `param_space` with the configured search and scheduler."""
+    from ray import tune
+
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            num_samples=cfg.tune.num_samples,
+            search_alg=search,
+            scheduler=make_scheduler(cfg),
+        ),  # concurrency is limited by the search algorithm (see make_search)
+        run_config=tune.RunConfig(
+            name=cfg.tune.name,
+            storage_path=root,
+            callbacks=[progress_callback(view, cfg.train.epochs)] if view else None,
+        ),
+    )
+
+
 def tune_search(
     store_path: str,
     cfg: TuneConfig,
@@ -213,20 +233,7 @@ def tune_search(
             "tracking_uri": uri,
             "lineage": lineage,
         }
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space,
-            tune_config=tune.TuneConfig(
-                num_samples=cfg.tune.num_samples,
-                search_alg=search,
-                scheduler=make_scheduler(cfg),
-            ),  # concurrency is limited by the search algorithm (see make_search)
-            run_config=tune.RunConfig(
-                name=cfg.tune.name,
-                storage_path=root,
-                callbacks=[progress_callback(view, cfg.train.epochs)] if view else None,
-            ),
-        )
+        tuner = _new_tuner(trainable, cfg, search, param_space, root, view)
     grid = tuner.fit()
     summary = _summarise(client, cfg, grid, parent)
     _log_parent(client, parent, summary)
