@@ -248,7 +248,8 @@ def test_raw_folder_without_cases_touches_nothing(tmp_path, phantom_dir, content
     for target in (store, tmp_path / "new.zarr"):
         res = _cli("ingest", "--raw", str(raw), "--store", str(target), "--set", "size=[32,32]", "--prune")
         assert res.returncode == 1, res.stdout
-        assert res.stderr.count("\n") == 1 and "no LiTS cases" in res.stderr and str(raw) in res.stderr
+        errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and "no LiTS cases" in errors[0] and str(raw) in errors[0], res.stderr
     assert _tree(store) == before and not (tmp_path / "new.zarr").exists()
     assert SliceStore(str(store)).cases == ["0", "1"]
 

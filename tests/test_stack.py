@@ -57,9 +57,9 @@ def test_up_down_up_keeps_data_and_leaves_no_process(monkeypatch):
         assert _check_running(stack) == []
         for k, v in stack.env_for("admin").items():
             monkeypatch.setenv(k, v)
-        mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-        mlflow.set_experiment("kept")
-        with mlflow.start_run() as run:
+        # the tracking URI from the environment only: no process-wide mlflow.set_* leaks into later tests
+        kept = mlflow.MlflowClient().create_experiment("kept")
+        with mlflow.start_run(experiment_id=kept) as run:
             mlflow.log_text("kept", "notes/kept.txt")
         again = stack.up()  # already running: the same lines again, nothing started twice
         assert again == env
@@ -73,7 +73,6 @@ def test_up_down_up_keeps_data_and_leaves_no_process(monkeypatch):
         keys = _check_running(stack)
         assert any(k.endswith(f"{run.info.run_id}/artifacts/notes/kept.txt") for k in keys), keys
         monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
-        mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
         assert mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/notes/kept.txt") == "kept"
         running = stack.processes()
         stack.down()

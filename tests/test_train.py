@@ -31,6 +31,21 @@ def _chance_dice(store_path):
     return float(np.mean(scores))
 
 
+def _check_logged_model(res, phantom_dir, tmp_path) -> None:
+    """The trained 3-channel model loads through its spec and segments a phantom on its own grid."""
+    from liverseg.artifact import load_model
+    from liverseg.inference import predict_file
+
+    lm = load_model(res.model_uri, "cpu")
+    spec = lm.spec
+    assert spec.window == (-200.0, 250.0) and spec.size == (64, 64) and 0 < spec.std < 1 and spec.in_channels == 3
+    assert spec.train_run_id == res.run_id and spec.best_epoch == res.best_epoch
+    predict_file(lm, phantom_dir / "volume-0.nii.gz", tmp_path / "mask.nii.gz")
+    ref = nib.load(str(phantom_dir / "segmentation-0.nii.gz"))
+    mask = np.asanyarray(nib.load(str(tmp_path / "mask.nii.gz")).dataobj)
+    assert mask.shape == ref.shape and (mask & (np.asanyarray(ref.dataobj) >= 1)).any()  # finds some liver
+
+
 def test_two_workers_end_to_end(ray_local, mlflow_uri, store_path, tmp_path, monkeypatch, phantom_dir):
     """Two workers, the 3-channel input (slice and neighbours) through training, logging and inference."""
     canary = "liverseg-canary-Secret-7f3a9"
@@ -82,17 +97,7 @@ def test_two_workers_end_to_end(ray_local, mlflow_uri, store_path, tmp_path, mon
     assert model_metrics["val_dice"].value == pytest.approx(res.best_val_dice)
     logged = " ".join([*p.keys(), *map(str, p.values()), *t.keys(), *map(str, t.values())])
     assert canary not in logged
-    from liverseg.artifact import load_model
-    from liverseg.inference import predict_file
-
-    lm = load_model(res.model_uri, "cpu")
-    spec = lm.spec
-    assert spec.window == (-200.0, 250.0) and spec.size == (64, 64) and 0 < spec.std < 1 and spec.in_channels == 3
-    assert spec.train_run_id == res.run_id and spec.best_epoch == res.best_epoch
-    predict_file(lm, phantom_dir / "volume-0.nii.gz", tmp_path / "mask.nii.gz")
-    ref = nib.load(str(phantom_dir / "segmentation-0.nii.gz"))
-    mask = np.asanyarray(nib.load(str(tmp_path / "mask.nii.gz")).dataobj)
-    assert mask.shape == ref.shape and (mask & (np.asanyarray(ref.dataobj) >= 1)).any()  # finds some liver
+    _check_logged_model(res, phantom_dir, tmp_path)
     assert list((tmp_path / "ray" / "e2e").glob("checkpoint_*"))
     again = train(store_path, cfg)  # same name: finished run is returned, nothing retrained
     assert again.resumed_finished and again.run_id == res.run_id

@@ -173,6 +173,8 @@ start_bg mlflow env MLFLOW_BACKEND_STORE_URI="$PG_URI/mlflow" MLFLOW_AUTH_CONFIG
   PATH="$BIN:$PATH" "$BIN/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT" \
   --artifacts-destination "s3://$BUCKET/artifacts" --app-name basic-auth --workers "${LIVERSEG_MLFLOW_WORKERS:-2}"
 wait_http "http://127.0.0.1:$MLFLOW_PORT/health" 120
+sleep 1  # another program that took the port meanwhile would answer too: MLflow must still be running
+alive mlflow || die "MLflow exited (see $DIR/logs/mlflow.log; port $MLFLOW_PORT taken meanwhile?)"
 
 cat >"$DIR/stack.env.tmp" <<EOF
 MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT

@@ -52,6 +52,25 @@ def best_of_tune_run(client, parent_run_id: str) -> str:
     return best
 
 
+def _chosen_run(client, run_id: str | None, tune_results: str | Path | None, tune_run: str | None) -> str:
+    """The run to register: given, the best trial of tune-results.json, or of the search `tune_run`."""
+    if sum(x is not None for x in (run_id, tune_results, tune_run)) != 1:
+        raise RegistryError(
+            "give exactly one of --run RUN_ID, --best-of-tune tune-results.json or --best-of-tune-run PARENT_RUN_ID"
+        )
+    if tune_run is not None:
+        return best_of_tune_run(client, tune_run)
+    if tune_results is None:
+        return run_id
+    try:
+        best = json.loads(Path(tune_results).read_text())["best"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RegistryError(f"{tune_results}: not a readable tune-results.json ({type(e).__name__})") from None
+    if not best.get("run_id"):
+        raise RegistryError(f"{tune_results}: best trial has no MLflow run id")
+    return best["run_id"]
+
+
 def register(
     run_id: str | None = None,
     tune_results: str | Path | None = None,
@@ -70,21 +89,8 @@ def register(
     import mlflow
 
     name = candidate_model(name)  # every version is a candidate; only promotion copies one into `name`
-    if sum(x is not None for x in (run_id, tune_results, tune_run)) != 1:
-        raise RegistryError(
-            "give exactly one of --run RUN_ID, --best-of-tune tune-results.json or --best-of-tune-run PARENT_RUN_ID"
-        )
-    if tune_results is not None:
-        try:
-            best = json.loads(Path(tune_results).read_text())["best"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise RegistryError(f"{tune_results}: not a readable tune-results.json ({type(e).__name__})") from None
-        run_id = best.get("run_id")
-        if not run_id:
-            raise RegistryError(f"{tune_results}: best trial has no MLflow run id")
     client = mlflow_client()
-    if tune_run is not None:
-        run_id = best_of_tune_run(client, tune_run)
+    run_id = _chosen_run(client, run_id, tune_results, tune_run)
     try:
         run = client.get_run(run_id)
     except Exception:

@@ -196,6 +196,29 @@ def progress_callback(view: EpochView, epochs: int):
     return TuneProgress()
 
 
+def _new_tuner(trainable, cfg: TuneConfig, search, param_space: dict[str, Any], root: str, view: EpochView | None):
+    """A new search: Ray's Tuner over `param_space` with the configured search and scheduler; stopped
+    trials' reservations are released as they end (see tune_guard)."""
+    from ray import tune
+
+    from liverseg.tune_guard import ReleaseStoppedTrials
+
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            num_samples=cfg.tune.num_samples,
+            search_alg=search,
+            scheduler=make_scheduler(cfg),
+        ),  # concurrency is limited by the search algorithm (see make_search)
+        run_config=tune.RunConfig(
+            name=cfg.tune.name,
+            storage_path=root,
+            callbacks=[ReleaseStoppedTrials()] + ([progress_callback(view, cfg.train.epochs)] if view else []),
+        ),
+    )
+
+
 def tune_search(
     store_path: str,
     cfg: TuneConfig,
@@ -211,7 +234,6 @@ def tune_search(
 
     from liverseg.store import SliceStore
     from liverseg.train import ensure_ray, lineage_tags, preflight, storage_path
-    from liverseg.tune_guard import ReleaseStoppedTrials
 
     uri = tracking_uri()
     check_tracking(uri)
@@ -244,20 +266,7 @@ def tune_search(
             "tracking_uri": uri,
             "lineage": lineage,
         }
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space,
-            tune_config=tune.TuneConfig(
-                num_samples=cfg.tune.num_samples,
-                search_alg=search,
-                scheduler=make_scheduler(cfg),
-            ),  # concurrency is limited by the search algorithm (see make_search)
-            run_config=tune.RunConfig(
-                name=cfg.tune.name,
-                storage_path=root,
-                callbacks=[ReleaseStoppedTrials()] + ([progress_callback(view, cfg.train.epochs)] if view else []),
-            ),
-        )
+        tuner = _new_tuner(trainable, cfg, search, param_space, root, view)
     grid = _fit(tuner, client, parent)
     summary = _summarise(client, cfg, grid, parent)
     _log_parent(client, parent, summary)
