@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import statistics
 import sys
 import tempfile
@@ -24,7 +25,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers import constant_state, log_model_run, start_mlflow_server, start_serve, stop  # noqa: E402
 
-SECRET = "benchmark-webhook-secret"
+SECRET = secrets.token_urlsafe(24)  # generated per run: no secret is committed
 
 
 def _switch_times(bases: list[str], version: str, t0: float, timeout_s: float = 120) -> list[float]:

@@ -83,11 +83,11 @@ def test_segment_health_model_and_bad_requests(server, real_ct):
     assert httpx.get(base + "/health").status_code == 200  # still up
 
 
-def _raw_request(base: str, declared: int, sent: bytes, close: bool) -> bytes:
-    """POST /segment by hand: `declared` Content-Length, `sent` bytes of body; close or wait for the answer."""
+def _raw_request(base: str, declared: int, sent: bytes, close: bool, path: str = "/segment") -> bytes:
+    """POST `path` by hand: `declared` Content-Length, `sent` bytes of body; close or wait for the answer."""
     host, port = base.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=60) as sock:
-        head = f"POST /segment HTTP/1.1\r\nHost: {host}\r\nContent-Length: {declared}\r\n\r\n"
+        head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {declared}\r\n\r\n"
         sock.sendall(head.encode() + sent)
         answer = b""
         while not close and not answer.endswith(b"}"):  # the JSON detail ends the answer
@@ -114,6 +114,8 @@ def test_hostile_uploads_get_one_line_4xx(server, tmp_path):
         assert fragment in r.json()["detail"] and "\n" not in r.json()["detail"], (label, r.text)
     short = _raw_request(base, 5000, b"x" * 100, close=False)  # the rest never comes
     assert short.startswith(b"HTTP/1.1 408") and b"not received within 3 s" in short, short[:200]
+    hook = _raw_request(base, 5000, b"{", close=False, path="/webhook")  # the webhook route has the same deadline
+    assert hook.startswith(b"HTTP/1.1 408"), hook[:200]
     _raw_request(base, 500_000, b"x" * 1000, close=True)  # the client goes away mid-upload
     time.sleep(1)  # let the server notice before the log is read
     assert httpx.get(base + "/health").status_code == 200

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import secrets
 import subprocess
 import sys
 import threading
@@ -21,7 +22,7 @@ from mlflow.webhooks.delivery import _generate_hmac_signature
 from helpers import constant_state, log_model_run, start_mlflow_server, start_serve, stop
 from liverseg.webhook import Verifier, WebhookRejected
 
-SECRET = "test-webhook-secret"  # a test's own secret, handed to replicas through their environment
+SECRET = secrets.token_urlsafe(24)  # generated per run, handed to replicas through their environment
 
 
 def _delivery(data: dict, secret: str = SECRET, stamp: int | None = None, delivery: str = "d-1"):

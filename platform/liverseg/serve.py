@@ -184,7 +184,7 @@ def create_app(
     from liverseg.lits import from_canonical, gunzip, read_volume
 
     app = FastAPI(title="liverseg", version="1")
-    _follow_routes(app, holder, reload_token, verifier or Verifier(None, 300.0))
+    _follow_routes(app, holder, reload_token, verifier or Verifier(None, 300.0), upload_timeout_s)
 
     @app.get("/health")
     def health() -> dict[str, Any]:
@@ -217,7 +217,9 @@ def create_app(
     return app
 
 
-def _follow_routes(app, holder: ModelHolder, reload_token: str | None, verifier: Verifier) -> None:
+def _follow_routes(
+    app, holder: ModelHolder, reload_token: str | None, verifier: Verifier, body_timeout_s: float
+) -> None:
     """GET /model, POST /reload (bearer token), POST /webhook (MLflow-signed alias events)."""
     from fastapi import HTTPException, Request
 
@@ -243,11 +245,7 @@ def _follow_routes(app, holder: ModelHolder, reload_token: str | None, verifier:
 
     @app.post("/webhook", status_code=202)
     async def webhook(request: Request) -> dict[str, Any]:
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > WEBHOOK_MAX_BYTES:
-                raise HTTPException(413, f"webhook body exceeds {WEBHOOK_MAX_BYTES} bytes")
+        body = await read_body(request, WEBHOOK_MAX_BYTES, body_timeout_s)  # a whole-body deadline, as for uploads
         try:
             event = verifier.verify(dict(request.headers), bytes(body), time.time())
         except WebhookRejected as e:
