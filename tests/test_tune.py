@@ -274,10 +274,11 @@ def test_ctrl_c_ends_the_run_in_seconds_marked_killed(mlflow_uri, store_path, tm
         sets = [x for s in [*BASE[:4], *long, f"run.storage_path={tmp_path / 'ray'}"] for x in ("--set", s)]
         cmd = [sys.executable, "-m", "liverseg.cli", "train", "--store", store_path, *sets]
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
+    client = MlflowClient(mlflow_uri)
+    client.search_experiments()  # the schema is made once, here: two processes creating it at once race
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
-    client = MlflowClient(mlflow_uri)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:  # wait for an epoch: training is under way
         runs = client.search_runs([e.experiment_id for e in client.search_experiments()])

@@ -210,7 +210,30 @@ def _fit(cfg: TrainConfig, name: str, loop_config: dict[str, Any], callbacks: li
             callbacks=callbacks or [],
         ),
     )
-    return trainer.fit()
+    return _off_the_main_thread(trainer.fit)
+
+
+def _off_the_main_thread(fn):
+    """fn() in a daemon thread, so that Ctrl-C reaches the main thread as KeyboardInterrupt: run in the
+    main thread, Ray Train installs its own SIGINT handler, which aborts training and then returns as if
+    it had ended (the run was finished, not KILLED, and the CLI exited 1)."""
+    import threading
+
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["result"] = fn()
+        except BaseException as e:  # handed to the caller as it is
+            out["error"] = e
+
+    worker = threading.Thread(target=run, name="ray-train-fit", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.5)
+    if "error" in out:
+        raise out["error"]
+    return out["result"]
 
 
 def _finish(client, run_id: str, name: str, result, spec: ModelSpec, store: SliceStore, cfg: TrainConfig):
