@@ -33,7 +33,8 @@ CHROMIUM_ARGS = [
 
 
 def _env(repo: Path | None = None) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    # as a user has it: no tracking URI or Ray address of the tests, logs in the copy's own logs/
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "LIVERSEG_LOG_DIR")}
     if repo is not None:  # run the copy's own code, not the editable install's
         env["PYTHONPATH"] = str(repo / "platform")
     return {
