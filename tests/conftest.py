@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no weight downloads in tests (users keep their network)
@@ -95,3 +100,40 @@ def s3(monkeypatch) -> str:
     boto3.client("s3").create_bucket(Bucket="lake")
     yield "s3://lake"
     server.stop()
+
+
+TINY = [  # a ResNet-18 U-Net with a narrow decoder, no downloaded weights: seconds per epoch on 2 cores
+    "model.encoder=resnet18",
+    "model.encoder_weights=none",
+    "model.decoder_channels=[32,16,16,8,8]",
+    "train.batch_size=8",
+]
+
+
+def cli_cmd(command: str, store: str | Path, *sets: str, raw: Path | None = None) -> list[str]:
+    """`python -m liverseg.cli COMMAND --store STORE [--raw RAW] --set S ...` for a subprocess."""
+    cmd = [sys.executable, "-m", "liverseg.cli", command, "--store", str(store)]
+    return cmd + (["--raw", str(raw)] if raw else []) + [x for s in sets for x in ("--set", s)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_mlflow_server(db: Path, artifacts: Path, port: int) -> subprocess.Popen:
+    """An MLflow server on 127.0.0.1:port over SQLite `db`, serving `artifacts`; returns once /health
+    answers (the caller stops it by its Popen)."""
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}"]
+    cmd += ["--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.kill()
+    pytest.fail("mlflow server did not start in 90 s")

@@ -1,7 +1,6 @@
 """Cluster mode by configuration only: a real two-node Ray cluster on 127.0.0.1 and an MLflow server."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -9,22 +8,17 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import TINY, cli_cmd, free_port
 from test_registry import mlflow_server  # noqa: F401  (fixture)
 
 RAY = str(Path(sys.executable).parent / "ray")
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
 def two_node_ray(tmp_path):
     from liverseg.train import FORWARDED_ENV
 
-    port = _free_port()
+    port = free_port()
     # the nodes know neither the tracking server nor the object store: jobs bring them (runtime_env)
     env = {k: v for k, v in os.environ.items() if k not in FORWARDED_ENV} | {"RAY_USAGE_STATS_ENABLED": "0"}
     if (Path.home() / ".ray" / "auth_token").exists():
@@ -40,7 +34,7 @@ def two_node_ray(tmp_path):
         "--include-dashboard",
         "true",
         "--dashboard-port",
-        str(_free_port()),
+        str(free_port()),
     ]
     subprocess.run([RAY, "start", *head], env=env, check=True, capture_output=True, timeout=120)
     try:
@@ -66,32 +60,16 @@ def test_two_workers_on_two_nodes_read_s3_and_log_to_server(two_node_ray, mlflow
     publish_store(store_path, store)
     auth = {k: env[k] for k in ("RAY_AUTH_MODE",) if k in env}
     env = {**os.environ, **auth, "RAY_ADDRESS": address}  # the submitter's shell: tracking URI and AWS_*
-    cmd = [
-        sys.executable,
-        "-m",
-        "liverseg.cli",
+    cmd = cli_cmd(
         "train",
-        "--store",
         store,
-        "--set",
-        "model.encoder=resnet18",
-        "--set",
-        "model.encoder_weights=none",
-        "--set",
-        "model.decoder_channels=[32,16,16,8,8]",
-        "--set",
+        *TINY,
         "train.epochs=2",
-        "--set",
         "train.steps_per_epoch=2",
-        "--set",
-        "train.batch_size=8",
-        "--set",
         "scaling.num_workers=2",
-        "--set",
         f"run.storage_path={s3}/ray",
-        "--set",
         "run.name=cluster",
-    ]
+    )
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     client = MlflowClient(mlflow_server)

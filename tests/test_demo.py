@@ -4,7 +4,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import pytest
 import requests
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO
+from conftest import REPO, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 BIN = Path(sys.executable).parent
@@ -121,16 +120,10 @@ def test_demo_then_rerun_changes_nothing(demo):
     assert client.get_model_version_by_alias("liver-unet", "champion").version == champion.version
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_ui(demo):
     repo, _ = demo
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [
             str(BIN / "mlflow"),

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from importlib import resources
@@ -24,7 +23,7 @@ import tomllib
 import yaml
 from referencing import Registry, Resource
 
-from conftest import REPO
+from conftest import REPO, free_port
 
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
@@ -450,17 +449,11 @@ def test_dockerfile_runs_unprivileged_and_holds_no_secret():
 # --- the bucket job, against a real S3-compatible server --------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def s3_server():
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     try:
@@ -491,7 +484,7 @@ def test_make_bucket_creates_the_bucket_once(s3_server):
 
 
 def test_make_bucket_names_an_unreachable_store_in_one_line():
-    r = _run_make_bucket(f"http://127.0.0.1:{_free_port()}", "liverseg", "--wait", "0")
+    r = _run_make_bucket(f"http://127.0.0.1:{free_port()}", "liverseg", "--wait", "0")
     assert r.returncode == 1 and r.stdout == ""
     (line,) = r.stderr.strip().splitlines()
     assert line.startswith("bucket liverseg at http://127.0.0.1:") and "EndpointConnectionError" in line

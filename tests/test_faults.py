@@ -10,35 +10,21 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import TINY, cli_cmd
+
 
 @pytest.mark.slow
 def test_worker_killed_by_pid_resumes_and_registers(mlflow_uri, store_path, tmp_path):
-    cmd = [
-        sys.executable,
-        "-m",
-        "liverseg.cli",
+    cmd = cli_cmd(
         "train",
-        "--store",
         store_path,
-        "--set",
-        "model.encoder=resnet18",
-        "--set",
-        "model.encoder_weights=none",
-        "--set",
-        "model.decoder_channels=[32,16,16,8,8]",
-        "--set",
+        *TINY,
         "train.epochs=4",
-        "--set",
         "train.steps_per_epoch=12",
-        "--set",
-        "train.batch_size=8",
-        "--set",
         "run.max_failures=2",
-        "--set",
         f"run.storage_path={tmp_path / 'ray'}",
-        "--set",
         "run.name=killed",
-    ]
+    )
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     client = MlflowClient(mlflow_uri)
     victim, deadline = None, time.time() + 600

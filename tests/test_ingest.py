@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import copy_case
+from conftest import cli_cmd, copy_case
 from liverseg.config import IngestConfig
 from liverseg.ingest import TMP_PREFIX, ingest
 from liverseg.store import SliceStore
@@ -120,31 +120,19 @@ def test_broken_inputs_each_reported_good_ones_written(tmp_path, phantom_dir, ca
 
 def test_cli_exit_status_and_summary(tmp_path, phantom_dir):
     import subprocess
-    import sys
 
     raw = tmp_path / "raw"
     copy_case(phantom_dir, raw, "0")
     (raw / "volume-3.nii.gz").write_bytes(b"")
     (raw / "segmentation-3.nii.gz").write_bytes(b"")
-    cmd = [
-        sys.executable,
-        "-m",
-        "liverseg.cli",
-        "ingest",
-        "--raw",
-        str(raw),
-        "--store",
-        str(tmp_path / "s.zarr"),
-        "--set",
-        "size=[32,32]",
-        "--set",
-        "workers=1",
-    ]
+    cmd = cli_cmd("ingest", tmp_path / "s.zarr", "size=[32,32]", "workers=1", raw=raw)
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 1
     assert "FAILED volume-3.nii.gz: empty file" in res.stderr
     assert "1 written, 0 unchanged, 1 failed" in res.stdout
-    bad = subprocess.run(cmd[:-4] + ["--set", "sise=[32,32]"], capture_output=True, text=True)
+    bad = subprocess.run(
+        cli_cmd("ingest", tmp_path / "s.zarr", "sise=[32,32]", raw=raw), capture_output=True, text=True
+    )
     assert bad.returncode == 2 and "unknown key 'sise'" in bad.stderr and "size" in bad.stderr
 
 
@@ -154,7 +142,6 @@ def test_interrupted_case_leaves_nothing_half_written(tmp_path, phantom_dir, sig
     import os
     import signal
     import subprocess
-    import sys
     import time
 
     raw = tmp_path / "raw"
@@ -162,18 +149,7 @@ def test_interrupted_case_leaves_nothing_half_written(tmp_path, phantom_dir, sig
 
     write_phantoms(raw, 4, seed=11, shape=(96, 96, 48))
     store = tmp_path / "s.zarr"
-    cmd = [
-        sys.executable,
-        "-m",
-        "liverseg.cli",
-        "ingest",
-        "--raw",
-        str(raw),
-        "--store",
-        str(store),
-        "--set",
-        "workers=1",
-    ]
+    cmd = cli_cmd("ingest", store, "workers=1", raw=raw)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 60
     while time.time() < deadline and not (store.exists() and list((store / "cases").glob("*"))):

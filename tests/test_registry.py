@@ -1,13 +1,12 @@
 """Registry against a real local SQLite store and a real `mlflow server` started on 127.0.0.1."""
 
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
+from conftest import free_port, start_mlflow_server
 from helpers import constant_state, log_model_run
 from liverseg.registry import RegistryError, lineage, promote, register, rollback
 
@@ -132,48 +131,11 @@ def test_racing_promotions_stay_consistent(mlflow_uri, store_path, tmp_path):
     assert vs["1"].tags["previous_champion"] == ""  # never points at itself
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path, monkeypatch):
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'srv.db'}",
-            "--artifacts-destination",
-            str(tmp_path / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    port = free_port()
+    proc = start_mlflow_server(tmp_path / "srv.db", tmp_path / "artifacts", port)
     uri = f"http://127.0.0.1:{port}"
-    import requests
-
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            if requests.get(uri + "/health", timeout=1).ok:
-                break
-        except requests.RequestException:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("mlflow server did not start in 90 s")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
     yield uri
@@ -189,7 +151,7 @@ def test_unreachable_server_fails_fast(monkeypatch):
     from liverseg.tracking import TrackingError, check_tracking
 
     with pytest.raises(TrackingError, match="not reachable") as e:
-        check_tracking(f"http://127.0.0.1:{_free_port()}", timeout_s=3)
+        check_tracking(f"http://127.0.0.1:{free_port()}", timeout_s=3)
     assert "\n" not in str(e.value)
 
 

@@ -115,7 +115,8 @@ def _team_promotes(stack, store: str, parents: dict[str, str], tmp_path) -> None
 
         assert _cli(["register", "--best-of-tune-run", parents["alice"]], stack.env_for("alice")).returncode == 0
         refused = _cli([*gate, "--reason", "mine is better"], stack.env_for("alice"))
-        assert refused.returncode == 1 and refused.stderr.startswith("error: refused: alice may not promote")
+        last = refused.stderr.strip().splitlines()[-1]  # after the line naming the command's log file
+        assert refused.returncode == 1 and last.startswith("error: refused: alice may not promote"), refused.stderr
         assert all(httpx.get(b + "/model").json()["version"] == "1" for b in bases)  # champion unchanged
 
         load = Client(bases)

@@ -5,16 +5,10 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import TINY
 from liverseg.config import IngestConfig, TrainConfig, load_config
 from liverseg.store import SliceStore
 from liverseg.train import train
-
-TINY = [
-    "model.encoder=resnet18",
-    "model.encoder_weights=none",
-    "model.decoder_channels=[32,16,16,8,8]",
-    "train.batch_size=8",
-]
 
 
 def _cfg(tmp_path, *extra):

@@ -12,18 +12,16 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import TINY, cli_cmd
 from liverseg.config import TuneConfig, load_config
 from liverseg.console import Console, EpochView
 from liverseg.report import write_dvc_plots
 from liverseg.tune import build_space, tune_search
 
 BASE = [
-    "model.encoder=resnet18",
-    "model.encoder_weights=none",
-    "model.decoder_channels=[32,16,16,8,8]",
+    *TINY,
     "train.epochs=3",
     "train.steps_per_epoch=2",
-    "train.batch_size=8",
     "tune.search=grid",
     "tune.num_samples=2",
     "space={train.lr: {grid: [0.003, 1.0e-9]}}",  # a constructed case: half the trials cannot learn
@@ -114,18 +112,7 @@ def test_space_errors_list_choices():
 
 @pytest.mark.slow
 def test_resume_after_killed_driver(mlflow_uri, store_path, tmp_path):
-    sets = [x for s in [*BASE, "tune.max_concurrent=1", f"run.storage_path={tmp_path / 'ray'}"] for x in ("--set", s)]
-    cmd = [
-        sys.executable,
-        "-m",
-        "liverseg.cli",
-        "tune",
-        "--store",
-        store_path,
-        *sets,
-        "--out",
-        str(tmp_path / "r.json"),
-    ]
+    cmd = _tune_cmd(store_path, tmp_path, "tune.max_concurrent=1")
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     client = MlflowClient(mlflow_uri)
@@ -226,15 +213,8 @@ def test_asha_never_stops_a_trial_at_its_last_epoch(ray_local, tmp_path, epochs)
 
 
 def _tune_cmd(store_path, tmp_path, *sets: str) -> list[str]:
-    args = [x for s in [*BASE, f"run.storage_path={tmp_path / 'ray'}", *sets] for x in ("--set", s)]
     return [
-        sys.executable,
-        "-m",
-        "liverseg.cli",
-        "tune",
-        "--store",
-        store_path,
-        *args,
+        *cli_cmd("tune", store_path, *BASE, f"run.storage_path={tmp_path / 'ray'}", *sets),
         "--out",
         str(tmp_path / "r.json"),
     ]
@@ -271,8 +251,7 @@ def test_ctrl_c_ends_the_run_in_seconds_marked_killed(mlflow_uri, store_path, tm
     if command == "tune":
         cmd = _tune_cmd(store_path, tmp_path, "tune.max_concurrent=1", *long)
     else:
-        sets = [x for s in [*BASE[:4], *long, f"run.storage_path={tmp_path / 'ray'}"] for x in ("--set", s)]
-        cmd = [sys.executable, "-m", "liverseg.cli", "train", "--store", store_path, *sets]
+        cmd = cli_cmd("train", store_path, *TINY, *long, f"run.storage_path={tmp_path / 'ray'}")
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
     client = MlflowClient(mlflow_uri)
     client.search_experiments()  # the schema is made once, here: two processes creating it at once race
