@@ -15,9 +15,9 @@ def test_history_newest_first_with_who_scores_and_reason(mlflow_uri, monkeypatch
     runs = [log_model_run(constant_state(liver=b))[0] for b in (False, True)]
     dice = {"1": 0.5, "2": 0.8}  # the gate's score per candidate version (the evaluation is tested elsewhere)
 
-    def scorer(uri: str) -> float:
+    def scorer(lm) -> float:
         client = MlflowClient(tracking_uri())
-        name, version = uri.removeprefix("models:/").split("/")
+        name, version = lm.uri.removeprefix("models:/").split("/")
         mv = client.get_model_version(name, version)
         return dice[mv.tags.get("candidate_version", version)]
 

@@ -3,12 +3,13 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from conftest import free_port, start_mlflow_server
 from helpers import constant_state, log_model_run
-from liverseg.registry import RegistryError, lineage, promote, register, rollback
+from liverseg.registry import RegistryError, _alias, lineage, promote, register, rollback
 
 
 def _versions(name="liver-unet"):
@@ -225,3 +226,49 @@ def test_rollback_to_a_deleted_version_is_one_line(mlflow_uri, store_path):
     assert res.returncode == 1 and res.stderr.count("\n") == 1 and "cannot roll back to v1" in res.stderr
     assert "Traceback" not in res.stderr
     assert str(client.get_model_version_by_alias("liver-unet", "champion").version) == "2"
+
+
+def test_served_files_are_the_ones_the_gate_scored(mlflow_uri, store_path):
+    """Whoever may edit a candidate (its tags, its artifact files) cannot change what serving loads:
+    a blanked digest tag is refused, and promotion pins the served copy to the bytes the gate scored."""
+    import torch
+
+    from liverseg.artifact import SPEC_TAG, WEIGHTS_FILE, WEIGHTS_TAG, ModelError, digests, load_model
+    from liverseg.tracking import client as mlflow_client
+
+    rid, uri = log_model_run(constant_state(liver=True), store_path=store_path)
+    mv = register(run_id=rid)
+    client = mlflow_client()
+    client.set_model_version_tag(mv.name, mv.version, WEIGHTS_TAG, "")  # a scientist may edit the tag
+    with pytest.raises(ModelError, match=f"no {WEIGHTS_TAG} tag"):
+        load_model(f"models:/{mv.name}@challenger", "cpu")
+    with pytest.raises(ModelError, match=f"no {WEIGHTS_TAG} tag"):
+        promote(store_path, min_dice=0.0)  # refused before the gate: no unverified bytes are scored
+    assert _alias(client, "liver-unet", "champion") is None
+
+    folder = Path(client.get_logged_model(uri.split("/")[-1]).artifact_location) / "artifacts" / "m"
+    client.set_model_version_tag(mv.name, mv.version, WEIGHTS_TAG, digests(folder)[WEIGHTS_TAG])
+    assert promote(store_path, min_dice=0.0).champion_after == "1"
+    served = client.get_model_version("liver-unet", "1").tags
+    assert (served[WEIGHTS_TAG], served[SPEC_TAG]) == (digests(folder)[WEIGHTS_TAG], digests(folder)[SPEC_TAG])
+    # then the candidate's files are swapped and its tags made to match them: the champion refuses to load
+    torch.save(constant_state(liver=False), folder / WEIGHTS_FILE)
+    client.set_model_version_tag(mv.name, mv.version, WEIGHTS_TAG, digests(folder)[WEIGHTS_TAG])
+    assert load_model(f"models:/{mv.name}@challenger", "cpu").sha256 == digests(folder)  # the candidate's own check
+    with pytest.raises(ModelError, match=r"liver-unet v1: weights sha256 .* does not match"):
+        load_model("models:/liver-unet@champion", "cpu")
+
+
+def test_a_failing_champion_lookup_is_not_read_as_no_champion(mlflow_uri, monkeypatch):
+    """Only "no such model / alias" means no champion; any other error (here an unreachable registry)
+    is raised, never taken as a first promotion."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    client = MlflowClient(mlflow_uri)
+    assert _alias(client, "liver-unet", "champion") is None  # no such model
+    client.create_registered_model("liver-unet")
+    assert _alias(client, "liver-unet", "champion") is None  # no such alias
+    with pytest.raises(MlflowException):
+        _alias(MlflowClient(f"http://127.0.0.1:{free_port()}"), "liver-unet", "champion")

@@ -199,3 +199,43 @@ def test_preflight_fails_in_seconds_before_ray(tmp_path, monkeypatch, store_path
     from mlflow.tracking import MlflowClient
 
     assert not MlflowClient(mlflow_uri).search_runs([e.experiment_id for e in MlflowClient().search_experiments()])
+
+
+_HOLD_LOCAL_RAY = (
+    "import sys, ray; from liverseg.train import ensure_ray; ensure_ray(None); "
+    "print(ray.get_runtime_context().gcs_address, flush=True); sys.stdin.read()"
+)
+_CONNECT = "import sys, ray; ray.init(address=sys.argv[1], log_to_driver=False); print('connected')"
+
+
+def test_local_ray_refuses_a_driver_without_the_token():
+    """The Ray that train/tune start locally listens on every interface (Ray's gRPC servers ignore the
+    node address): it must run with token auth (Ray >= 2.60's default for a new local cluster, which
+    liverseg keeps), so a driver from elsewhere without the token is refused."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    temp = tempfile.mkdtemp(prefix="lsray", dir="/tmp")  # its own Ray temp root: other local Rays unaffected
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")} | {"RAY_TMPDIR": temp}
+    host = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCAL_RAY], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        gcs = host.stdout.readline().strip()
+        assert gcs and not gcs.startswith("127."), gcs  # reachable from the network: hence the token
+
+        def connect(mode: str) -> subprocess.CompletedProcess:
+            cmd = [sys.executable, "-c", _CONNECT, gcs]
+            return subprocess.run(cmd, env=env | {"RAY_AUTH_MODE": mode}, capture_output=True, text=True, timeout=180)
+
+        intruder = connect("disabled")
+        assert intruder.returncode != 0 and "connected" not in intruder.stdout, intruder.stdout
+        assert "auth" in intruder.stderr.lower(), intruder.stderr[-2000:]
+        assert connect("token").stdout.strip() == "connected"  # with the token (~/.ray/auth_token) it gets in
+    finally:
+        host.stdin.close()
+        host.wait(timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)

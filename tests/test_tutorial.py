@@ -5,8 +5,8 @@ import subprocess
 
 import pytest
 
-from conftest import REPO
-from test_demo import _clone_worktree, _env, _free_port
+from conftest import REPO, free_port
+from test_demo import _clone_worktree, _env
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 # `make demo` is setup (the virtualenv, which this test already runs in) and then this script
@@ -21,7 +21,7 @@ def test_tutorial_blocks_run_in_order(tmp_path):
     repo = tmp_path / "clone"
     repo.mkdir()
     _clone_worktree(repo)
-    env = {**_env(repo), "UI_PORT": str(_free_port()), "SERVE_PORT": str(_free_port())}
+    env = {**_env(repo), "UI_PORT": str(free_port()), "SERVE_PORT": str(free_port())}
     script = "set -euo pipefail\n" + MAKE + "\n".join(blocks)
     res = subprocess.run(
         ["bash", "-c", script], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

@@ -164,6 +164,7 @@ class LoadedModel:
     device: torch.device
     uri: str = ""  # where it came from; for a registry version, pinned as models:/NAME/N
     version: Any = None  # the MLflow ModelVersion, when loaded from the registry
+    sha256: dict[str, str] | None = None  # for a registry version: the checked digests of the files loaded
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -342,17 +343,24 @@ def fetch(client: Any, uri: str, dst: str | Path) -> tuple[Path, Any]:
     return out, mv
 
 
-def verify_version(model_dir: str | Path, mv: Any) -> None:
-    """Refuse files that differ from the sha256 tags of their registry version (versions registered
-    before the tags existed carry none and are not checked)."""
+def verify_version(model_dir: str | Path, mv: Any) -> dict[str, str]:
+    """Refuse files that differ from the sha256 tags of their registry version, and a version without
+    them (`register` and `promote` write them; a tag blanked by someone who may edit it proves nothing).
+    Returns the digests checked."""
     found = digests(model_dir)
     for tag, label in ((WEIGHTS_TAG, "weights"), (SPEC_TAG, "spec")):
         want = (mv.tags or {}).get(tag)
-        if want and want != found[tag]:
+        if not want:
+            raise ModelError(
+                f"{mv.name} v{mv.version}: no {tag} tag to check its {label} against; refusing to load "
+                "(versions made by `liverseg register` or `promote` carry it)"
+            )
+        if want != found[tag]:
             raise ModelError(
                 f"{mv.name} v{mv.version}: {label} sha256 {found[tag][:12]}... does not match the version's "
                 f"tag {tag} {want[:12]}...; refusing to load"
             )
+    return found
 
 
 def load_model(uri: str, device: str = "auto") -> LoadedModel:
@@ -367,8 +375,7 @@ def load_model(uri: str, device: str = "auto") -> LoadedModel:
 
     with tempfile.TemporaryDirectory(prefix="liverseg-model-") as tmp:
         model_dir, mv = fetch(client(), uri, tmp)
-        if mv is not None:
-            verify_version(model_dir, mv)
+        checked = verify_version(model_dir, mv) if mv is not None else None
         lm = load_local(model_dir, device)
-    lm.uri, lm.version = (f"models:/{mv.name}/{mv.version}" if mv is not None else uri), mv
+    lm.uri, lm.version, lm.sha256 = (f"models:/{mv.name}/{mv.version}" if mv is not None else uri), mv, checked
     return lm

@@ -33,10 +33,17 @@ DEFAULT_NAME = "liver-unet"
 
 
 def _alias(client, name: str, alias: str):
+    """The version `alias` points at, None when the model or the alias does not exist. Any other failure
+    (timeout, 5xx, 403) is raised: read as "no champion", it would let a challenger in unopposed."""
+    from mlflow.exceptions import MlflowException
+
     try:
         return client.get_model_version_by_alias(name, alias)
-    except Exception:
-        return None
+    except MlflowException as e:
+        alias_missing = e.error_code == "INVALID_PARAMETER_VALUE" and "alias" in str(e) and "not found" in str(e)
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST" or alias_missing:
+            return None
+        raise
 
 
 def best_of_tune_run(client, parent_run_id: str) -> str:
@@ -233,11 +240,14 @@ def promote(
 
     `raw`: the LiTS NIfTI folder, so that the gate scores on each volume's original grid (the one test
     Dice, tagged `test_dice`); without it the store grid, tagged and labelled as such.
-    `scorer(uri) -> mean test Dice` defaults to `evaluate` on the store (tests may pass a cheaper one).
+    `scorer(LoadedModel) -> mean test Dice` defaults to `evaluate` on the store (tests may pass a cheaper
+    one). The bytes the gate scored are the bytes served: their sha256 become the served copy's tags,
+    which only release users can write (a candidate's files or tags changed later then refuse to load).
     """
+    from liverseg.artifact import load_model
     from liverseg.evaluate import evaluate
 
-    scorer = scorer or (lambda uri: evaluate(uri, store_path, split, raw).summary["dice"]["mean"])
+    scorer = scorer or (lambda lm: evaluate(lm.uri, store_path, split, raw, lm=lm).summary["dice"]["mean"])
     dice_tag, grid = ("test_dice", TEST_GRID) if raw else ("test_dice_store_grid", "store grid, not LiTS")
     check_can_change(name, f"promote {name}")
     client, cand = mlflow_client(), candidate_model(name)
@@ -250,24 +260,19 @@ def promote(
             dice = float(champ.tags.get(dice_tag) or "nan")
             v = str(champ.version)
             return Decision(name, str(chal.version), v, v, dice, dice, False, "challenger is already champion", grid)
-        chal_dice = float(scorer(f"models:/{cand}/{chal.version}"))
-        champ_dice = float(scorer(f"models:/{name}/{champ.version}")) if champ else None
+        scored = load_model(f"models:/{cand}/{chal.version}")
+        chal_dice, pinned = float(scorer(scored)), scored.sha256
+        del scored
+        champ_dice = float(scorer(load_model(f"models:/{name}/{champ.version}"))) if champ else None
         ok, why = _gate(chal_dice, champ_dice, min_dice, margin)
-        for k, v in {
-            "promotion_decision": "promoted" if ok else "rejected",
-            dice_tag: f"{chal_dice:.6f}",
-            "test_dice_grid": grid,
-            "champion_test_dice": "" if champ_dice is None else f"{champ_dice:.6f}",
-            "promotion_reason": why,
-            "decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "decided_by": who(),
-            "compared_with": str(champ.version) if champ else "",
-        }.items():  # on the candidate first: the served copy carries them
+        served = _served_copy(client, name, str(chal.version), pinned) if ok else None
+        scores = {dice_tag: f"{chal_dice:.6f}", "test_dice_grid": grid}
+        for k, v in _decision_tags(ok, why, scores, champ_dice, champ).items():  # the served copy carries them
             client.set_model_version_tag(cand, chal.version, k, v)
         before = str(champ.version) if champ else None
         after = before
         if ok:
-            after = _crown(client, name, str(chal.version), before)
+            after = _crown(client, name, str(chal.version), before, pinned, served)
             change = Change(
                 "promote", name, before, after, who(), now(), reason, chal_dice, champ_dice, str(chal.version)
             )
@@ -275,6 +280,18 @@ def promote(
             update_descriptions(client, name, after)
         update_descriptions(client, cand, str(chal.version))
         return Decision(name, str(chal.version), before, after, chal_dice, champ_dice, ok, why, grid)
+
+
+def _decision_tags(ok: bool, why: str, scores: dict[str, str], champ_dice: float | None, champ) -> dict[str, str]:
+    return {
+        "promotion_decision": "promoted" if ok else "rejected",
+        **scores,
+        "champion_test_dice": "" if champ_dice is None else f"{champ_dice:.6f}",
+        "promotion_reason": why,
+        "decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "decided_by": who(),
+        "compared_with": str(champ.version) if champ else "",
+    }
 
 
 def _gate(chal_dice: float, champ_dice: float | None, min_dice: float, margin: float) -> tuple[bool, str]:
@@ -285,18 +302,30 @@ def _gate(chal_dice: float, champ_dice: float | None, min_dice: float, margin: f
     return True, "first champion" if champ_dice is None else f"beats the champion by more than {margin}"
 
 
-def _crown(client, name: str, candidate: str, before: str | None) -> str:
-    """Copy candidate version `candidate` into `name` (once: a candidate promoted before is reused) and
-    move `champion` onto the copy. Returns the served version."""
-    served = [
+def _served_copy(client, name: str, candidate: str, pinned: dict[str, str]):
+    """The version of `name` that candidate `candidate` was copied to before, if any; refused when the
+    files the gate just scored are not the ones that copy is pinned to."""
+    found = [
         mv for mv in client.search_model_versions(f"name = '{name}'") if mv.tags.get("candidate_version") == candidate
     ]
-    if served:
-        version = str(served[0].version)
+    if found and any(found[0].tags.get(tag) != digest for tag, digest in pinned.items()):
+        raise RegistryError(
+            f"{candidate_model(name)} v{candidate}: its files differ from those served before as {name} "
+            f"v{found[0].version}; champion kept (register the model again)"
+        )
+    return found[0] if found else None
+
+
+def _crown(client, name: str, candidate: str, before: str | None, pinned: dict[str, str], served) -> str:
+    """Move `champion` onto `served` (the candidate's earlier copy) or onto a new copy of candidate version
+    `candidate` in `name`, pinned to the sha256 of the files the gate scored. Returns the served version."""
+    if served is not None:
+        version = str(served.version)
     else:
         version = str(client.copy_model_version(f"models:/{candidate_model(name)}/{candidate}", name).version)
         _wait_ready(client, name, version)
-        client.set_model_version_tag(name, version, "candidate_version", candidate)
+        for tag, value in {"candidate_version": candidate, **pinned}.items():
+            client.set_model_version_tag(name, version, tag, value)
     client.set_model_version_tag(name, version, "previous_champion", before or "")
     client.set_registered_model_alias(name, CHAMPION, version)
     return version
