@@ -9,6 +9,7 @@ on past any failing file, whatever it raises, and reports what was really writte
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from liverseg.errors import PredictError
 
 SUFFIXES = (".nii", ".nii.gz")
+LITS_TRUTH = re.compile(r"segmentation-(\w+)\.nii(?:\.gz)?")  # lits.NAME's ground-truth half
 
 
 @dataclass
@@ -68,20 +70,39 @@ def plan(
         if not path.is_file() or not os.access(path, os.R_OK):
             raise PredictError(f"{path}: not a readable file")
     outputs = [j.dst for j in jobs] + ([overlay] if overlay else [])
-    _check_outputs(outputs, [j.src for j in jobs] + ([truth] if truth else []), overwrite)
+    _check_outputs(outputs, _protected(src, [j.src for j in jobs] + ([truth] if truth else [])), overwrite)
     return jobs
 
 
-def _check_outputs(outputs: list[Path], inputs: list[Path], overwrite: bool) -> None:
-    sources = {p.resolve() for p in inputs}
+def _protected(src: Path, inputs: list[Path]) -> set[Path]:
+    """Resolved paths that are never an output: every file read, and in a folder run each NIfTI file of
+    the folder (`segmentation-N`, skipped rather than read, is the ground truth of its volume)."""
+    folder = [p for p in src.iterdir() if p.name.endswith(SUFFIXES)] if src.is_dir() else []
+    return {p.resolve() for p in inputs + folder}
+
+
+def _ground_truth(path: Path) -> str | None:
+    """The `volume-N` beside an existing LiTS `segmentation-N` (its ground truth, in any folder), else None."""
+    m = LITS_TRUTH.fullmatch(path.name)
+    vols = [path.with_name(f"volume-{m[1]}{ext}") for ext in SUFFIXES] if m and path.is_file() else []
+    return next((v.name for v in vols if v.exists()), None)
+
+
+def _check_outputs(outputs: list[Path], protected: set[Path], overwrite: bool) -> None:
+    """Outputs never replace an input or ground truth (whatever `overwrite` says), a folder, or each other."""
     seen: dict[Path, Path] = {}
     for out in outputs:
         key = out.resolve()
-        if key in sources:
+        volume = _ground_truth(key)
+        if volume:
+            raise PredictError(f"{out}: is LiTS ground truth (of {volume} beside it); choose another output")
+        if key in protected:
             raise PredictError(f"{out}: is an input; choose another output")
         if key in seen:
             raise PredictError(f"{seen[key]} and {out}: two outputs with one name; rename an input")
         seen[key] = out
+        if out.exists() and not out.is_file():
+            raise PredictError(f"{out}: exists and is not a file (a folder?); choose a file name")
         if out.exists() and not overwrite:
             raise PredictError(f"{out}: exists; give --overwrite to replace it")
     for parent in {o.parent for o in outputs}:
