@@ -1,5 +1,6 @@
 """Roles -> permissions on the tracking server; refusals in one line; the real team stack enforcing them."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,13 @@ def test_users_add_refuses_two_passwords_and_warns_about_the_argument(monkeypatc
     assert isinstance(empty.exception, TeamError) and "stdin is empty" in str(empty.exception)
     helptext = " ".join(CliRunner().invoke(app, ["users", "add", "--help"], terminal_width=300).output.split())
     assert "visible to every local user in the process list" in helptext and "--password-stdin" in helptext
+
+
+def test_docs_never_put_a_password_in_the_arguments():
+    repo = Path(__file__).resolve().parents[1]
+    for doc in [repo / "README.md", *sorted((repo / "docs").glob("*.md"))]:
+        for line in doc.read_text().splitlines():
+            assert not re.search(r"users add .*--password[ =]", line), f"{doc.name}: {line.strip()}"
 
 
 def _cli(args: list[str], env: dict, cwd=None, stdin: str | None = None) -> subprocess.CompletedProcess:
