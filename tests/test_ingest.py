@@ -1,6 +1,7 @@
 """Ingest: real CT, incremental and atomic behaviour, and the table of broken inputs."""
 
 import gzip
+import json
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 from conftest import cli_cmd, copy_case
 from liverseg.config import IngestConfig
 from liverseg.ingest import TMP_PREFIX, ingest
-from liverseg.store import SliceStore
+from liverseg.store import SliceStore, StoreError
 
 
 def test_real_ct_ingest(tmp_path, real_ct):
@@ -293,7 +294,6 @@ def test_geometry_change_needs_prune_for_vanished_cases(tmp_path, phantom_dir):
 
 def test_verify_checks_arrays_against_root_and_splits(tmp_path, phantom_dir):
     """A case of another size, or a split list that disagrees with the cases, is a problem for --verify."""
-    import json
 
     raw = tmp_path / "raw"
     for n in ("0", "1", "2"):
@@ -361,3 +361,87 @@ def _state(pid: int) -> str:
         return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "Z"
+
+
+def _lits(phantom_dir: Path, raw: Path) -> dict[str, bytes]:
+    """A 2-case LiTS folder; returns its snapshot {relative path: bytes}."""
+    for n in ("0", "1"):
+        copy_case(phantom_dir, raw, n)
+    return _files(raw)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["is-raw", "holds-raw", "inside-raw", "raw-via-dotdot", "raw-via-symlink"])
+def test_a_store_overlapping_the_raw_folder_is_refused(tmp_path, phantom_dir, where):
+    """A store in the raw folder (or above it) once had a size change delete every LiTS file, exit 0."""
+    top = tmp_path / "top"
+    raw = top / "lits"
+    before = _lits(phantom_dir, raw)
+    (raw / "sub").mkdir()
+    (tmp_path / "link").symlink_to(raw)
+    store = {
+        "is-raw": raw,
+        "holds-raw": top,
+        "inside-raw": raw / "s.zarr",
+        "raw-via-dotdot": raw / "sub" / "..",
+        "raw-via-symlink": tmp_path / "link",
+    }[where]
+    for size in ((32, 32), (16, 16)):  # the second was the size change that deleted the raw folder
+        with pytest.raises(StoreError, match="raw folder") as e:
+            ingest(raw, store, IngestConfig(size=size, workers=1), progress=False)
+        assert str(store) in str(e.value) and str(raw) in str(e.value) and "\n" not in str(e.value)
+    assert _files(top) == {f"lits/{k}": v for k, v in before.items()}  # nothing written, nothing lost
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "top"]
+    if where == "is-raw":  # the CLI: exit 1, one line naming both paths
+        res = _cli("ingest", "--raw", str(raw), "--store", str(store), "--set", "size=[16,16]", "--set", "workers=1")
+        errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+        assert res.returncode == 1 and len(errors) == 1 and str(raw) in errors[0], res.stderr
+        assert "Traceback" not in res.stderr and _files(raw) == before
+
+
+def test_only_the_stores_own_files_are_ever_deleted(tmp_path, phantom_dir):
+    """A rebuild swaps and deletes the store folder whole: a folder holding anything else is refused."""
+    raw = tmp_path / "raw"
+    _lits(phantom_dir, raw)
+    cfg16, cfg32 = IngestConfig(size=(16, 16), workers=1), IngestConfig(size=(32, 32), workers=1)
+    mine = tmp_path / "mine"  # an existing folder that is not a store
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(StoreError, match="notes.txt"):
+        ingest(raw, mine, cfg16, progress=False)
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    store = tmp_path / "s.zarr"
+    assert ingest(raw, store, cfg16, progress=False).ok
+    (store / "cases" / "mine.txt").write_text("keep")  # added by hand: a rebuild would delete it
+    with pytest.raises(StoreError, match="cases/mine.txt"):
+        ingest(raw, store, cfg32, progress=False)
+    assert (store / "cases" / "mine.txt").read_text() == "keep" and SliceStore(str(store)).size == (16, 16)
+    (store / "cases" / "mine.txt").unlink()
+    beside = tmp_path / ".s.zarr.old-mine"  # a sibling named like a swap leftover, holding a user file
+    beside.mkdir()
+    (beside / "keep.txt").write_text("keep")
+    assert ingest(raw, store, cfg32, progress=False).ok and SliceStore(str(store)).size == (32, 32)
+    assert (beside / "keep.txt").read_text() == "keep"
+    meta = json.loads((store / "zarr.json").read_text())  # a case id that is a path would prune outside
+    meta["attributes"]["case_slices"]["../victim"] = 1
+    (store / "zarr.json").write_text(json.dumps(meta))
+    (tmp_path / "victim").mkdir()
+    with pytest.raises(StoreError, match="not a LiTS id"):
+        ingest(raw, store, cfg32, progress=False, prune=True)
+    assert (tmp_path / "victim").is_dir()
+
+
+def test_store_dot_gets_a_reason(tmp_path, phantom_dir):
+    """`--store .` in a rebuild ended in `ValueError: PosixPath('.') has an empty name`."""
+    raw = tmp_path / "raw"
+    _lits(phantom_dir, raw)
+    store = tmp_path / "s.zarr"
+    assert ingest(raw, store, IngestConfig(size=(16, 16), workers=1), progress=False).ok
+    before = _files(store)
+    res = _cli("ingest", "--raw", str(raw), "--store", ".", "--set", "size=[32,32]", cwd=store)
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert res.returncode == 1 and len(errors) == 1 and "current folder" in errors[0], res.stderr
+    assert "ValueError" not in res.stderr and _files(store) == before

@@ -1,5 +1,6 @@
 """Predict's plan (checked before any model load) and a folder run that survives any failing file."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -32,9 +33,11 @@ def test_lits_folder_onto_itself_overwrites_nothing(tmp_path, phantom_dir):
     lits = tmp_path / "lits"
     shutil.copytree(phantom_dir, lits)
     before = _snapshot(lits)
-    res = _predict(str(lits), str(lits), "--model", NO_MODEL)
-    assert res.returncode == 1 and "exists; give --overwrite" in res.stderr and "segmentation-" in res.stderr
-    assert res.stderr.count("\n") == 1 and "cannot load model" not in res.stderr
+    for extra in ([], ["--overwrite"]):  # --overwrite once replaced it too: ground truth is an input
+        res = _predict(str(lits), str(lits), "--model", NO_MODEL, *extra)
+        assert res.returncode == 1 and "is an input (LiTS ground truth)" in res.stderr, res.stderr
+        assert "segmentation-" in res.stderr and "--overwrite" not in res.stderr
+        assert res.stderr.count("\n") == 1 and "cannot load model" not in res.stderr
     assert _snapshot(lits) == before
 
 
@@ -88,9 +91,9 @@ def test_folder_run_continues_past_any_failure(tmp_path, phantom_dir):
     (src / "volume-7.nii.gz").write_bytes(b"broken")
     out = tmp_path / "out"
     out.mkdir()
-    (out / "segmentation-8.nii.gz").mkdir()  # the writer fails on this one (a folder where the file goes)
     shutil.copy(phantom_dir / "volume-2.nii.gz", src / "volume-8.nii.gz")
     jobs = plan(src, out, overwrite=True)
+    (out / "segmentation-8.nii.gz").mkdir()  # the writer fails on this one (a folder appeared after planning)
     report = predict_jobs(lm, jobs, overwrite=True)
     assert sorted(p.name for p in report.written) == ["segmentation-0.nii.gz", "segmentation-1.nii.gz"]
     assert set(report.failed) == {str(src / f"volume-{n}.nii{'.gz' if n in '78' else ''}") for n in "5678"}
@@ -98,8 +101,39 @@ def test_folder_run_continues_past_any_failure(tmp_path, phantom_dir):
     assert "voxel type RGB is not a real scalar" in msgs[str(src / "volume-5.nii")]
     assert "voxel type complex64 is not a real scalar" in msgs[str(src / "volume-6.nii")]
     assert all("\n" not in m for m in msgs.values())
+    assert msgs[str(src / "volume-8.nii.gz")] == f"{out / 'segmentation-8.nii.gz'}: cannot write (Is a directory)"
     assert sorted(p.name for p in out.iterdir()) == [
         "segmentation-0.nii.gz",
         "segmentation-1.nii.gz",
         "segmentation-8.nii.gz",
     ]
+
+
+@pytest.mark.parametrize(
+    "case", ["lits-pair", "lits-pair-nii", "folder-into-itself", "overlay-is-a-folder", "mask-is-a-folder"]
+)
+def test_ground_truth_and_folders_are_never_outputs(tmp_path, phantom_dir, case):
+    """Even with --overwrite: a volume's LiTS segmentation beside it is ground truth, and a folder where an
+    output goes is refused at planning (an overlay folder once failed after the mask was written)."""
+    lits = tmp_path / "lits"
+    shutil.copytree(phantom_dir, lits)
+    vol, out = lits / "volume-0.nii.gz", tmp_path / "out"
+    (tmp_path / "ovdir").mkdir()
+    (out / "segmentation-1.nii.gz").mkdir(parents=True)
+    if case == "lits-pair-nii":
+        nib.save(nib.load(str(lits / "segmentation-0.nii.gz")), str(lits / "segmentation-0.nii"))
+    args, overlay, expect = {
+        "lits-pair": ([vol, lits / "segmentation-0.nii.gz"], None, "is an input (LiTS ground truth)"),
+        "lits-pair-nii": ([vol, lits / "segmentation-0.nii"], None, "is an input (LiTS ground truth)"),
+        "folder-into-itself": ([lits, lits], None, "is an input (LiTS ground truth)"),
+        "overlay-is-a-folder": ([vol, out / "m1.nii.gz"], tmp_path / "ovdir", "ovdir: exists and is not a file"),
+        "mask-is-a-folder": ([lits, out], None, "segmentation-1.nii.gz: exists and is not a file"),
+    }[case]
+    before = _snapshot(lits)
+    with pytest.raises(PredictError, match=re.escape(expect)):
+        plan(*args, overwrite=True, overlay=overlay)
+    cli = [str(a) for a in args] + (["--overlay", str(overlay)] if overlay else [])
+    res = _predict(*cli, "--model", NO_MODEL, "--overwrite")
+    assert res.returncode == 1 and expect in res.stderr and res.stderr.count("\n") == 1, res.stderr
+    assert "--overwrite" not in res.stderr and ".tmp" not in res.stderr
+    assert _snapshot(lits) == before and sorted(p.name for p in out.iterdir()) == ["segmentation-1.nii.gz"]

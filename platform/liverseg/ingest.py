@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import re
 import shutil
 import signal
 import sys
@@ -37,6 +38,8 @@ if TYPE_CHECKING:  # spawned workers import this module: keep pydantic and tqdm 
 TMP_PREFIX = ".tmp-"
 NEW_SUFFIX, OLD_SUFFIX = ".new-", ".old-"  # sibling stores of a geometry change: `.<name>.new-<hex>`
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+STORE_ENTRIES = frozenset({"zarr.json", "cases"})  # all a store's folder holds: the rest is not ours to delete
+CASE_ID = re.compile(r"\w+")  # LiTS ids (lits.NAME): never a path, so a case folder stays inside cases/
 COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")  # ~3x on CT, fast to decode
 
 
@@ -157,6 +160,9 @@ def _open_root(store_path: Path) -> zarr.Group:
     root = zarr.open_group(str(store_path), mode="a", zarr_format=3)
     if root.attrs.get("format", FORMAT) != FORMAT:
         raise StoreError(f"{store_path}: exists and is not a {FORMAT} store")
+    odd = [c for c in root.attrs.get("case_slices", {}) if not CASE_ID.fullmatch(c)]
+    if odd:  # a case id is joined to cases/ to prune it: one like "../x" would reach outside the store
+        raise StoreError(f"{store_path}: case id {odd[0]!r} in zarr.json is not a LiTS id (not written by ingest)")
     root.require_group("cases")
     for leftover in (store_path / "cases").glob(f"{TMP_PREFIX}*"):  # from an interrupted run
         shutil.rmtree(leftover, ignore_errors=True)
@@ -250,17 +256,70 @@ def ingest(
             f"{store}: ingest writes a local store (cases are renamed into place); "
             f"ingest to a folder, then `liverseg publish --store FOLDER --to {store}`"
         )
-    store_path = Path(store)
+    store_path = _checked_store(Path(raw), Path(store))
     cases, errors = discover(raw)
     if not cases:
         raise InputError(
-            f"{raw}: no LiTS cases (volume-N.nii[.gz] with segmentation-N.nii[.gz]) found; {store_path} left untouched"
+            f"{raw}: no LiTS cases (volume-N.nii[.gz] with segmentation-N.nii[.gz]) found; {store} left untouched"
         )
     _recover_swap(store_path)
     old = _existing_attrs(store_path)
     if old.get("cases") and old.get("size") != list(cfg.size):
         return _rebuild(raw, store_path, cases, errors, cfg, progress, prune, old)
     return _update(store_path, cases, errors, cfg, progress, prune)
+
+
+def _checked_store(raw: Path, store: Path) -> Path:
+    """The store's resolved path, refused before anything is written when a rebuild's swap of the store
+    folder, or a prune, could delete what is not the store's: the raw folder (the store is it, holds it
+    or lies in it), the current folder, or files of a folder that is not a store. Paths as given in errors.
+    """
+    raw_r, store_r, cwd = raw.resolve(), store.resolve(), Path.cwd().resolve()
+    if store_r == raw_r or store_r in raw_r.parents or raw_r in store_r.parents:
+        raise StoreError(
+            f"{store}: the store would be, hold or lie inside the raw folder {raw}; give a store outside it"
+        )
+    if store_r == cwd or store_r in cwd.parents:
+        raise StoreError(f"{store}: is the current folder or holds it; give the store's path from outside it")
+    if store_r.exists() and not store_r.is_dir():
+        raise StoreError(f"{store}: exists and is not a folder")
+    foreign = _foreign_entries(store_r)
+    if foreign:
+        raise StoreError(
+            f"{store}: holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, not a slice store's; "
+            "give a new or empty folder, or a store written by `liverseg ingest`"
+        )
+    return store_r
+
+
+def _foreign_entries(folder: Path) -> list[str]:
+    """What a store folder holds that ingest did not write (relative names, sorted); [] for none/absent.
+
+    Ours: `zarr.json` and `cases/`, which holds `zarr.json`, case groups and hidden temporary groups.
+    """
+    if not folder.is_dir():
+        return []
+    foreign = [p.name for p in folder.iterdir() if p.name not in STORE_ENTRIES]
+    cases = folder / "cases"
+    if cases.is_dir():
+        foreign += [
+            f"cases/{p.name}"
+            for p in cases.iterdir()
+            if p.name != "zarr.json"
+            and not (p.is_dir() and (CASE_ID.fullmatch(p.name) or p.name.startswith(TMP_PREFIX)))
+        ]
+    elif cases.exists():
+        foreign.append("cases")
+    return sorted(foreign)
+
+
+def _remove_store_folder(folder: Path) -> bool:
+    """Delete a store folder that ingest made (a rebuild's old or half-built copy); one holding anything
+    else is kept (False): deleting it would lose files nobody asked ingest to touch."""
+    if _foreign_entries(folder):
+        return False
+    shutil.rmtree(folder, ignore_errors=True)
+    return True
 
 
 def _existing_attrs(store_path: Path) -> dict:
@@ -280,12 +339,12 @@ def _siblings(store_path: Path, suffix: str) -> list[Path]:
 def _recover_swap(store_path: Path) -> None:
     """Undo what an interrupted geometry change left: its half-built store, or the moved-away old one."""
     for half_built in _siblings(store_path, NEW_SUFFIX):
-        shutil.rmtree(half_built, ignore_errors=True)
+        _remove_store_folder(half_built)
     olds = _siblings(store_path, OLD_SUFFIX)
     if olds and not store_path.exists():  # killed between the two renames of the swap
         os.rename(olds.pop(), store_path)
     for old in olds:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_store_folder(old)
 
 
 def _rebuild(raw, store_path: Path, cases, errors, cfg: IngestConfig, progress: bool, prune: bool, old: dict):
@@ -301,7 +360,7 @@ def _rebuild(raw, store_path: Path, cases, errors, cfg: IngestConfig, progress: 
     report.store, report.pruned = str(store_path), vanished
     lost = sorted(set(report.failed) & set(old["cases"]), key=case_order)
     if lost:  # the old store still holds these cases: keep it rather than lose them
-        shutil.rmtree(new, ignore_errors=True)
+        _remove_store_folder(new)
         report.failed["store"] = (
             f"{store_path}: size change abandoned, old store kept (size {old.get('size')}): "
             f"case(s) {', '.join(lost)} could not be rebuilt"
@@ -311,7 +370,8 @@ def _rebuild(raw, store_path: Path, cases, errors, cfg: IngestConfig, progress: 
     trash = store_path.with_name(f".{store_path.name}{OLD_SUFFIX}{uuid.uuid4().hex[:8]}")
     os.rename(store_path, trash)
     os.rename(new, store_path)
-    shutil.rmtree(trash, ignore_errors=True)
+    if not _remove_store_folder(trash):  # something was added to the store during the rebuild
+        report.failed["store"] = f"{trash}: the old store holds files ingest did not write; kept, remove it yourself"
     return report
 
 

@@ -68,20 +68,37 @@ def plan(
         if not path.is_file() or not os.access(path, os.R_OK):
             raise PredictError(f"{path}: not a readable file")
     outputs = [j.dst for j in jobs] + ([overlay] if overlay else [])
-    _check_outputs(outputs, [j.src for j in jobs] + ([truth] if truth else []), overwrite)
+    _check_outputs(outputs, _protected(src, [j.src for j in jobs] + ([truth] if truth else [])), overwrite)
     return jobs
 
 
-def _check_outputs(outputs: list[Path], inputs: list[Path], overwrite: bool) -> None:
-    sources = {p.resolve() for p in inputs}
+def _protected(src: Path, inputs: list[Path]) -> dict[Path, str]:
+    """{resolved path: why it is never an output}: every file read, and the inputs' LiTS ground truth.
+
+    A folder run protects each NIfTI file of the folder (it skips `segmentation-N`, the ground truth,
+    rather than reading it); a `volume-N` input protects its `segmentation-N.nii[.gz]` beside it.
+    """
+    near = [p for p in src.iterdir() if p.name.endswith(SUFFIXES)] if src.is_dir() else []
+    for vol in inputs:
+        if vol.name.startswith("volume-"):
+            truth = vol.with_name(mask_name(vol))
+            near += [truth, truth.with_suffix("")]  # segmentation-N.nii.gz and segmentation-N.nii
+    why = {p.resolve(): "is an input (LiTS ground truth)" for p in near if p.name.startswith("segmentation-")}
+    return why | {p.resolve(): "is an input" for p in inputs + near if p.resolve() not in why}
+
+
+def _check_outputs(outputs: list[Path], protected: dict[Path, str], overwrite: bool) -> None:
+    """Outputs never replace an input (whatever `overwrite` says), a folder, or each other."""
     seen: dict[Path, Path] = {}
     for out in outputs:
         key = out.resolve()
-        if key in sources:
-            raise PredictError(f"{out}: is an input; choose another output")
+        if key in protected:
+            raise PredictError(f"{out}: {protected[key]}; choose another output")
         if key in seen:
             raise PredictError(f"{seen[key]} and {out}: two outputs with one name; rename an input")
         seen[key] = out
+        if out.exists() and not out.is_file():
+            raise PredictError(f"{out}: exists and is not a file (a folder?); choose a file name")
         if out.exists() and not overwrite:
             raise PredictError(f"{out}: exists; give --overwrite to replace it")
     for parent in {o.parent for o in outputs}:

@@ -15,14 +15,17 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     # mode 0666 and O_EXCL: the kernel applies the umask as for an ordinary write (mkstemp's 0600 would
     # hide masks and reports from others; reading the umask means setting it, which races other threads)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    except OSError as e:  # name the file the caller asked for, never the hidden temporary one
+        raise OSError(e.errno, e.strerror, str(path)) from e
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
