@@ -445,3 +445,20 @@ def test_store_dot_gets_a_reason(tmp_path, phantom_dir):
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert res.returncode == 1 and len(errors) == 1 and "current folder" in errors[0], res.stderr
     assert "ValueError" not in res.stderr and _files(store) == before
+
+
+def test_metrics_out_never_replaces_a_raw_file(tmp_path, phantom_dir):
+    """`--out` is written over whatever it names: a raw volume, the store, a folder are refused first."""
+    from liverseg.ingest import check_metrics_out
+
+    raw, store = tmp_path / "raw", tmp_path / "s.zarr"
+    before = _lits(phantom_dir, raw)
+    for out, says in ((raw / "volume-0.nii.gz", "raw folder"), (store, "store"), (store / "m.json", "store")):
+        with pytest.raises(StoreError, match=says):
+            check_metrics_out(out, raw, store)
+    with pytest.raises(StoreError, match="is a folder"):
+        check_metrics_out(tmp_path, raw, store)
+    res = _cli("ingest", "--raw", str(raw), "--store", str(store), "--out", str(raw / "volume-0.nii.gz"))
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert res.returncode == 1 and len(errors) == 1 and "raw folder" in errors[0], res.stderr
+    assert _files(raw) == before and not store.exists()

@@ -35,7 +35,7 @@ def test_lits_folder_onto_itself_overwrites_nothing(tmp_path, phantom_dir):
     before = _snapshot(lits)
     for extra in ([], ["--overwrite"]):  # --overwrite once replaced it too: ground truth is an input
         res = _predict(str(lits), str(lits), "--model", NO_MODEL, *extra)
-        assert res.returncode == 1 and "is an input (LiTS ground truth)" in res.stderr, res.stderr
+        assert res.returncode == 1 and "is LiTS ground truth (of volume-" in res.stderr, res.stderr
         assert "segmentation-" in res.stderr and "--overwrite" not in res.stderr
         assert res.stderr.count("\n") == 1 and "cannot load model" not in res.stderr
     assert _snapshot(lits) == before
@@ -110,7 +110,15 @@ def test_folder_run_continues_past_any_failure(tmp_path, phantom_dir):
 
 
 @pytest.mark.parametrize(
-    "case", ["lits-pair", "lits-pair-nii", "folder-into-itself", "overlay-is-a-folder", "mask-is-a-folder"]
+    "case",
+    [
+        "lits-pair",
+        "lits-pair-nii",
+        "folder-into-itself",
+        "into-another-lits",
+        "overlay-is-a-folder",
+        "mask-is-a-folder",
+    ],
 )
 def test_ground_truth_and_folders_are_never_outputs(tmp_path, phantom_dir, case):
     """Even with --overwrite: a volume's LiTS segmentation beside it is ground truth, and a folder where an
@@ -120,12 +128,14 @@ def test_ground_truth_and_folders_are_never_outputs(tmp_path, phantom_dir, case)
     vol, out = lits / "volume-0.nii.gz", tmp_path / "out"
     (tmp_path / "ovdir").mkdir()
     (out / "segmentation-1.nii.gz").mkdir(parents=True)
+    shutil.copy(vol, out / "volume-1.nii.gz")  # a CT-only folder whose masks would land on lits/'s truth
     if case == "lits-pair-nii":
         nib.save(nib.load(str(lits / "segmentation-0.nii.gz")), str(lits / "segmentation-0.nii"))
     args, overlay, expect = {
-        "lits-pair": ([vol, lits / "segmentation-0.nii.gz"], None, "is an input (LiTS ground truth)"),
-        "lits-pair-nii": ([vol, lits / "segmentation-0.nii"], None, "is an input (LiTS ground truth)"),
-        "folder-into-itself": ([lits, lits], None, "is an input (LiTS ground truth)"),
+        "lits-pair": ([vol, lits / "segmentation-0.nii.gz"], None, "is LiTS ground truth (of volume-0.nii.gz"),
+        "lits-pair-nii": ([vol, lits / "segmentation-0.nii"], None, "is LiTS ground truth (of volume-0.nii.gz"),
+        "folder-into-itself": ([lits, lits], None, "is LiTS ground truth (of volume-0.nii.gz"),
+        "into-another-lits": ([out, lits], None, "is LiTS ground truth (of volume-1.nii.gz"),
         "overlay-is-a-folder": ([vol, out / "m1.nii.gz"], tmp_path / "ovdir", "ovdir: exists and is not a file"),
         "mask-is-a-folder": ([lits, out], None, "segmentation-1.nii.gz: exists and is not a file"),
     }[case]
@@ -136,4 +146,7 @@ def test_ground_truth_and_folders_are_never_outputs(tmp_path, phantom_dir, case)
     res = _predict(*cli, "--model", NO_MODEL, "--overwrite")
     assert res.returncode == 1 and expect in res.stderr and res.stderr.count("\n") == 1, res.stderr
     assert "--overwrite" not in res.stderr and ".tmp" not in res.stderr
-    assert _snapshot(lits) == before and sorted(p.name for p in out.iterdir()) == ["segmentation-1.nii.gz"]
+    assert _snapshot(lits) == before and sorted(p.name for p in out.iterdir()) == [
+        "segmentation-1.nii.gz",
+        "volume-1.nii.gz",
+    ]

@@ -139,6 +139,7 @@ def ingest(
 ) -> None:
     """Convert LiTS NIfTI volumes into the sharded Zarr slice store (incremental, atomic per case)."""
     from liverseg.config import IngestConfig
+    from liverseg.ingest import check_metrics_out
     from liverseg.ingest import ingest as run_ingest
     from liverseg.ingest import verify as run_verify
 
@@ -151,12 +152,15 @@ def ingest(
     cfg = _load(IngestConfig, config, set_, profile, "ingest")
 
     def go(con):
+        if out:
+            check_metrics_out(out, raw, store)  # before the store is touched
         with contextlib.redirect_stderr(con.stream):  # the progress bar on the terminal
-            return run_ingest(raw, store, cfg, prune=prune)
+            report = run_ingest(raw, store, cfg, prune=prune)
+        if out:
+            _ingest_metrics(store, out)
+        return report
 
     report = _quietly("ingest", verbose, go)
-    if out:
-        _ingest_metrics(store, out)
     for msg in report.failed.values():
         typer.echo(f"FAILED {msg}", err=True)
     if report.kept:

@@ -292,6 +292,17 @@ def _checked_store(raw: Path, store: Path) -> Path:
     return store_r
 
 
+def check_metrics_out(out: Path, raw: str | Path, store: str | Path) -> None:
+    """`--out` (the counts' JSON file) is refused where writing it would replace a raw file, put a file
+    that is not the store's into the store (refused on the next run), or replace a folder."""
+    out_r = out.resolve()
+    for folder, what in ((Path(raw), "raw folder"), (Path(store), "store")):
+        if folder.resolve() == out_r or folder.resolve() in out_r.parents:
+            raise StoreError(f"{out}: is or lies inside the {what} {folder}; write the counts elsewhere")
+    if out_r.is_dir():
+        raise StoreError(f"{out}: is a folder; give a .json file name")
+
+
 def _foreign_entries(folder: Path) -> list[str]:
     """What a store folder holds that ingest did not write (relative names, sorted); [] for none/absent.
 

@@ -9,6 +9,7 @@ on past any failing file, whatever it raises, and reports what was really writte
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from liverseg.errors import PredictError
 
 SUFFIXES = (".nii", ".nii.gz")
+LITS_TRUTH = re.compile(r"segmentation-(\w+)\.nii(?:\.gz)?")  # lits.NAME's ground-truth half
 
 
 @dataclass
@@ -72,28 +74,30 @@ def plan(
     return jobs
 
 
-def _protected(src: Path, inputs: list[Path]) -> dict[Path, str]:
-    """{resolved path: why it is never an output}: every file read, and the inputs' LiTS ground truth.
-
-    A folder run protects each NIfTI file of the folder (it skips `segmentation-N`, the ground truth,
-    rather than reading it); a `volume-N` input protects its `segmentation-N.nii[.gz]` beside it.
-    """
-    near = [p for p in src.iterdir() if p.name.endswith(SUFFIXES)] if src.is_dir() else []
-    for vol in inputs:
-        if vol.name.startswith("volume-"):
-            truth = vol.with_name(mask_name(vol))
-            near += [truth, truth.with_suffix("")]  # segmentation-N.nii.gz and segmentation-N.nii
-    why = {p.resolve(): "is an input (LiTS ground truth)" for p in near if p.name.startswith("segmentation-")}
-    return why | {p.resolve(): "is an input" for p in inputs + near if p.resolve() not in why}
+def _protected(src: Path, inputs: list[Path]) -> set[Path]:
+    """Resolved paths that are never an output: every file read, and in a folder run each NIfTI file of
+    the folder (`segmentation-N`, skipped rather than read, is the ground truth of its volume)."""
+    folder = [p for p in src.iterdir() if p.name.endswith(SUFFIXES)] if src.is_dir() else []
+    return {p.resolve() for p in inputs + folder}
 
 
-def _check_outputs(outputs: list[Path], protected: dict[Path, str], overwrite: bool) -> None:
-    """Outputs never replace an input (whatever `overwrite` says), a folder, or each other."""
+def _ground_truth(path: Path) -> str | None:
+    """The `volume-N` beside an existing LiTS `segmentation-N` (its ground truth, in any folder), else None."""
+    m = LITS_TRUTH.fullmatch(path.name)
+    vols = [path.with_name(f"volume-{m[1]}{ext}") for ext in SUFFIXES] if m and path.is_file() else []
+    return next((v.name for v in vols if v.exists()), None)
+
+
+def _check_outputs(outputs: list[Path], protected: set[Path], overwrite: bool) -> None:
+    """Outputs never replace an input or ground truth (whatever `overwrite` says), a folder, or each other."""
     seen: dict[Path, Path] = {}
     for out in outputs:
         key = out.resolve()
+        volume = _ground_truth(key)
+        if volume:
+            raise PredictError(f"{out}: is LiTS ground truth (of {volume} beside it); choose another output")
         if key in protected:
-            raise PredictError(f"{out}: {protected[key]}; choose another output")
+            raise PredictError(f"{out}: is an input; choose another output")
         if key in seen:
             raise PredictError(f"{seen[key]} and {out}: two outputs with one name; rename an input")
         seen[key] = out
