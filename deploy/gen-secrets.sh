@@ -20,7 +20,7 @@ rand() { head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n'; }  # 64 hex chars:
 fernet() { head -c 32 /dev/urandom | base64 | tr '+/' '-_'; }      # MLflow encrypts webhook secrets with it
 
 PG=$(rand) S3_USER=liverseg S3_KEY=$(rand) ADMIN=admin ADMIN_PW=$(rand) FLASK=$(rand) FERNET=$(fernet)
-RAY_PW=$(rand) SERVE_PW=$(rand) RELOAD=$(rand) HOOK=$(rand)
+RAY_PW=$(rand) SERVE_PW=$(rand) RELOAD=$(rand) HOOK=$(rand) RAY_TOKEN=$(rand)
 
 compose() {
   cat <<ENV
@@ -55,6 +55,10 @@ k8s() {
   # Ray jobs and serving log in as MLflow users of their own (created with `liverseg users add`)
   secret liverseg-client "MLFLOW_TRACKING_USERNAME=ray-svc" "MLFLOW_TRACKING_PASSWORD=$RAY_PW" \
     "AWS_ACCESS_KEY_ID=$S3_USER" "AWS_SECRET_ACCESS_KEY=$S3_KEY"
+  # Ray token auth (RAY_AUTH_MODE=token): every Ray node, the autoscaler, the job submitter and every
+  # client (ray://, ray job submit) presents it; the key name is KubeRay's (authOptions.secretName)
+  secret ray-auth "auth_token=$RAY_TOKEN"
+  # serving only reads @champion: its account gets `--role reader`
   secret liverseg-serve "MLFLOW_TRACKING_USERNAME=serve-svc" "MLFLOW_TRACKING_PASSWORD=$SERVE_PW" \
     "LIVERSEG_RELOAD_TOKEN=$RELOAD" "LIVERSEG_WEBHOOK_SECRET=$HOOK"
 }

@@ -116,8 +116,10 @@ def start_mlflow_server(root: Path, env: dict[str, str] | None = None):
     return proc, uri
 
 
-def start_serve(root: Path, model: str, env: dict[str, str], *args: str):
-    """A `liverseg serve` process on a free port; returns (proc, base URL) once /health answers."""
+def start_serve(root: Path, model: str, env: dict[str, str], *args: str, preexec_fn=None):
+    """A `liverseg serve` process on a free port; returns (proc, base URL) once /health answers.
+
+    preexec_fn: run in the child before it starts (e.g. to lower its open-files limit)."""
     import os
     import subprocess
     import sys
@@ -130,6 +132,7 @@ def start_serve(root: Path, model: str, env: dict[str, str], *args: str):
             stdout=out,
             stderr=subprocess.STDOUT,
             env={**os.environ, "LIVERSEG_LOCK_DIR": str(root), **env},
+            preexec_fn=preexec_fn,
         )
     base = f"http://127.0.0.1:{port}"
     wait_http(base + "/health", proc, log, 120)
@@ -147,3 +150,17 @@ def stop(proc, timeout_s: float = 30) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def nifti2_declaring(dims: tuple[int, int, int], data: bytes = bytes(64)) -> bytes:
+    """A NIfTI-2 file whose header declares `dims` (uint8) over `data` (which may be far fewer bytes)."""
+    import io
+
+    import nibabel as nib
+    import numpy as np
+
+    raw = nib.Nifti2Image(np.zeros((2, 2, 2), np.uint8), np.eye(4)).to_bytes()
+    hdr = nib.Nifti2Header.from_fileobj(io.BytesIO(raw))
+    hdr["dim"][1:4] = dims
+    block = hdr.binaryblock
+    return block + raw[len(block) : int(hdr["vox_offset"])] + data

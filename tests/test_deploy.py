@@ -57,15 +57,22 @@ def _by_kind(objects, kind: str) -> dict[str, dict]:
     return {o["metadata"]["name"]: o for o in objects if o["kind"] == kind}
 
 
-def _pod_templates(obj: dict) -> list[dict]:
+def _ray_node_templates(obj: dict) -> list[dict]:
+    """The head's and the worker groups' pod templates of a RayCluster or RayJob (none for others)."""
     spec = obj.get("spec", {})
-    if obj["kind"] in WORKLOADS:
-        return [spec["template"]]
     if obj["kind"] == "RayJob":
         spec = spec.get("rayClusterSpec") or {}  # none: the job runs on an existing cluster (clusterSelector)
     if obj["kind"] in ("RayJob", "RayCluster") and spec:
         return [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec.get("workerGroupSpecs", [])]
     return []
+
+
+def _pod_templates(obj: dict) -> list[dict]:
+    spec = obj.get("spec", {})
+    if obj["kind"] in WORKLOADS:
+        return [spec["template"]]
+    submitter = [spec["submitterPodTemplate"]] if obj["kind"] == "RayJob" and "submitterPodTemplate" in spec else []
+    return _ray_node_templates(obj) + submitter
 
 
 def _containers(obj: dict) -> list[dict]:
@@ -77,7 +84,7 @@ def _containers(obj: dict) -> list[dict]:
 
 def test_every_manifest_matches_the_kubernetes_schemas(objects):
     builtin = [o for o in objects if not o["apiVersion"].startswith("ray.io/")]
-    assert {"Namespace", "ConfigMap", "Secret", "Service", "Deployment", "StatefulSet", "Job"} <= {
+    assert {"Namespace", "ConfigMap", "Secret", "Service", "Deployment", "StatefulSet", "Job", "NetworkPolicy"} <= {
         o["kind"] for o in builtin
     }
     for obj in builtin:
@@ -313,6 +320,116 @@ def test_serving_replicas_follow_the_champion_with_secrets(objects):
         assert env[var]["valueFrom"]["secretKeyRef"]["name"] == "liverseg-serve", var
     (mlflow,) = _containers(_by_kind(objects, "Deployment")["mlflow"])
     assert _env(mlflow)["MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS"]["value"] == "true"  # in-cluster replica webhooks
+
+
+# --- hardening: pod security, Ray token auth, network policies -------------------------------------------
+
+
+def _container_hardened(security: dict) -> bool:
+    return security.get("allowPrivilegeEscalation") is False and "ALL" in security.get("capabilities", {}).get(
+        "drop", []
+    )
+
+
+def _hardening_errors(obj: dict) -> list[str]:
+    """Pods run the runtime's seccomp filter, drop every capability, never gain privileges, and get no
+    Kubernetes API token unless they need the API (only an autoscaling Ray head does: its sidecar scales
+    the workers through the API)."""
+    errors, where = [], f"{obj['kind']}/{obj['metadata']['name']}"
+    autoscaled = obj["kind"] == "RayCluster" and obj["spec"].get("enableInTreeAutoscaling", False)
+    head = obj["spec"]["headGroupSpec"]["template"] if autoscaled else None
+    for t in _pod_templates(obj):
+        pod = t["spec"]
+        if pod.get("securityContext", {}).get("seccompProfile", {}).get("type") != "RuntimeDefault":
+            errors.append(f"{where}: pod without seccompProfile RuntimeDefault")
+        if pod.get("automountServiceAccountToken", True) != (t is head):
+            errors.append(f"{where}: automountServiceAccountToken should be {t is head}")
+        for c in pod.get("initContainers", []) + pod["containers"]:
+            if not _container_hardened(c.get("securityContext", {})):
+                errors.append(f"{where}/{c['name']}: allowPrivilegeEscalation false and drop ALL needed")
+    if autoscaled and not _container_hardened(obj["spec"].get("autoscalerOptions", {}).get("securityContext", {})):
+        errors.append(f"{where}: autoscaler sidecar: allowPrivilegeEscalation false and drop ALL needed")
+    return errors
+
+
+def test_every_pod_is_hardened(objects):
+    hardened = [o for o in objects if _pod_templates(o)]
+    assert {o["kind"] for o in hardened} == {"Deployment", "StatefulSet", "Job", "RayCluster", "RayJob"}
+    for obj in hardened:
+        assert not _hardening_errors(obj), _hardening_errors(obj)
+    broken = copy.deepcopy(_by_kind(objects, "RayCluster")["liverseg"])
+    broken["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["securityContext"] = {}
+    broken["spec"]["headGroupSpec"]["template"]["spec"]["automountServiceAccountToken"] = False
+    assert len(_hardening_errors(broken)) == 2  # the worker's container; the autoscaler's API token
+
+
+def test_ray_token_auth_on_every_node_the_autoscaler_and_the_submitter(objects):
+    token = _by_kind(objects, "Secret")["ray-auth"]["stringData"]["auth_token"]
+    assert len(token) >= 32
+    ray = [o for o in objects if o["kind"] in ("RayCluster", "RayJob")]
+    carriers = [c for o in ray for c in _containers(o)]
+    carriers += [o["spec"]["autoscalerOptions"] for o in ray if o["spec"].get("enableInTreeAutoscaling")]
+    assert "ray-job-submitter" in {c.get("name") for c in carriers}
+    for c in carriers:
+        env = _resolved_env(c, objects)
+        assert (env.get("RAY_AUTH_MODE"), env.get("RAY_AUTH_TOKEN")) == ("token", token), c.get("name", "autoscaler")
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels"}, f"{selector}: only matchLabels is checked here"
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def _sources(policies: list[dict], pods: list[dict], labels: dict, port: int) -> set[str]:
+    """Who may open `port` on a pod labelled `labels`: the `app` of every pod template a peer selects,
+    `namespace NAME` for a namespace peer, `label K=V` for a pod peer that matches no template here."""
+    found: set[str] = set()
+    for policy in policies:
+        if not _selects(policy["spec"]["podSelector"], labels):
+            continue
+        for rule in policy["spec"].get("ingress", []):
+            if "ports" in rule and port not in {p["port"] for p in rule["ports"]}:
+                continue
+            for peer in rule.get("from", [{"anyone": True}]):
+                if "anyone" in peer or "ipBlock" in peer:
+                    found.add("anyone")
+                elif "namespaceSelector" in peer:
+                    found.add("namespace " + peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"])
+                else:
+                    apps = {p["app"] for p in pods if _selects(peer["podSelector"], p)}
+                    found |= apps or {",".join(f"label {k}={v}" for k, v in peer["podSelector"]["matchLabels"].items())}
+    return found
+
+
+def test_network_policies_deny_by_default_and_allow_only_the_named_paths(objects):
+    policies = list(_by_kind(objects, "NetworkPolicy").values())
+    assert any(p["spec"] == {"podSelector": {}, "policyTypes": ["Ingress"]} for p in policies), "default deny"
+    pods = [t["metadata"]["labels"] for o in objects for t in _pod_templates(o)]
+    head, worker = {"app": "ray", "liverseg.io/ray-node": "head"}, {"app": "ray", "liverseg.io/ray-node": "worker"}
+    assert head in pods and worker in pods
+    client, ingress = "label liverseg.io/client=true", "namespace ingress-nginx"
+    assert _sources(policies, pods, {"app": "postgres"}, 5432) == {"mlflow"}
+    assert _sources(policies, pods, {"app": "minio"}, 9000) == {"mlflow", "ray", "make-bucket"}
+    assert _sources(policies, pods, {"app": "minio"}, 9001) == set()  # the console: port-forward only
+    assert _sources(policies, pods, head, 6379) == _sources(policies, pods, worker, 20000) == {"ray"}
+    assert _sources(policies, pods, head, 10001) == {"ray", "ray-submitter", client}
+    assert _sources(policies, pods, {"app": "mlflow"}, 5000) == {"ray", "liverseg-serve", client, ingress}
+    assert _sources(policies, pods, {"app": "liverseg-serve"}, 8080) == {ingress, "mlflow", client}
+    assert _sources(policies, pods, {"app": "make-bucket"}, 9000) == set()  # a client, nobody connects to it
+
+
+def test_every_service_is_reachable_through_some_allow_rule(objects):
+    policies = list(_by_kind(objects, "NetworkPolicy").values())
+    templates = [t for o in objects for t in _pod_templates(o)]
+    pods = [t["metadata"]["labels"] for t in templates]
+    for name, svc in _by_kind(objects, "Service").items():
+        for t in templates:
+            if not _selects({"matchLabels": svc["spec"]["selector"]}, t["metadata"]["labels"]):
+                continue
+            numbers = {p.get("name"): p["containerPort"] for c in t["spec"]["containers"] for p in c.get("ports", [])}
+            ports = [numbers.get(p.get("targetPort"), p.get("targetPort", p["port"])) for p in svc["spec"]["ports"]]
+            allowed = [port for port in ports if _sources(policies, pods, t["metadata"]["labels"], port)]
+            assert allowed, f"service {name}: no NetworkPolicy lets anyone reach its pods on {ports}"
 
 
 # --- secrets --------------------------------------------------------------------------------------------
@@ -716,7 +833,7 @@ def test_ray_pods_carry_what_a_tuning_job_needs(objects):
             continue
         spec = obj["spec"].get("rayClusterSpec", obj["spec"])
         assert spec["rayVersion"] in ray_range, (obj["metadata"]["name"], spec["rayVersion"], str(ray_range))
-        for c in _containers(obj):
+        for c in [c for t in _ray_node_templates(obj) for c in t["spec"]["containers"]]:
             missing = need - _resolved_env(c, objects).keys()
             assert not missing, (obj["metadata"]["name"], c["name"], missing)
 

@@ -2,6 +2,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from helpers import nifti2_declaring
 from liverseg.lits import InputError, discover, from_canonical, read_case, read_volume, to_canonical
 
 
@@ -112,3 +113,37 @@ def test_nifti1_and_nifti2_read_alike(tmp_path, klass):
     nib.save(klass(a, np.eye(4)), str(path))
     vol = read_volume(path)
     assert vol.shape == (2, 3, 4) and np.array_equal(vol.image, a.transpose(2, 1, 0))
+
+
+def test_gunzip_reads_every_member_and_refuses_trailing_garbage():
+    """bgzip / `cat a.gz b.gz` is valid gzip (serve said "truncated", predict "not a NIfTI"), while bytes
+    of garbage after the gzip data were silently dropped."""
+    import gzip as gz
+
+    from liverseg.lits import gunzip
+
+    a, b = bytes(range(256)) * 40, bytes(7000)
+    members = gz.compress(a) + gz.compress(b) + gz.compress(b"")  # bgzip ends with an empty member
+    assert gunzip(members, "a.nii.gz") == a + b
+    assert gunzip(members, "a.nii.gz", limit=len(a) + len(b)) == a + b
+    with pytest.raises(InputError, match="too large"):
+        gunzip(members, "a.nii.gz", limit=len(a) + len(b) - 1)  # the second member counts too
+    both_layers = len(members) + len(a) + len(b)  # an inner layer's members count with the outer layer
+    assert gunzip(gz.compress(members), "a.nii.gz", limit=both_layers) == a + b
+    with pytest.raises(InputError, match="too large"):
+        gunzip(gz.compress(members), "a.nii.gz", limit=both_layers - 1)
+    with pytest.raises(InputError, match=r"^a.nii.gz: cannot decode \(7 bytes of trailing garbage after the gzip"):
+        gunzip(gz.compress(a) + b"garbage", "a.nii.gz")
+    with pytest.raises(InputError, match=r"^a.nii.gz: cannot decode \(truncated gzip stream\)$"):
+        gunzip(gz.compress(a) + gz.compress(b)[:-5], "a.nii.gz")
+    many = b"".join(gz.compress(a[i : i + 100]) for i in range(0, len(a), 100))  # 103 small members
+    assert gunzip(many, "a.nii.gz", limit=len(a)) == a
+
+
+@pytest.mark.parametrize("dims", [(2**32, 2**32, 1), (2**62, 4, 1), (2**40, 2**40, 2**40), (1, 1, 4_000_000)])
+def test_declared_shape_beyond_the_data_is_one_line(dims):
+    """The voxel count once wrapped around in int64 and reshape raised an uncaught ValueError."""
+    with pytest.raises(
+        InputError, match=r"^u.nii: declared shape \(.*\) of uint8 exceeds the data \(\d+ bytes declared"
+    ):
+        read_volume("u.nii", data=nifti2_declaring(dims))

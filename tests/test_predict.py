@@ -1,5 +1,6 @@
 """Predict's plan (checked before any model load) and a folder run that survives any failing file."""
 
+import gzip
 import re
 import shutil
 import subprocess
@@ -92,21 +93,23 @@ def test_folder_run_continues_past_any_failure(tmp_path, phantom_dir):
     out = tmp_path / "out"
     out.mkdir()
     shutil.copy(phantom_dir / "volume-2.nii.gz", src / "volume-8.nii.gz")
+    # 4 kB declaring 4000 slices: each would be resized to the model size before any check
+    nib.save(nib.Nifti1Image(np.zeros((1, 1, 4000), np.uint8), np.eye(4)), str(src / "volume-9.nii"))
+    raw = gzip.decompress((phantom_dir / "volume-3.nii.gz").read_bytes())  # bgzip-like: two gzip members
+    (src / "volume-3.nii.gz").write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]))
     jobs = plan(src, out, overwrite=True)
     (out / "segmentation-8.nii.gz").mkdir()  # the writer fails on this one (a folder appeared after planning)
     report = predict_jobs(lm, jobs, overwrite=True)
-    assert sorted(p.name for p in report.written) == ["segmentation-0.nii.gz", "segmentation-1.nii.gz"]
-    assert set(report.failed) == {str(src / f"volume-{n}.nii{'.gz' if n in '78' else ''}") for n in "5678"}
+    written = ["segmentation-0.nii.gz", "segmentation-1.nii.gz", "segmentation-3.nii.gz"]
+    assert sorted(p.name for p in report.written) == written
+    assert set(report.failed) == {str(src / f"volume-{n}.nii{'.gz' if n in '78' else ''}") for n in "56789"}
+    assert "volume-9.nii: 4000 axial slices exceed the limit of 2048" == report.failed[str(src / "volume-9.nii")]
     msgs = report.failed
     assert "voxel type RGB is not a real scalar" in msgs[str(src / "volume-5.nii")]
     assert "voxel type complex64 is not a real scalar" in msgs[str(src / "volume-6.nii")]
     assert all("\n" not in m for m in msgs.values())
     assert msgs[str(src / "volume-8.nii.gz")] == f"{out / 'segmentation-8.nii.gz'}: cannot write (Is a directory)"
-    assert sorted(p.name for p in out.iterdir()) == [
-        "segmentation-0.nii.gz",
-        "segmentation-1.nii.gz",
-        "segmentation-8.nii.gz",
-    ]
+    assert sorted(p.name for p in out.iterdir()) == [*written, "segmentation-8.nii.gz"]
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from helpers import constant_state, free_port, log_model_run, start_serve, stop
+from helpers import constant_state, free_port, log_model_run, nifti2_declaring, start_serve, stop
 
 
 def _nii_bytes(arr, affine=None, gz=True):
@@ -28,15 +28,19 @@ def server(mlflow_uri, store_path, tmp_path):
     yield from start_server(store_path, tmp_path, max_mb=1, upload_timeout=3)
 
 
-def start_server(store_path, tmp_path, max_mb: int, upload_timeout: float):
-    """Register and promote a no-liver model, start `liverseg serve` on a free port; yields (base URL, store)."""
+def start_server(store_path, tmp_path, max_mb: int, upload_timeout: float, *sets: str, preexec_fn=None):
+    """Register and promote a no-liver model, start `liverseg serve` on a free port; yields (base URL, store).
+
+    sets: more `--set` overrides of the serve config."""
     from liverseg.registry import promote, register
 
     run, _ = log_model_run(constant_state(liver=False), store_path=store_path)
     register(run_id=run)
     promote(store_path, min_dice=0.0)
     opts = ["--max-mb", str(max_mb), "--set", f"serve.upload_timeout_s={upload_timeout}"]
-    proc, base = start_serve(tmp_path, "models:/liver-unet@champion", {"LIVERSEG_RELOAD_TOKEN": TOKEN}, *opts)
+    opts += [a for kv in sets for a in ("--set", kv)]
+    env = {"LIVERSEG_RELOAD_TOKEN": TOKEN}
+    proc, base = start_serve(tmp_path, "models:/liver-unet@champion", env, *opts, preexec_fn=preexec_fn)
     yield base, store_path
     stop(proc)
 
@@ -60,8 +64,11 @@ def test_segment_health_model_and_bad_requests(server, real_ct):
     mask = nib.Nifti1Image.from_bytes(gzip.decompress(r.content))
     src = nib.load(str(real_ct / "volume-0.nii.gz"))
     assert mask.shape == src.shape and np.allclose(mask.affine, src.affine) and mask.get_data_dtype() == np.uint8
-    plain = httpx.post(base + "/segment", content=gzip.decompress(body), timeout=120)
+    raw = gzip.decompress(body)
+    plain = httpx.post(base + "/segment", content=raw, timeout=120)
     assert plain.status_code == 200  # uncompressed .nii works too
+    members = gzip.compress(raw[:5000]) + gzip.compress(raw[5000:])  # as bgzip writes: was 400 "truncated"
+    assert httpx.post(base + "/segment", content=members, timeout=120).status_code == 200
 
     vol = np.zeros((8, 8, 4), np.int16)
     nan = vol.astype(np.float32)
@@ -107,6 +114,11 @@ def test_hostile_uploads_get_one_line_4xx(server, tmp_path):
         "nested gzip bomb": (gzip.compress(gzip.compress(bytes(64_000_000))), 413, "too large"),
         "RGB voxels": (_nii_bytes(rgb), 400, "voxel type RGB is not a real scalar"),
         "complex voxels": (_nii_bytes(vol.astype(np.complex64)), 400, "voxel type complex64 is not a real scalar"),
+        # 128 bytes declaring 16384 slices, each resized to the model size: was 43 s and 2.5 GB for a 200
+        "many slices": (_nii_bytes(np.zeros((1, 1, 16384), np.int16)), 413, "16384 axial slices exceed the limit"),
+        "NIfTI-2 dims overflowing int64": (gzip.compress(nifti2_declaring((2**62, 4, 1))), 400, "exceeds the data"),
+        "NIfTI-2 of 2**120 voxels": (nifti2_declaring((2**40, 2**40, 2**40)), 400, "exceeds the data"),
+        "trailing garbage": (_nii_bytes(vol) + b"garbage", 400, "7 bytes of trailing garbage"),
     }
     for label, (payload, status, fragment) in bad.items():
         r = httpx.post(base + "/segment", content=payload, timeout=60)
@@ -121,6 +133,98 @@ def test_hostile_uploads_get_one_line_4xx(server, tmp_path):
     assert httpx.get(base + "/health").status_code == 200
     log = next(tmp_path.glob("serve-*.log")).read_text()
     assert "Traceback" not in log and "Exception" not in log, log[-2000:]
+
+
+def test_busy_server_sheds_load_with_503_and_health_answers(mlflow_uri, store_path, tmp_path, real_ct):
+    """Bodies being received were buffered without a bound over all requests (300 held-open uploads:
+    +1 GB), and requests waited for a model slot in the thread pool that /health needed too."""
+    sets = ("serve.max_bodies=2", "serve.max_queued=1")  # 2 MiB of bodies at once
+    for base, _ in start_server(store_path, tmp_path, 1, 30, *sets):
+        held = [socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1]))) for _ in range(2)]
+        for sock in held:  # two uploads of 1,000,000 bytes announced, 10 sent: their bytes are reserved
+            sock.sendall(b"POST /segment HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n" + bytes(10))
+        time.sleep(0.5)  # both reach the app before the third
+        third = _raw_request(base, 200_000, b"", close=False)
+        assert third.startswith(b"HTTP/1.1 503") and b"retry-after: 10" in third.lower(), third[:300]
+        assert b"bytes of uploads buffered (limit 2097152)" in third
+        assert httpx.get(base + "/health", timeout=10).status_code == 200
+        for sock in held:
+            sock.close()
+        body = (real_ct / "volume-0.nii.gz").read_bytes()
+        codes = [httpx.post(base + "/segment", content=body, timeout=120).status_code for _ in range(20)]
+        assert 200 in codes and set(codes) <= {200, 503}, codes  # the reservations were given back
+        assert codes[-1] == 200, codes
+
+
+def test_model_slots_bound_the_queue_and_the_wait():
+    """Waiting for a slot was unbounded: 70 requests queued, none was ever refused."""
+    import asyncio
+
+    from fastapi import HTTPException
+
+    from liverseg.serve import Slots
+
+    async def scenario() -> list[str]:
+        slots, seen = Slots(1, max_queued=1, timeout_s=0.5), []
+
+        async def one() -> None:
+            try:
+                async with slots.hold():
+                    seen.append("ran")
+                    await asyncio.sleep(2)
+            except HTTPException as e:
+                assert e.status_code == 503 and e.headers == {"Retry-After": "10"}
+                seen.append(e.detail)
+
+        first = asyncio.create_task(one())
+        await asyncio.sleep(0.05)  # holds the slot
+        waiting = asyncio.create_task(one())
+        await asyncio.sleep(0.05)
+        await one()  # the queue is full: refused at once
+        await asyncio.gather(first, waiting)
+        return seen
+
+    assert asyncio.run(scenario()) == [
+        "ran",
+        "busy: 1 requests already wait for a model slot; retry later",
+        "busy: no model slot free within 0.5 s; retry later",
+    ]
+
+
+def test_connections_are_bounded_and_late_headers_closed(mlflow_uri, store_path, tmp_path):
+    """Sockets that never finished their request line kept the server unreachable; out of file
+    descriptors, asyncio logged `socket.accept() out of system resource` a million times in 70 s."""
+    import resource
+
+    def few_files() -> None:  # as under `ulimit -n 256`
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    sets = ("serve.max_connections=8", "serve.header_timeout_s=2")
+    for base, _ in start_server(store_path, tmp_path, 1, 30, *sets, preexec_fn=few_files):
+        addr = ("127.0.0.1", int(base.rsplit(":", 1)[1]))
+        partial = [socket.create_connection(addr, timeout=30) for _ in range(7)]
+        for sock in partial:
+            sock.sendall(b"GET /hea")
+        time.sleep(0.5)
+        assert httpx.get(base + "/health", timeout=10).status_code == 503  # the 8th connection
+        assert all(sock.recv(100) == b"" for sock in partial)  # closed by the server after 2 s
+        assert httpx.get(base + "/health", timeout=10).status_code == 200
+        flood = []
+        for _ in range(400):  # more than the process may open
+            flood.append(socket.create_connection(addr, timeout=30))
+            flood[-1].sendall(b"GET / HTTP/1.1\r\n")
+        time.sleep(3)
+        for sock in flood:
+            sock.close()
+        for _ in range(20):  # accepting resumes once the late ones are closed
+            try:
+                if httpx.get(base + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        assert httpx.get(base + "/health", timeout=10).status_code == 200
+        log = next(tmp_path.glob("serve-*.log")).read_text()
+        assert 1 <= log.count("cannot accept connections") <= 2 and "out of system resource" not in log, log[-3000:]
 
 
 def test_reload_follows_the_alias(server, real_ct, store_path):

@@ -50,6 +50,15 @@ def test_up_down_up_keeps_data_and_leaves_no_process(monkeypatch):
         assert {"MLFLOW_TRACKING_URI", "LIVERSEG_ADMIN_USER", "LIVERSEG_ADMIN_PASSWORD", "AWS_ENDPOINT_URL"} <= set(env)
         assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "RAY_ADDRESS", "LIVERSEG_BUCKET_URL"} <= set(env)
         assert (stack.dir / "secrets.env").stat().st_mode & 0o777 == 0o600
+        # what members share holds no admin secret; those stay in admin.env
+        shared, admin = (
+            dict(line.split("=", 1) for line in (stack.dir / f).read_text().splitlines())
+            for f in ("stack.env", "admin.env")
+        )
+        assert admin.keys() == {"LIVERSEG_ADMIN_USER", "LIVERSEG_ADMIN_PASSWORD", "LIVERSEG_WEBHOOK_SECRET"}
+        assert {**shared, **admin} == env and not admin.keys() & shared.keys()
+        assert env["LIVERSEG_ADMIN_PASSWORD"] not in (stack.dir / "stack.env").read_text()
+        assert (stack.dir / "admin.env").stat().st_mode & 0o777 == 0o600
         assert env["MLFLOW_TRACKING_URI"].startswith("http://127.0.0.1:") and env["RAY_ADDRESS"].startswith(
             "127.0.0.1:"
         )

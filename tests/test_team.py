@@ -1,14 +1,25 @@
 """Roles -> permissions on the tracking server; refusals in one line; the real team stack enforcing them."""
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import requests
 
 from helpers import constant_state, log_model_run
 from liverseg.registry import register
-from liverseg.team import PermissionRefused, TeamError, add_user, candidate_model, check_can_change, grants, refusal
+from liverseg.team import (
+    PermissionRefused,
+    TeamError,
+    add_user,
+    candidate_model,
+    check_can_change,
+    grants,
+    password_from_stdin,
+    refusal,
+)
 from stack import team_stack  # noqa: F401  (fixture)
 
 
@@ -19,14 +30,15 @@ def test_roles_split_candidates_from_served():
         ("registered_model", "liver-unet", "EDIT"),
         ("registered_model", "liver-unet-candidates", "EDIT"),
     ]
+    assert grants("reader", "liver-unet") == []  # serving: the server's default READ, nothing more
     # only release may change what is served; nobody gets MANAGE (deleting the served model)
-    for role in ("scientist", "release"):
+    for role in ("reader", "scientist", "release"):
         served = [p for _, m, p in grants(role, "m") if m == "m"]
         assert served == (["EDIT"] if role == "release" else [])
 
 
 def test_unknown_role_lists_the_valid_ones():
-    with pytest.raises(TeamError, match="role 'admin': unknown; valid roles: scientist, release"):
+    with pytest.raises(TeamError, match="role 'admin': unknown; valid roles: reader, scientist, release"):
         grants("admin", "liver-unet")
 
 
@@ -55,9 +67,48 @@ def test_no_check_without_a_server_login(monkeypatch):
     check_can_change("liver-unet", "promote liver-unet")  # SQLite: one user, nothing to enforce
 
 
-def _cli(args: list[str], env: dict, cwd=None) -> subprocess.CompletedProcess:
+def test_password_stdin_takes_one_line_without_its_newline():
+    assert password_from_stdin("s3cret pass-word\n") == "s3cret pass-word"
+    assert password_from_stdin("crlf-password\r\n") == "crlf-password"
+    with pytest.raises(TeamError, match="--password-stdin: stdin is empty"):
+        password_from_stdin("\n")
+    with pytest.raises(TeamError, match="more than one line"):
+        password_from_stdin("one\ntwo\n")
+
+
+def test_users_add_refuses_two_passwords_and_warns_about_the_argument(monkeypatch):
+    from typer.testing import CliRunner
+
+    from liverseg.cli import app
+
+    monkeypatch.delenv("LIVERSEG_ADMIN_PASSWORD", raising=False)  # refused before any login is needed
+    both = CliRunner().invoke(app, ["users", "add", "x", "--role", "reader", "--password", "p", "--password-stdin"])
+    # CliRunner skips the app's one-line printer: the refusal is the raised TeamError
+    assert isinstance(both.exception, TeamError) and "--password and --password-stdin: give one of them" in str(
+        both.exception
+    )
+    empty = CliRunner().invoke(app, ["users", "add", "x", "--role", "reader", "--password-stdin"], input="")
+    assert isinstance(empty.exception, TeamError) and "stdin is empty" in str(empty.exception)
+    helptext = " ".join(CliRunner().invoke(app, ["users", "add", "--help"], terminal_width=300).output.split())
+    assert "visible to every local user in the process list" in helptext and "--password-stdin" in helptext
+
+
+def test_docs_never_put_a_password_in_the_arguments():
+    repo = Path(__file__).resolve().parents[1]
+    for doc in [repo / "README.md", *sorted((repo / "docs").glob("*.md"))]:
+        for line in doc.read_text().splitlines():
+            assert not re.search(r"users add .*--password[ =]", line), f"{doc.name}: {line.strip()}"
+
+
+def _cli(args: list[str], env: dict, cwd=None, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "liverseg.cli", *args], env=env, capture_output=True, text=True, timeout=600, cwd=cwd
+        [sys.executable, "-m", "liverseg.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=cwd,
+        input=stdin,
     )
 
 
@@ -67,7 +118,11 @@ def add_team(stack) -> None:
         res = _cli(["users", "add", user, "--role", role], stack.env_for("admin"))
         assert res.returncode == 0, res.stderr
         stack.passwords[user] = res.stdout.split(f"password for {user} (shown once): ")[1].split()[0]
-    res = _cli(["users", "add", "rita", "--role", "release", "--password", "rita-password-123"], stack.env_for("admin"))
+    res = _cli(
+        ["users", "add", "rita", "--role", "release", "--password-stdin"],
+        stack.env_for("admin"),
+        stdin="rita-password-123\n",
+    )
     assert res.returncode == 0 and "password" not in res.stdout.split(";")[-1], res.stdout + res.stderr
     stack.passwords["rita"] = "rita-password-123"
     again = _cli(["users", "add", "rita", "--role", "scientist"], stack.env_for("admin"))
@@ -116,3 +171,40 @@ def test_server_enforces_roles_and_records_history(team_stack, store_path, tmp_p
     hist = _cli(["history"], stack.env_for("bob"))  # anyone may read it
     assert hist.returncode == 0 and "promote  liver-unet: none -> v1 (candidate v1) by rita" in hist.stdout
     assert "reason: first release" in hist.stdout
+
+
+@pytest.mark.slow
+def test_reader_reads_the_champion_and_changes_nothing(team_stack, store_path, monkeypatch):  # noqa: F811
+    """A serving account (`--role reader`, password piped on stdin) loads @champion; registering a
+    candidate or moving an alias is refused by the server itself (403)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    stack, password = team_stack, "serve-svc-password-42"
+    res = _cli(
+        ["users", "add", "serve-svc", "--role", "reader", "--password-stdin"], stack.env_for("admin"), stdin=password
+    )
+    assert res.returncode == 0 and res.stdout.startswith("user serve-svc (reader): READ on everything else"), res.stderr
+    assert "shown once" not in res.stdout
+    stack.passwords["serve-svc"] = password
+    for k, v in stack.env_for("admin").items():
+        monkeypatch.setenv(k, v)
+    rid, model_uri = log_model_run(constant_state(liver=True), experiment="reader-check", store_path=store_path)
+    admin = MlflowClient(stack.env["MLFLOW_TRACKING_URI"])
+    version = mlflow.register_model(model_uri, "liver-unet").version
+    admin.set_registered_model_alias("liver-unet", "champion", version)
+    for k, v in stack.env_for("serve-svc").items():
+        monkeypatch.setenv(k, v)
+    reader = MlflowClient(stack.env["MLFLOW_TRACKING_URI"])
+    assert reader.get_model_version_by_alias("liver-unet", "champion").version == version
+    assert (Path(mlflow.artifacts.download_artifacts("models:/liver-unet@champion")) / "MLmodel").is_file()
+    changes = (
+        lambda: reader.create_model_version(candidate_model("liver-unet"), model_uri, run_id=rid),
+        lambda: reader.set_registered_model_alias("liver-unet", "champion", version),
+        lambda: reader.set_registered_model_alias(candidate_model("liver-unet"), "challenger", "1"),
+    )
+    for change in changes:
+        with pytest.raises(MlflowException, match="403"):
+            change()
+    assert admin.get_model_version_by_alias("liver-unet", "champion").version == version

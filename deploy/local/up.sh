@@ -3,7 +3,9 @@
 #   PostgreSQL (MLflow's backend store and its basic-auth database), an S3 server (moto), an MLflow
 #   tracking server (basic-auth, artifacts proxied into the bucket), a two-node Ray cluster.
 # Usage: deploy/local/up.sh DIR    then    set -a; eval "$(deploy/local/up.sh DIR)"; set +a
-# Prints KEY=VALUE lines on stdout (also kept in DIR/stack.env, mode 0600); progress goes to stderr.
+# Prints KEY=VALUE lines on stdout (whoever runs it is the admin); progress goes to stderr. They are kept
+# in two files, both mode 0600: DIR/stack.env, what every team member needs (share that one), and
+# DIR/admin.env, the admin password and the webhook secret (stays with the admin).
 # Running it again on the same DIR reuses the data (database, bucket, admin password); when the stack
 # is already up it only prints the lines again. deploy/local/down.sh DIR stops what this started.
 set -euo pipefail
@@ -33,7 +35,9 @@ alive() {  # NAME: any PID recorded for it still running
   return 1
 }
 running=0; for s in postgres s3 mlflow ray; do alive "$s" && running=$((running + 1)); done
-if [ "$running" = 4 ] && [ -s "$DIR/stack.env" ]; then say "already running"; cat "$DIR/stack.env"; exit 0; fi
+if [ "$running" = 4 ] && [ -s "$DIR/stack.env" ] && [ -s "$DIR/admin.env" ]; then
+  say "already running"; cat "$DIR/stack.env" "$DIR/admin.env"; exit 0
+fi
 [ "$running" = 0 ] || die "$DIR: part of a stack is still running; run deploy/local/down.sh $DIR first"
 
 # A start that fails half-way stops what it had started.
@@ -178,8 +182,6 @@ alive mlflow || die "MLflow exited (see $DIR/logs/mlflow.log; port $MLFLOW_PORT 
 
 cat >"$DIR/stack.env.tmp" <<EOF
 MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT
-LIVERSEG_ADMIN_USER=admin
-LIVERSEG_ADMIN_PASSWORD=$ADMIN_PASSWORD
 AWS_ENDPOINT_URL=http://127.0.0.1:$S3_PORT
 AWS_ACCESS_KEY_ID=$S3_KEY_ID
 AWS_SECRET_ACCESS_KEY=$S3_SECRET
@@ -189,8 +191,15 @@ RAY_DASHBOARD_URL=http://127.0.0.1:$DASH_PORT
 RAY_AUTH_MODE=token
 RAY_AUTH_TOKEN_PATH=$DIR/ray-token
 LIVERSEG_BUCKET_URL=s3://$BUCKET
+EOF
+# the admin's alone: the admin password creates users and grants; the webhook secret lets whoever holds
+# it make every replica reload (only the replicas and `liverseg webhook add` need it)
+cat >"$DIR/admin.env.tmp" <<EOF
+LIVERSEG_ADMIN_USER=admin
+LIVERSEG_ADMIN_PASSWORD=$ADMIN_PASSWORD
 LIVERSEG_WEBHOOK_SECRET=$WEBHOOK_SECRET
 EOF
+mv "$DIR/admin.env.tmp" "$DIR/admin.env"
 mv "$DIR/stack.env.tmp" "$DIR/stack.env"
 say "ready in ${SECONDS} s"
-cat "$DIR/stack.env"
+cat "$DIR/stack.env" "$DIR/admin.env"

@@ -432,17 +432,30 @@ app.add_typer(users_app, name="users")
 def users_add(
     username: str = typer.Argument(..., help="login name"),
     role: str = typer.Option(
-        ..., help="scientist (train, tune, register candidates) | release (also promote, roll back)"
+        ...,
+        help="reader (read only: serving accounts) | scientist (train, tune, register candidates) "
+        "| release (also promote, roll back)",
     ),
-    password: str | None = typer.Option(None, help="default: a generated one, printed once"),
+    password: str | None = typer.Option(
+        None,
+        help="visible to every local user in the process list (/proc/*/cmdline) and kept in shell history: "
+        "prefer --password-stdin. Default: a generated one, printed once",
+    ),
+    password_stdin: bool = typer.Option(False, "--password-stdin", help="read the password from stdin (a pipe)"),
     name: str = typer.Option("liver-unet", help="served registered model the role applies to"),
 ) -> None:
     """Create a user with a role's permissions (needs LIVERSEG_ADMIN_USER / LIVERSEG_ADMIN_PASSWORD)."""
-    from liverseg.team import add_user, grants
+    import sys
 
+    from liverseg.team import TeamError, add_user, grants, password_from_stdin
+
+    if password_stdin:
+        if password is not None:
+            raise TeamError("--password and --password-stdin: give one of them")
+        password = password_from_stdin(sys.stdin.read())
     pw = add_user(username, role, password, name)
-    perms = ", ".join(f"{p} on {m}" for _, m, p in grants(role, name))
-    typer.echo(f"user {username} ({role}): {perms}; READ on everything else")
+    granted = ", ".join(f"{p} on {m}" for _, m, p in grants(role, name))
+    typer.echo(f"user {username} ({role}): " + (f"{granted}; " if granted else "") + "READ on everything else")
     if password is None:
         typer.echo(f"password for {username} (shown once): {pw}")
 

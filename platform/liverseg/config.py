@@ -163,6 +163,10 @@ class TuneConfig(TrainConfig):
 
 
 # ---------------------------------------------------------------- serve
+# LiTS volumes have at most ~1000 axial slices; twice that leaves room for thin-slice CT
+MAX_SLICES = 2048
+
+
 class ServeSection(Strict):
     poll_s: float = Field(
         30.0, ge=0, description="alias check interval, the fallback when a webhook is lost; 0 = webhook only"
@@ -172,6 +176,22 @@ class ServeSection(Strict):
     )
     upload_timeout_s: float = Field(
         120.0, gt=0, description="a whole upload must arrive within this (512 MiB at ~5 MB/s); else 408"
+    )
+    max_slices: int = Field(
+        MAX_SLICES, ge=1, description="axial slices per volume; each is resized to the model size, more: 413"
+    )
+    max_bodies: int = Field(
+        8, ge=1, description="upload-limit-sized bodies buffered at once over all requests (memory); more: 503"
+    )
+    max_queued: int = Field(8, ge=0, description="requests waiting for the 2 model slots; more get 503 at once")
+    queue_timeout_s: float = Field(
+        60.0, gt=0, description="longest wait for a model slot (a 512x512x1000 CT takes ~30 s on CPU); then 503"
+    )
+    max_connections: int = Field(
+        200, ge=1, description="open connections (uvicorn limit_concurrency), under the usual ulimit -n 256; more: 503"
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a connection must send its request headers within this, else it is closed"
     )
 
 

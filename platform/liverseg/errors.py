@@ -20,6 +20,11 @@ class InputError(LiversegError, ValueError):
     """A NIfTI file (or a request body) is unusable; the message names the file and the reason."""
 
 
+class TooLarge(InputError):
+    """An input whose decoding or processing would pass a size limit (decompressed bytes, slices); the
+    server answers 413 to it, other `InputError`s are 400."""
+
+
 class PredictError(LiversegError, ValueError):
     """Inputs or outputs of a predict run are unusable (missing, an input as output, two inputs to one
     name, an existing file without --overwrite, not writable); names the path."""

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from liverseg.artifact import LoadedModel, keep_largest_component, liver_probability
-from liverseg.errors import InputError
+from liverseg.config import MAX_SLICES
+from liverseg.errors import InputError, TooLarge
 from liverseg.lits import from_canonical, to_canonical, to_hu_int16
 from liverseg.plots import mask_overlay_png
 from liverseg.resize import resize_slices
@@ -39,6 +40,13 @@ class Timer(dict):
                 self[phase] = self.get(phase, 0.0) + time.perf_counter() - t0
 
         return span()
+
+
+def check_slices(image_zyx: np.ndarray, name: str, max_slices: int) -> None:
+    """Refuse a volume with more than `max_slices` axial slices before any is resized: each becomes a
+    model-size float32 slice, so a few bytes declaring (1, 1, 4e6) voxels would ask for 61 GiB."""
+    if image_zyx.shape[0] > max_slices:
+        raise TooLarge(f"{name}: {image_zyx.shape[0]} axial slices exceed the limit of {max_slices}")
 
 
 def segment_canonical(
@@ -92,6 +100,7 @@ def predict_file(
     lcc: bool | None = None,
     overlay: str | Path | None = None,
     truth: str | Path | None = None,
+    max_slices: int = MAX_SLICES,
 ) -> Timer:
     """Segment one NIfTI CT into a uint8 mask NIfTI with exactly the input's shape and affine.
 
@@ -104,6 +113,7 @@ def predict_file(
     timer = Timer()
     with timer("read"):
         vol = read_case(CasePaths("truth", Path(src), Path(truth))) if truth else read_volume(src)
+    check_slices(vol.image, Path(src).name, max_slices)
     mask = segment_canonical(lm, vol.image, lcc, timer=timer)
     with timer("write"):
         out = from_canonical(mask, vol.affine).reshape(vol.shape)

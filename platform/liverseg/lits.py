@@ -9,6 +9,7 @@ that masks can be written back on the input's grid.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import zlib
 from dataclasses import dataclass
@@ -19,11 +20,15 @@ import numpy as np
 from isal import isal_zlib
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 
-from liverseg.errors import InputError
+from liverseg.errors import InputError, TooLarge
 
 NAME = re.compile(r"^(volume|segmentation)-(\w+)\.nii(\.gz)?$")
 RAS = axcodes2ornt(("R", "A", "S"))
 NIFTI2_SIZEOF_HDR = ((540).to_bytes(4, "little"), (540).to_bytes(4, "big"))  # NIfTI-1 has 348
+GZIP_MAGIC = b"\x1f\x8b"
+# input fed per call after a file's first gzip member: at each member's end the decompressor copies the
+# input it did not use, so whole-rest feeding would be quadratic for bgzip's thousands of 64 KiB members
+MEMBER_STEP = 1 << 20
 AFFINE_TOL = 1e-3  # mm; scanners write affines with float32 rounding
 
 
@@ -96,31 +101,51 @@ def read_file(path: Path | str) -> bytes:
 
 def gunzip(data: bytes, name: str, limit: int = 0) -> bytes:
     """Decompress gzip bytes with ISA-L (about 2x zlib), layer after layer (gzip of gzip ...); other
-    bytes pass through.
+    bytes pass through. Each layer may hold several members (bgzip/BGZF, `cat a.gz b.gz`), as gzip
+    allows; bytes after the last member that are not gzip are an error, never silently dropped.
 
-    limit: refuse when the layers together decompress to more than this many bytes (0: no limit), so
-    neither a gzip bomb nor a nested one grows past it in memory.
+    limit: refuse when every layer and member together decompress to more than this many bytes (0: no
+    limit), so neither a gzip bomb, a nested one nor one of many members grows past it in memory.
     """
-    budget = limit
-    while data[:2] == b"\x1f\x8b":
-        if limit and budget <= 0:
-            raise InputError(f"{name}: decompresses to more than {limit} bytes (too large)")
+    budget = [limit]  # shared by every layer and member: what may still be decompressed
+    while data[:2] == GZIP_MAGIC:
         data = _gunzip_layer(data, name, budget, limit)
-        budget -= len(data)
     return data
 
 
-def _gunzip_layer(data: bytes, name: str, budget: int, limit: int) -> bytes:
+def _gunzip_layer(data: bytes, name: str, budget: list[int], limit: int) -> bytes:
+    """One gzip layer: every member in turn, all within what is left of `budget`."""
+    mv = memoryview(data)
+    out, pos = _gunzip_member(mv, 0, len(mv), name, budget, limit)  # usually the only one: no join, no copy
+    parts = [out]
+    while pos < len(mv):
+        if bytes(mv[pos : pos + 2]) != GZIP_MAGIC:
+            raise InputError(f"{name}: cannot decode ({len(mv) - pos} bytes of trailing garbage after the gzip data)")
+        out, pos = _gunzip_member(mv, pos, MEMBER_STEP, name, budget, limit)
+        parts.append(out)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _gunzip_member(mv: memoryview, pos: int, step: int, name: str, budget: list[int], limit: int) -> tuple[bytes, int]:
+    """(the member starting at `pos`, decompressed; where the next begins), fed `step` bytes at a time.
+
+    budget: a one-item list, what may still be decompressed, charged here (used only when `limit`)."""
     d = isal_zlib.decompressobj(wbits=31)
-    try:
-        out = d.decompress(data, budget) if limit else d.decompress(data)
-    except (isal_zlib.error, zlib.error) as e:
-        raise InputError(f"{name}: cannot decode (gzip: {e})") from None
-    if limit and d.unconsumed_tail:
-        raise InputError(f"{name}: decompresses to more than {limit} bytes (too large)")
-    if not d.eof:
-        raise InputError(f"{name}: cannot decode (truncated gzip stream)")
-    return out
+    pieces = []
+    while not d.eof:
+        if pos >= len(mv):
+            raise InputError(f"{name}: cannot decode (truncated gzip stream)")
+        chunk = mv[pos : pos + step]
+        pos += len(chunk)
+        try:  # one byte past the budget tells "too large" from "exactly the budget"
+            out = d.decompress(chunk, budget[0] + 1) if limit else d.decompress(chunk)
+        except (isal_zlib.error, zlib.error) as e:
+            raise InputError(f"{name}: cannot decode (gzip: {e})") from None
+        if limit and len(out) > budget[0]:
+            raise TooLarge(f"{name}: decompresses to more than {limit} bytes (too large)")
+        budget[0] -= len(out)
+        pieces.append(out)
+    return (pieces[0] if len(pieces) == 1 else b"".join(pieces)), pos - len(d.unused_data)
 
 
 def load_nifti(path: Path | str, data: bytes | None = None) -> nib.Nifti1Image:
@@ -163,12 +188,14 @@ def _array(img: nib.Nifti1Image, name: str, integer_dtype: bool) -> np.ndarray:
         kind = img.header.get_value_label("datatype")
         raise InputError(f"{name}: voxel type {kind} is not a real scalar; expected integer or float voxels")
     slope, inter = float(proxy.slope), float(proxy.inter)
-    try:
-        raw = np.frombuffer(
-            proxy.file_like.getbuffer(), proxy.dtype, count=int(np.prod(proxy.shape)), offset=proxy.offset
+    buf = proxy.file_like.getbuffer()
+    count = math.prod(int(s) for s in proxy.shape)  # Python ints: a NIfTI-2 shape can overflow int64
+    if proxy.offset + count * proxy.dtype.itemsize > len(buf):
+        raise InputError(
+            f"{name}: declared shape {tuple(int(s) for s in proxy.shape)} of {proxy.dtype} exceeds the data "
+            f"({count * proxy.dtype.itemsize} bytes declared, {max(len(buf) - int(proxy.offset), 0)} present)"
         )
-    except ValueError as e:  # fewer bytes than the header promises
-        raise InputError(f"{name}: cannot decode voxel data (truncated: {e})") from None
+    raw = np.frombuffer(buf, proxy.dtype, count=count, offset=proxy.offset)
     arr = raw.reshape(proxy.shape, order=proxy.order)
     arr = arr.reshape(arr.shape[:3], order="F")
     if not (integer_dtype and slope == 1 and inter == 0 and arr.dtype.kind in "iu"):

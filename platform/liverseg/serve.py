@@ -9,10 +9,12 @@ POST /webhook  MLflow's `model_version_alias.created` delivery, HMAC-signed with
                for this replica's NAME@ALIAS it wakes the follower, which reloads; polling every
                `serve.poll_s` seconds is the fallback
 
-Bad input is a 4xx with a one-line message; the server stays up.
+Bad input is a 4xx with a one-line message; the server stays up. A busy one sheds load with 503 and
+Retry-After (buffered bodies, model-slot queue, connections: `serve.*` keys) rather than queue without bound.
 """
 
 import asyncio
+import contextlib
 import hmac
 import os
 import signal
@@ -28,6 +30,8 @@ from liverseg.errors import InputError
 from liverseg.webhook import SECRET_ENV, Verifier, WebhookRejected
 
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024  # a 512x512x1000 int16 volume, uncompressed
+MODEL_SLOTS = 2  # requests decoding and segmenting at once: most of a request's memory is spent there
+RETRY_AFTER_S = 10  # a busy server's hint to clients: about one segmentation of a small volume on CPU
 WEBHOOK_MAX_BYTES = 64 * 1024  # MLflow's alias payload is ~200 bytes
 RELOAD_TOKEN_ENV = "LIVERSEG_RELOAD_TOKEN"
 
@@ -77,12 +81,11 @@ class ModelHolder:
     and whenever `wake` is called (the webhook), and reloads when the alias points elsewhere.
     """
 
-    def __init__(self, uri: str, device: str = "auto", max_concurrent: int = 2):
+    def __init__(self, uri: str, device: str = "auto"):
         self.uri, self.device = uri, device
         self._reload_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self.slots = threading.BoundedSemaphore(max_concurrent)  # bounds memory under load
         self.current = self._stamped(load_served(uri, device))
         self.last_error: str | None = None
 
@@ -141,18 +144,83 @@ class ModelHolder:
                 self.last_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
-async def read_body(request, max_bytes: int, timeout_s: float) -> bytearray:
-    """The whole request body within `max_bytes` and `timeout_s` (for all of it, not per chunk).
+def busy(detail: str) -> Exception:
+    """A 503 with Retry-After: the server sheds load rather than queueing without bound."""
+    from fastapi import HTTPException
+
+    return HTTPException(503, detail, {"Retry-After": str(RETRY_AFTER_S)})
+
+
+class BodyBudget:
+    """Bytes of request bodies buffered at once over all requests; used on the event loop only (no lock).
+
+    A request reserves its Content-Length before reading (or its bytes as they come, without one) and
+    gives them back when answered: slow or stalled uploads cannot hold more than `limit` bytes together.
+    """
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+
+    @contextlib.contextmanager
+    def reserve(self):
+        """Yields `upto(n)`: make sure n bytes are reserved for this request (503 past the limit)."""
+        held = 0
+
+        def upto(n: int) -> None:
+            nonlocal held
+            if n > held:
+                if self.used + n - held > self.limit:
+                    raise busy(f"busy: {self.used} bytes of uploads buffered (limit {self.limit}); retry later")
+                self.used, held = self.used + n - held, n
+
+        try:
+            yield upto
+        finally:
+            self.used -= held
+
+
+class Slots:
+    """The model slots, awaited on the event loop (no thread waits), by at most `max_queued` requests at
+    a time and for at most `timeout_s` each; past either a 503."""
+
+    def __init__(self, n: int, max_queued: int, timeout_s: float):
+        self._sem = asyncio.Semaphore(n)
+        self.max_queued, self.timeout_s, self.waiting = max_queued, timeout_s, 0
+
+    @contextlib.asynccontextmanager
+    async def hold(self):
+        if self._sem.locked() and self.waiting >= self.max_queued:
+            raise busy(f"busy: {self.waiting} requests already wait for a model slot; retry later")
+        self.waiting += 1
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await self._sem.acquire()
+        except TimeoutError:
+            raise busy(f"busy: no model slot free within {self.timeout_s:g} s; retry later") from None
+        finally:
+            self.waiting -= 1
+        try:
+            yield
+        finally:
+            self._sem.release()
+
+
+async def read_body(request, max_bytes: int, timeout_s: float, reserve=lambda n: None) -> bytearray:
+    """The whole request body within `max_bytes` and `timeout_s` (for all of it, not per chunk), its
+    bytes reserved first with `reserve(n)` (`BodyBudget.reserve`).
 
     413 over the limit, 408 when it does not arrive in time (a stalled upload, or a body shorter than
-    its Content-Length on an open connection), 400 when the client goes away or the length is wrong.
+    its Content-Length on an open connection), 400 when the client goes away or the length is wrong,
+    503 when the buffered bodies of all requests together would pass their budget.
     """
     from fastapi import HTTPException
     from starlette.requests import ClientDisconnect
 
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > max_bytes:
+    declared = int(declared) if declared and declared.isdigit() else None
+    if declared is not None and declared > max_bytes:
         raise HTTPException(413, f"body of {declared} bytes exceeds the limit of {max_bytes}")
+    reserve(declared or 0)
     body = bytearray()
     try:
         async with asyncio.timeout(timeout_s):
@@ -160,11 +228,12 @@ async def read_body(request, max_bytes: int, timeout_s: float) -> bytearray:
                 body += chunk
                 if len(body) > max_bytes:
                     raise HTTPException(413, f"body exceeds the limit of {max_bytes} bytes")
+                reserve(len(body))  # without a Content-Length, as it comes
     except TimeoutError:
         raise HTTPException(408, f"body not received within {timeout_s:g} s ({len(body)} bytes arrived)") from None
     except ClientDisconnect:  # nobody is left to answer; no traceback in the log either
         raise HTTPException(400, f"client disconnected after {len(body)} bytes") from None
-    if declared and declared.isdigit() and len(body) != int(declared):
+    if declared is not None and len(body) != declared:
         raise HTTPException(400, f"body of {len(body)} bytes, Content-Length declared {declared}")
     return body  # not copied into bytes: one body-sized buffer less per request
 
@@ -174,57 +243,70 @@ def create_app(
     max_bytes: int = DEFAULT_MAX_BYTES,
     reload_token: str | None = None,
     verifier: Verifier | None = None,
-    upload_timeout_s: float = ServeSection().upload_timeout_s,
+    cfg: ServeSection | None = None,
 ):
-    """The FastAPI app; `reload_token` guards POST /reload (None: disabled), `verifier` checks webhooks."""
-    from fastapi import FastAPI, HTTPException, Request
+    """The FastAPI app; `reload_token` guards POST /reload (None: disabled), `verifier` checks webhooks.
+
+    Cheap routes are `async def`: they answer on the event loop, never behind requests in the thread pool.
+    """
+    from fastapi import FastAPI, Request
     from fastapi.responses import Response
+    from starlette.concurrency import run_in_threadpool
 
-    from liverseg.inference import mask_nifti_bytes, segment_canonical
-    from liverseg.lits import from_canonical, gunzip, read_volume
-
+    cfg = cfg or ServeSection()
+    budget = BodyBudget(cfg.max_bodies * max_bytes)
+    slots = Slots(MODEL_SLOTS, cfg.max_queued, cfg.queue_timeout_s)
     app = FastAPI(title="liverseg", version="1")
-    _follow_routes(app, holder, reload_token, verifier or Verifier(None, 300.0), upload_timeout_s)
+    _follow_routes(app, holder, reload_token, verifier or Verifier(None, 300.0), cfg.upload_timeout_s, budget)
 
     @app.get("/health")
-    def health() -> dict[str, Any]:
+    async def health() -> dict[str, Any]:
         return {"status": "ok", "version": holder.current.info.get("version")}
 
     @app.post("/segment")
     async def segment(request: Request) -> Response:
-        body = await read_body(request, max_bytes, upload_timeout_s)
-        from starlette.concurrency import run_in_threadpool
-
-        return await run_in_threadpool(_segment_bytes, body)
-
-    def _segment_bytes(body: bytearray) -> Response:
-        if not body:
-            raise HTTPException(400, "empty body: send a NIfTI volume (.nii or .nii.gz bytes)")
-        served = holder.current
-        with holder.slots:  # decoding counts against the bound too: it is most of a request's memory
-            try:  # every gzip layer together within the upload limit (a nested bomb stays small)
-                vol = read_volume("upload.nii", data=gunzip(body, "upload.nii.gz", limit=max_bytes))
-            except InputError as e:
-                raise HTTPException(400 if "too large" not in str(e) else 413, str(e)) from None
-            mask = segment_canonical(served.lm, vol.image)
-        out = from_canonical(mask, vol.affine).reshape(vol.shape)
-        headers = {
-            "X-Model-Version": str(served.info.get("version")),
-            "Content-Disposition": "attachment; filename=mask.nii.gz",
-        }
-        return Response(mask_nifti_bytes(out, vol.header, vol.affine), media_type="application/gzip", headers=headers)
+        with budget.reserve() as reserve:
+            body = await read_body(request, max_bytes, cfg.upload_timeout_s, reserve)
+            async with slots.hold():  # decoding counts too: with segmenting, most of a request's memory
+                # a thread, not the loop; not abandoned when the client leaves, so the slot stays held
+                return await run_in_threadpool(_segment_bytes, holder.current, body, max_bytes, cfg.max_slices)
 
     return app
 
 
+def _segment_bytes(served: Served, body: bytearray, max_bytes: int, max_slices: int):
+    """Decode an upload (every gzip layer together within `max_bytes`), segment it, answer the mask."""
+    from fastapi import HTTPException
+    from fastapi.responses import Response
+
+    from liverseg.errors import TooLarge
+    from liverseg.inference import check_slices, mask_nifti_bytes, segment_canonical
+    from liverseg.lits import from_canonical, gunzip, read_volume
+
+    if not body:
+        raise HTTPException(400, "empty body: send a NIfTI volume (.nii or .nii.gz bytes)")
+    try:
+        vol = read_volume("upload.nii", data=gunzip(body, "upload.nii.gz", limit=max_bytes))
+        check_slices(vol.image, "upload.nii", max_slices)
+    except InputError as e:
+        raise HTTPException(413 if isinstance(e, TooLarge) else 400, str(e)) from None
+    mask = segment_canonical(served.lm, vol.image)
+    out = from_canonical(mask, vol.affine).reshape(vol.shape)
+    headers = {
+        "X-Model-Version": str(served.info.get("version")),
+        "Content-Disposition": "attachment; filename=mask.nii.gz",
+    }
+    return Response(mask_nifti_bytes(out, vol.header, vol.affine), media_type="application/gzip", headers=headers)
+
+
 def _follow_routes(
-    app, holder: ModelHolder, reload_token: str | None, verifier: Verifier, body_timeout_s: float
+    app, holder: ModelHolder, reload_token: str | None, verifier: Verifier, body_timeout_s: float, budget: BodyBudget
 ) -> None:
     """GET /model, POST /reload (bearer token), POST /webhook (MLflow-signed alias events)."""
     from fastapi import HTTPException, Request
 
     @app.get("/model")
-    def model() -> dict[str, Any]:
+    async def model() -> dict[str, Any]:
         return {**holder.current.info, "follow_error": holder.last_error}
 
     @app.post("/reload")
@@ -245,7 +327,8 @@ def _follow_routes(
 
     @app.post("/webhook", status_code=202)
     async def webhook(request: Request) -> dict[str, Any]:
-        body = await read_body(request, WEBHOOK_MAX_BYTES, body_timeout_s)  # a whole-body deadline, as for uploads
+        with budget.reserve() as reserve:  # a whole-body deadline and the shared budget, as for uploads
+            body = await read_body(request, WEBHOOK_MAX_BYTES, body_timeout_s, reserve)
         try:
             event = verifier.verify(dict(request.headers), bytes(body), time.time())
         except WebhookRejected as e:
@@ -276,12 +359,84 @@ def serve(
     cfg = cfg or ServeSection()
     holder = ModelHolder(uri, device)
     verifier = Verifier(os.environ.get(SECRET_ENV) or None, cfg.webhook_max_age_s)
-    app = create_app(holder, max_bytes, os.environ.get(RELOAD_TOKEN_ENV) or None, verifier, cfg.upload_timeout_s)
+    app = create_app(holder, max_bytes, os.environ.get(RELOAD_TOKEN_ENV) or None, verifier, cfg)
     signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=holder.reload, daemon=True).start())
     holder.follow(cfg.poll_s)
     info = holder.current.info
+    files = _raise_open_files_limit()
+    if files < cfg.max_connections + 64:  # the model, logs and sockets of its own need some too
+        print(f"warning: {files} open files allowed, serve.max_connections={cfg.max_connections}", flush=True)
     print(f"serving {info.get('name', uri)} v{info.get('version', '?')} on http://{host}:{port}", flush=True)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        loop="asyncio",
+        http=_header_deadline_protocol(cfg.header_timeout_s),
+        limit_concurrency=cfg.max_connections,
+    )
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        asyncio.run(_serve_quietly(uvicorn.Server(config)))
     finally:
         holder.stop()
+
+
+def _raise_open_files_limit() -> int:
+    """Raise the soft limit of open files to the hard one (each connection is one); returns the limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return hard
+    except (ValueError, OSError):  # an unlimited hard limit is above the kernel's nr_open
+        return soft
+
+
+async def _serve_quietly(server) -> None:
+    """`server.serve()` with accept errors reported once a minute, not for every retry.
+
+    When the process runs out of file descriptors, asyncio logs `socket.accept() out of system resource`
+    for each connection waiting in the backlog on each retry: a million lines in a minute.
+    """
+    last, missed = [0.0], [0]
+
+    def handle(loop, context) -> None:
+        if not context.get("message", "").startswith("socket.accept() out of system resource"):
+            return loop.default_exception_handler(context)
+        missed[0] += 1
+        if time.monotonic() - last[0] >= 60:
+            exc = context.get("exception")
+            print(f"warning: cannot accept connections ({exc}); {missed[0]} refused since last said", flush=True)
+            last[0], missed[0] = time.monotonic(), 0
+
+    asyncio.get_running_loop().set_exception_handler(handle)
+    await server.serve()
+
+
+def _header_deadline_protocol(timeout_s: float):
+    """uvicorn's h11 protocol, closing a connection that has not sent a whole request's headers within
+    `timeout_s` of opening or of its last answer. uvicorn times only idle keep-alive connections, and
+    any byte resets that: a client trickling a request line held its socket for ever."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadline(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._deadline = self.loop.call_later(timeout_s, self._headers_late)
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._deadline.cancel()
+            self._deadline = self.loop.call_later(timeout_s, self._headers_late)
+
+        def connection_lost(self, exc) -> None:
+            self._deadline.cancel()
+            super().connection_lost(exc)
+
+        def _headers_late(self) -> None:
+            if self.cycle is None or self.cycle.response_complete:  # no request under way: its headers are late
+                self.transport.close()
+
+    return HeaderDeadline

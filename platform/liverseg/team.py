@@ -6,6 +6,9 @@ needs the same EDIT as moving an alias. So what a role may change is split over 
     <name>-candidates  every registered version, alias `challenger`   scientist EDIT, release EDIT
     <name>             what serving serves, alias `champion`           release EDIT; everyone else READ
 
+A `reader` (serving replicas, dashboards) gets no grant at all: the server's default READ is all it needs
+to load `@champion`, and a leaked serving password then cannot register or move anything.
+
 Promotion copies the candidate version into <name> (MLflow's copy_model_version) and moves `champion`
 there; the serving URI stays `models:/<name>@champion`. Experiments: the server's default permission
 is READ (everyone sees every run), and whoever creates an experiment gets MANAGE on it, so scientists
@@ -26,6 +29,7 @@ CANDIDATES_SUFFIX = "-candidates"
 SERVED, CANDIDATES = "served", "candidates"
 # role -> {which registered model: permission}; anything not listed stays at the server's default, READ
 ROLES: dict[str, dict[str, str]] = {
+    "reader": {},  # serving accounts: least privilege, READ only
     "scientist": {CANDIDATES: "EDIT"},
     "release": {CANDIDATES: "EDIT", SERVED: "EDIT"},
 }
@@ -43,6 +47,17 @@ def grants(role: str, name: str) -> list[tuple[str, str, str]]:
         raise TeamError(f"role {role!r}: unknown; valid roles: {', '.join(ROLES)}")
     models = {SERVED: name, CANDIDATES: candidate_model(name)}
     return [("registered_model", models[which], perm) for which, perm in ROLES[role].items()]
+
+
+def password_from_stdin(text: str) -> str:
+    """The password piped to `--password-stdin` (like `docker login`): stdin's text without its final
+    newline. Read from a pipe it never appears in /proc/*/cmdline, where every local user could see it."""
+    password = text.removesuffix("\n").removesuffix("\r")
+    if not password:
+        raise TeamError("--password-stdin: stdin is empty; pipe the password in, e.g. printenv PW | liverseg ...")
+    if "\n" in password:
+        raise TeamError("--password-stdin: stdin has more than one line; pipe only the password")
+    return password
 
 
 def refusal(user: str, action: str, model: str, has: str, needs: str = "EDIT") -> str:
