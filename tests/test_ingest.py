@@ -473,3 +473,29 @@ def test_metrics_out_never_replaces_a_raw_file(tmp_path, phantom_dir):
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert res.returncode == 1 and len(errors) == 1 and "raw folder" in errors[0], res.stderr
     assert _files(raw) == before and not store.exists()
+
+
+def test_a_second_ingest_of_a_store_is_refused_while_one_runs(tmp_path):
+    """Two ingests of one store: the second's clean-up of interrupted runs would delete the first one's
+    half-built copy (a size change), and their swaps would interleave. One runs, the other is refused."""
+    import subprocess
+    import sys
+    import time
+
+    from liverseg.phantoms import write_phantoms
+
+    raw, store = tmp_path / "raw", tmp_path / "s.zarr"
+    write_phantoms(raw, 4, seed=11, shape=(96, 96, 48))
+    assert ingest(raw, store, IngestConfig(size=(32, 32), workers=2), progress=False).ok
+    cmd = [sys.executable, "-m", "liverseg.cli", "ingest", "--raw", str(raw), "--store", str(store)]
+    proc = subprocess.Popen([*cmd, "--set", "size=[48,48]", "--set", "workers=1"], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not list(tmp_path.glob(".s.zarr.new-*")):
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.stderr.read()  # caught it mid-rebuild
+    with pytest.raises(StoreError, match="another ingest is writing"):
+        ingest(raw, store, IngestConfig(size=(48, 48), workers=1), progress=False)
+    assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    st = SliceStore(str(store))
+    assert st.size == (48, 48) and st.cases == ["0", "1", "2", "3"] and st.verify() == {}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw", "s.zarr"]  # no lock file left

@@ -132,11 +132,12 @@ def test_ground_truth_and_folders_are_never_outputs(tmp_path, phantom_dir, case)
     (tmp_path / "ovdir").mkdir()
     (out / "segmentation-1.nii.gz").mkdir(parents=True)
     shutil.copy(vol, out / "volume-1.nii.gz")  # a CT-only folder whose masks would land on lits/'s truth
-    if case == "lits-pair-nii":
+    if case == "lits-pair-nii":  # the truth is segmentation-0.nii: a .nii.gz beside it would double the pair
         nib.save(nib.load(str(lits / "segmentation-0.nii.gz")), str(lits / "segmentation-0.nii"))
+        (lits / "segmentation-0.nii.gz").unlink()
     args, overlay, expect = {
         "lits-pair": ([vol, lits / "segmentation-0.nii.gz"], None, "is LiTS ground truth (of volume-0.nii.gz"),
-        "lits-pair-nii": ([vol, lits / "segmentation-0.nii"], None, "is LiTS ground truth (of volume-0.nii.gz"),
+        "lits-pair-nii": ([vol, lits / "segmentation-0.nii.gz"], None, "is LiTS ground truth (of volume-0.nii.gz"),
         "folder-into-itself": ([lits, lits], None, "is LiTS ground truth (of volume-0.nii.gz"),
         "into-another-lits": ([out, lits], None, "is LiTS ground truth (of volume-1.nii.gz"),
         "overlay-is-a-folder": ([vol, out / "m1.nii.gz"], tmp_path / "ovdir", "ovdir: exists and is not a file"),

@@ -5,10 +5,14 @@ an interrupted ingest (Ctrl-C, SIGKILL) leaves no half-written case; the next ru
 A new geometry (`size`) rebuilds the whole store beside the old one and swaps only when complete.
 Nothing is removed that the user did not name: a raw folder without cases is an error, and cases
 whose files vanished stay in the store unless `prune` is given. Workers die with their parent.
+Since a rebuild swaps and deletes the store folder whole, the store may hold only its own files and
+never the raw folder (nor lie in it); one ingest per store runs at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import multiprocessing as mp
 import os
 import re
@@ -264,11 +268,41 @@ def ingest(
         raise InputError(
             f"{raw}: no LiTS cases (volume-N.nii[.gz] with segmentation-N.nii[.gz]) found; {store} left untouched"
         )
-    _recover_swap(store_path)
-    old = _existing_attrs(store_path)
-    if old.get("cases") and old.get("size") != list(cfg.size):
-        return _rebuild(raw, store_path, cases, errors, cfg, progress, prune, old)
-    return _update(store_path, cases, errors, cfg, progress, prune)
+    with _store_lock(store_path, store):
+        _recover_swap(store_path)
+        old = _existing_attrs(store_path)
+        if old.get("cases") and old.get("size") != list(cfg.size):
+            return _rebuild(raw, store_path, cases, errors, cfg, progress, prune, old)
+        return _update(store_path, cases, errors, cfg, progress, prune)
+
+
+@contextlib.contextmanager
+def _store_lock(store_path: Path, store: str | Path):
+    """One ingest per store at a time; a second is refused: its clean-up of interrupted runs would delete
+    the first one's half-built copy, and their swaps would interleave. The lock file (`.NAME.lock`
+    beside the store) goes at the end; a lock found unlinked after locking is retried (another run
+    just finished), so two runs never hold two files of one name.
+    """
+    lock = store_path.with_name(f".{store_path.name}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreError(f"{store}: another ingest is writing this store; run again when it has ended") from None
+        try:
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # while still held: a waiting run then sees an unlinked file, retries
+        os.close(fd)
 
 
 def _checked_store(raw: Path, store: Path) -> Path:

@@ -82,10 +82,12 @@ def _protected(src: Path, inputs: list[Path]) -> set[Path]:
 
 
 def _ground_truth(path: Path) -> str | None:
-    """The `volume-N` beside an existing LiTS `segmentation-N` (its ground truth, in any folder), else None."""
+    """The `volume-N` beside `segmentation-N.nii[.gz]` when a segmentation-N of either suffix exists there
+    (its ground truth, in any folder: replaced, or doubled into a pair ingest refuses), else None."""
     m = LITS_TRUTH.fullmatch(path.name)
-    vols = [path.with_name(f"volume-{m[1]}{ext}") for ext in SUFFIXES] if m and path.is_file() else []
-    return next((v.name for v in vols if v.exists()), None)
+    if not m or not any(path.with_name(f"segmentation-{m[1]}{ext}").is_file() for ext in SUFFIXES):
+        return None
+    return next((v.name for ext in SUFFIXES if (v := path.with_name(f"volume-{m[1]}{ext}")).exists()), None)
 
 
 def _check_outputs(outputs: list[Path], protected: set[Path], overwrite: bool) -> None:
