@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import cli_cmd, copy_case
+from helpers import nifti2_declaring
 from liverseg.config import IngestConfig
 from liverseg.ingest import TMP_PREFIX, ingest
 from liverseg.store import SliceStore, StoreError
@@ -98,6 +99,14 @@ def _broken_inputs(raw: Path, good: Path) -> dict[str, str]:
     (raw / "volume-20.nii").write_bytes(gzip.decompress((good / "volume-0.nii.gz").read_bytes()))
     shutil.copy(good / "segmentation-0.nii.gz", raw / "segmentation-20.nii.gz")
     expect["volume-20.nii"] = "duplicate case id 20"
+    axial_first = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], float)  # file axis 0 is S
+    for n, dims, a in (("31", (1, 1, 4000), None), ("32", (4000, 1, 1), axial_first)):  # a few kB, 4000 slices
+        _save(raw / f"volume-{n}.nii.gz", np.zeros(dims, np.int16), a)
+        _save(raw / f"segmentation-{n}.nii.gz", np.zeros(dims, np.uint8), a)
+        expect[n] = f"volume-{n}.nii.gz: 4000 axial slices exceed the limit of 2048"
+    (raw / "volume-33.nii").write_bytes(nifti2_declaring((2**62, 4, 1)))  # the voxel count overflowed int64
+    shutil.copy(good / "segmentation-0.nii.gz", raw / "segmentation-33.nii.gz")
+    expect["33"] = "volume-33.nii: declared shape (4611686018427387904, 4, 1) of uint8 exceeds the data"
     (raw / "segmentation-21.nii.gz").write_bytes(b"x")
     expect["segmentation-21.nii.gz"] = "without volume-21"
     return expect
@@ -107,6 +116,8 @@ def test_broken_inputs_each_reported_good_ones_written(tmp_path, phantom_dir, ca
     raw = tmp_path / "raw"
     copy_case(phantom_dir, raw, "0")
     copy_case(phantom_dir, raw, "1")
+    one = gzip.decompress((raw / "volume-1.nii.gz").read_bytes())  # as bgzip writes it: two gzip members
+    (raw / "volume-1.nii.gz").write_bytes(gzip.compress(one[:1000]) + gzip.compress(one[1000:]))
     expect = _broken_inputs(raw, phantom_dir)
     rep = ingest(raw, tmp_path / "s.zarr", IngestConfig(size=(32, 32), workers=2), progress=False)
     assert sorted(rep.written) == ["0", "1"]

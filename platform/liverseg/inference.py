@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from liverseg.artifact import LoadedModel, keep_largest_component, liver_probability
 from liverseg.config import MAX_SLICES
-from liverseg.errors import InputError, TooLarge
-from liverseg.lits import from_canonical, to_canonical, to_hu_int16
+from liverseg.errors import InputError
+from liverseg.lits import check_slices, from_canonical, to_canonical, to_hu_int16
 from liverseg.plots import mask_overlay_png
 from liverseg.resize import resize_slices
 
@@ -40,13 +40,6 @@ class Timer(dict):
                 self[phase] = self.get(phase, 0.0) + time.perf_counter() - t0
 
         return span()
-
-
-def check_slices(image_zyx: np.ndarray, name: str, max_slices: int) -> None:
-    """Refuse a volume with more than `max_slices` axial slices before any is resized: each becomes a
-    model-size float32 slice, so a few bytes declaring (1, 1, 4e6) voxels would ask for 61 GiB."""
-    if image_zyx.shape[0] > max_slices:
-        raise TooLarge(f"{name}: {image_zyx.shape[0]} axial slices exceed the limit of {max_slices}")
 
 
 def segment_canonical(

@@ -32,7 +32,8 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from liverseg import __version__
-from liverseg.lits import CasePaths, InputError, discover, read_case, sha256_file
+from liverseg.config import MAX_SLICES
+from liverseg.lits import CasePaths, InputError, check_slices, discover, read_case, sha256_file
 from liverseg.resize import resize_slices
 from liverseg.store import FORMAT, FORMAT_VERSION, SliceStore, StoreError, array_sha256, split_cases
 
@@ -100,6 +101,7 @@ def _write_array(group: zarr.Group, name: str, data: np.ndarray, shard_slices: i
 def ingest_case(case: CasePaths, cases_dir: str, size: tuple[int, int], shard_slices: int) -> tuple[str, int]:
     """Read, validate, resize and atomically write one case. Returns (case id, slices)."""
     vol = read_case(case)
+    check_slices(vol.image, case.volume.name, MAX_SLICES)  # each slice is resized: a few bytes could ask for GiBs
     image = resize_slices(vol.image, size, is_mask=False)
     mask = resize_slices(vol.mask, size, is_mask=True)
     final = Path(cases_dir) / case.case_id

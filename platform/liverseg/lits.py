@@ -252,6 +252,13 @@ def read_volume(path: Path | str, data: bytes | None = None) -> CTVolume:
     )
 
 
+def check_slices(image_zyx: np.ndarray, name: str, max_slices: int) -> None:
+    """Refuse a volume with more than `max_slices` axial slices before any is resized: each becomes a
+    model-size float32 slice, so a few bytes declaring (1, 1, 4e6) voxels would ask for 61 GiB."""
+    if image_zyx.shape[0] > max_slices:
+        raise TooLarge(f"{name}: {image_zyx.shape[0]} axial slices exceed the limit of {max_slices}")
+
+
 def _labels_ok(seg: np.ndarray) -> bool:
     """All voxels in {0, 1, 2}; two linear passes for integers (no sort: volumes are 10^8 voxels)."""
     if seg.dtype.kind in "iu":
