@@ -311,10 +311,13 @@ def _checked_store(raw: Path, store: Path) -> Path:
     or lies in it), the current folder, or files of a folder that is not a store. Paths as given in errors.
     """
     raw_r, store_r, cwd = raw.resolve(), store.resolve(), Path.cwd().resolve()
-    if store_r == raw_r or store_r in raw_r.parents or raw_r in store_r.parents:
-        raise StoreError(
-            f"{store}: the store would be, hold or lie inside the raw folder {raw}; give a store outside it"
-        )
+    for relation, hit in (
+        ("is", store_r == raw_r),
+        ("holds", store_r in raw_r.parents),
+        ("lies inside", raw_r in store_r.parents),
+    ):
+        if hit:
+            raise StoreError(f"{store}: the store {relation} the raw folder {raw}; give a store outside it")
     if store_r == cwd or store_r in cwd.parents:
         raise StoreError(f"{store}: is the current folder or holds it; give the store's path from outside it")
     if store_r.exists() and not store_r.is_dir():
