@@ -16,6 +16,7 @@ Retry-After (buffered bodies, model-slot queue, connections: `serve.*` keys) rat
 import asyncio
 import contextlib
 import hmac
+import logging
 import os
 import signal
 import threading
@@ -376,8 +377,10 @@ def serve(
         http=_header_deadline_protocol(cfg.header_timeout_s),
         limit_concurrency=cfg.max_connections,
     )
+    quiet = OncePerMinute()
+    logging.getLogger("uvicorn.error").addFilter(quiet)  # uvicorn's logger for refused and invalid requests
     try:
-        asyncio.run(_serve_quietly(uvicorn.Server(config)))
+        asyncio.run(_serve_quietly(uvicorn.Server(config), quiet))
     finally:
         holder.stop()
 
@@ -394,22 +397,42 @@ def _raise_open_files_limit() -> int:
         return soft
 
 
-async def _serve_quietly(server) -> None:
-    """`server.serve()` with accept errors reported once a minute, not for every retry.
+class OncePerMinute(logging.Filter):
+    """Lets each distinct warning through at most once a minute, with how often it came meanwhile.
 
-    When the process runs out of file descriptors, asyncio logs `socket.accept() out of system resource`
-    for each connection waiting in the backlog on each retry: a million lines in a minute.
+    Under attack, uvicorn warns for every refused request (`Exceeded concurrency limit.`) and asyncio for
+    every connection waiting on a process out of file descriptors: a million lines in a minute.
     """
-    last, missed = [0.0], [0]
+
+    def __init__(self):
+        super().__init__()
+        self.said: dict[str, tuple[float, int]] = {}  # message -> (when last said, times since)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if len(self.said) > 1000:  # messages that vary (addresses): forget rather than grow
+            self.said.clear()
+        when, times = self.said.get(text, (-60.0, 0))
+        if time.monotonic() - when < 60:
+            self.said[text] = (when, times + 1)
+            return False
+        self.said[text] = (time.monotonic(), 0)
+        if times:
+            record.msg, record.args = f"{text} ({times} more in the last minute)", ()
+        return True
+
+
+async def _serve_quietly(server, quiet: OncePerMinute) -> None:
+    """`server.serve()` with asyncio's accept errors (one per waiting connection and retry when out of
+    file descriptors) reported through `quiet`."""
 
     def handle(loop, context) -> None:
         if not context.get("message", "").startswith("socket.accept() out of system resource"):
             return loop.default_exception_handler(context)
-        missed[0] += 1
-        if time.monotonic() - last[0] >= 60:
-            exc = context.get("exception")
-            print(f"warning: cannot accept connections ({exc}); {missed[0]} refused since last said", flush=True)
-            last[0], missed[0] = time.monotonic(), 0
+        record = logging.LogRecord("liverseg.serve", logging.WARNING, "", 0, "", (), None)
+        record.msg = f"cannot accept connections: {context.get('exception')}"
+        if quiet.filter(record):
+            print(f"warning: {record.getMessage()}", flush=True)
 
     asyncio.get_running_loop().set_exception_handler(handle)
     await server.serve()
