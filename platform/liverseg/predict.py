@@ -9,15 +9,14 @@ on past any failing file, whatever it raises, and reports what was really writte
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from liverseg.errors import PredictError
+from liverseg.lits import NAME as LITS_NAME
 
 SUFFIXES = (".nii", ".nii.gz")
-LITS_TRUTH = re.compile(r"segmentation-(\w+)\.nii(?:\.gz)?")  # lits.NAME's ground-truth half
 
 
 @dataclass
@@ -84,10 +83,14 @@ def _protected(src: Path, inputs: list[Path]) -> set[Path]:
 def _ground_truth(path: Path) -> str | None:
     """The `volume-N` beside `segmentation-N.nii[.gz]` when a segmentation-N of either suffix exists there
     (its ground truth, in any folder: replaced, or doubled into a pair ingest refuses), else None."""
-    m = LITS_TRUTH.fullmatch(path.name)
-    if not m or not any(path.with_name(f"segmentation-{m[1]}{ext}").is_file() for ext in SUFFIXES):
+    m = LITS_NAME.match(path.name)
+    if (
+        not m
+        or m[1] != "segmentation"
+        or not any(path.with_name(f"segmentation-{m[2]}{ext}").is_file() for ext in SUFFIXES)
+    ):
         return None
-    return next((v.name for ext in SUFFIXES if (v := path.with_name(f"volume-{m[1]}{ext}")).exists()), None)
+    return next((v.name for ext in SUFFIXES if (v := path.with_name(f"volume-{m[2]}{ext}")).exists()), None)
 
 
 def _check_outputs(outputs: list[Path], protected: set[Path], overwrite: bool) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 
 from liverseg.artifact import LoadedModel, load_model, resolve_version
 from liverseg.config import ServeSection
-from liverseg.errors import InputError
+from liverseg.errors import InputError, TooLarge
 from liverseg.webhook import SECRET_ENV, Verifier, WebhookRejected
 
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024  # a 512x512x1000 int16 volume, uncompressed
@@ -280,9 +280,8 @@ def _segment_bytes(served: Served, body: bytearray, max_bytes: int, max_slices: 
     from fastapi import HTTPException
     from fastapi.responses import Response
 
-    from liverseg.errors import TooLarge
-    from liverseg.inference import check_slices, mask_nifti_bytes, segment_canonical
-    from liverseg.lits import from_canonical, gunzip, read_volume
+    from liverseg.inference import mask_nifti_bytes, segment_canonical
+    from liverseg.lits import check_slices, from_canonical, gunzip, read_volume
 
     if not body:
         raise HTTPException(400, "empty body: send a NIfTI volume (.nii or .nii.gz bytes)")
