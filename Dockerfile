@@ -1,8 +1,8 @@
 # One image for every liverseg pod: Ray head/workers and the RayJob submitter, `liverseg serve`, the
 # MLflow tracking server (mlflow[auth], psycopg and boto3 come with the package's extras) and the
 # bucket Job. Installed as `make` installs it: the package with its extras (dev tools left out).
-#   CPU:  docker build -t liverseg:0.1.0-cpu --build-arg GIT_COMMIT="$(git rev-parse HEAD)" .
-#   CUDA: docker build -t liverseg:0.1.0-cuda --build-arg GIT_COMMIT="$(git rev-parse HEAD)" \
+#   CPU:  docker build -t liverseg:0.2.0-cpu --build-arg GIT_COMMIT="$(git rev-parse HEAD)" .
+#   CUDA: docker build -t liverseg:0.2.0-cuda --build-arg GIT_COMMIT="$(git rev-parse HEAD)" \
 #           --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 .
 # pip's torch for Linux x86_64 bundles CUDA (it also runs on CPU); a CPU-only build may pass
 # --build-arg TORCH_INDEX_URL=<a CPU wheel index> to make the image about 2 GB smaller.

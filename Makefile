@@ -8,7 +8,7 @@ export DVC_NO_ANALYTICS := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 
-.PHONY: setup test test-slow demo clean
+.PHONY: setup test test-fast test-slow demo clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -27,6 +27,10 @@ test: setup
 	$(BIN)/ruff check platform tests benchmarks scripts
 	$(BIN)/ruff format --check platform tests benchmarks scripts
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra
+
+# The pure-Python rooms (no Ray, no servers): the loop while editing them, about a minute.
+test-fast: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests/core tests/data tests/model
 
 test-slow: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra -m slow

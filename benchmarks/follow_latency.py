@@ -50,8 +50,8 @@ def main() -> None:
 
     from mlflow.tracking import MlflowClient
 
-    from liverseg.registry import register
-    from liverseg.webhook import add_webhook
+    from liverseg.registry.register import register
+    from liverseg.serving.webhook import add_webhook
 
     name = "liver-unet-prod"
     with tempfile.TemporaryDirectory() as tmp:

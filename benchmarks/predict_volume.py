@@ -16,9 +16,9 @@ import numpy as np
 
 
 def main() -> None:
-    from liverseg.artifact import ModelSpec, load_local, save_local
-    from liverseg.inference import predict_file
-    from liverseg.model import build_model
+    from liverseg.model.artifact import ModelSpec, load_local, save_local
+    from liverseg.model.inference import predict_file
+    from liverseg.model.network import build_model
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", type=int, nargs=3, default=[512, 512, 400])

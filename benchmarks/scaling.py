@@ -23,8 +23,8 @@ def plain_slices_per_s(size: int, batch: int, threads: int, steps: int) -> float
     """The same U-Net, loss and Adam step on random tensors already in memory: no loader, no Ray."""
     import torch
 
-    from liverseg.losses import HybridLoss
-    from liverseg.model import build_model
+    from liverseg.model.network import build_model
+    from liverseg.training.losses import HybridLoss
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -47,8 +47,9 @@ def liverseg_slices_per_s(
 ) -> float:
     from mlflow.tracking import MlflowClient
 
-    from liverseg.config import TrainConfig, load_config
-    from liverseg.train import train
+    from liverseg.core.config import TrainConfig
+    from liverseg.core.loading import load_config
+    from liverseg.training.train import train
 
     sets = [
         *MODEL,
@@ -76,9 +77,9 @@ def main() -> None:
     a = p.parse_args()
     import ray
 
-    from liverseg.config import IngestConfig
-    from liverseg.ingest import ingest
-    from liverseg.phantoms import write_phantoms
+    from liverseg.core.config import IngestConfig
+    from liverseg.data.ingest import ingest
+    from liverseg.data.phantoms import write_phantoms
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -38,8 +38,8 @@ def _decode_s(files: list[str], workers: int) -> float:
 
 def _ingest(tmp: Path, raw: Path, cases: int, workers: int) -> dict:
     """Ingest the first half of the cases, then all of them: seconds each and the half's MB."""
-    from liverseg.config import IngestConfig
-    from liverseg.ingest import ingest
+    from liverseg.core.config import IngestConfig
+    from liverseg.data.ingest import ingest
 
     half = tmp / "half"
     half.mkdir()
@@ -57,7 +57,7 @@ def _ingest(tmp: Path, raw: Path, cases: int, workers: int) -> dict:
 
 def _reads(store_path: Path, reads: int) -> dict:
     """Random single-slice reads from the store and from memory; whole-case reads."""
-    from liverseg.store import SliceStore
+    from liverseg.data.store import SliceStore
 
     st = SliceStore(str(store_path))
     rng = np.random.default_rng(0)
@@ -84,7 +84,7 @@ def _reads(store_path: Path, reads: int) -> dict:
 
 
 def main() -> None:
-    from liverseg.phantoms import write_phantoms
+    from liverseg.data.phantoms import write_phantoms
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", type=int, default=8)

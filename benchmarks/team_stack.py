@@ -1,7 +1,7 @@
 """The local team stack: start-up time of deploy/local/up.sh (fresh folder, then again on the same data),
 and a training epoch's tracking cost against its MLflow server (basic-auth, PostgreSQL) vs SQLite.
 
-An epoch's tracking is what rank 0 does per epoch (liverseg.train_loop.MetricLogger: one log_batch
+An epoch's tracking is what rank 0 does per epoch (liverseg.tracking.logger.MetricLogger: one log_batch
 of the epoch's six metrics); a run's one-off setup is create_run plus the config as params (one
 log_batch). HTTP requests are counted at requests' transport adapter. Prints one JSON line.
 
@@ -23,8 +23,9 @@ from pathlib import Path
 import requests.adapters
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from liverseg.train_loop import MetricLogger  # noqa: E402
 from stack import Stack, new_stack_dir  # noqa: E402
+
+from liverseg.tracking.logger import MetricLogger
 
 METRICS = ("train_loss", "val_loss", "val_dice", "val_iou", "val_precision", "val_recall")
 REQUESTS = [0]

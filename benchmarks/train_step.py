@@ -63,12 +63,12 @@ def _environment(args, dev: torch.device, bf16: bool) -> dict:
 def _sides(args, dev: torch.device, bf16: bool, out: dict):
     """The two step functions: plain PyTorch on device-resident random data, and liverseg's
     SliceSet in host memory -> device -> `train_loop.train_step` (window, augment, standardise, step)."""
-    from liverseg.artifact import ModelSpec
-    from liverseg.config import TrainConfig
-    from liverseg.data import DeviceBatches, SliceSet, epoch_indices
-    from liverseg.losses import HybridLoss
-    from liverseg.model import build_model
-    from liverseg.train_loop import optimise, prepare_batch, train_step
+    from liverseg.core.config import TrainConfig
+    from liverseg.model.artifact import ModelSpec
+    from liverseg.model.network import build_model
+    from liverseg.training.batches import DeviceBatches, SliceSet, epoch_indices
+    from liverseg.training.losses import HybridLoss
+    from liverseg.training.step import optimise, prepare_batch, train_step
 
     B, S = args.batch, args.size
     loss_fn = HybridLoss()

@@ -1,29 +1,23 @@
-"""Shared fixtures: tiny phantoms and a store built once per session, the real CT, a local Ray."""
+"""Fixtures shared by every room's tests (helpers live in `support/`): tiny phantoms and a store built
+once per session, the real CT, a local Ray, an S3 server, a SQLite tracking store, the team stack."""
 
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no weight downloads in tests (users keep their network)
-# command logs (liverseg.console) of CLI runs in tests: one temporary folder, not ./logs of the worktree
+# command logs (liverseg.core.console) of CLI runs in tests: one temporary folder, not ./logs of the worktree
 os.environ.setdefault("LIVERSEG_LOG_DIR", tempfile.mkdtemp(prefix="liverseg-test-logs-"))
 os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")  # servers the tests start: no GenAI runner
 
-REPO = Path(__file__).resolve().parents[1]
-REAL_CT = REPO.parent / "shared" / "data" / "real-ct"
-SMALL = (64, 64, 24)  # phantom voxels: big enough for anatomy, small enough for 2 CPU cores
+from support.paths import REAL_CT, SMALL  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +28,7 @@ def real_ct() -> Path:
 
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory) -> Path:
-    from liverseg.phantoms import write_phantoms
+    from liverseg.data.phantoms import write_phantoms
 
     out = tmp_path_factory.mktemp("phantoms")
     write_phantoms(out, cases=6, seed=3, shape=SMALL)
@@ -43,8 +37,8 @@ def phantom_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def store_path(tmp_path_factory, phantom_dir) -> str:
-    from liverseg.config import IngestConfig
-    from liverseg.ingest import ingest
+    from liverseg.core.config import IngestConfig
+    from liverseg.data.ingest import ingest
 
     path = tmp_path_factory.mktemp("store") / "slices.zarr"
     report = ingest(phantom_dir, path, IngestConfig(size=(64, 64), workers=2), progress=False)
@@ -69,12 +63,16 @@ def ray_local():
     ray.shutdown()
 
 
-def copy_case(src: Path, dst: Path, n: str = "0", new_id: str | None = None) -> None:
-    """Copy one LiTS pair (volume-n, segmentation-n) into dst, optionally renumbered."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for kind in ("volume", "segmentation"):
-        for f in src.glob(f"{kind}-{n}.nii*"):
-            shutil.copy(f, dst / f.name.replace(f"-{n}.", f"-{new_id or n}."))
+@pytest.fixture
+def mlflow_server(tmp_path, monkeypatch):
+    """A real MLflow tracking server (SQLite, local artifacts) on 127.0.0.1; MLFLOW_TRACKING_URI points at it."""
+    from support.servers import start_mlflow_server
+
+    server = start_mlflow_server(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    monkeypatch.chdir(tmp_path)
+    yield server.uri
+    server.stop()
 
 
 @pytest.fixture
@@ -82,6 +80,7 @@ def s3(monkeypatch) -> str:
     """A moto S3 server on 127.0.0.1 (stopped after) with bucket `lake`; the client variables point at
     it as they would at MinIO/S3 (boto3, s3fs, pyarrow and DVC read AWS_ENDPOINT_URL). Returns s3://lake."""
     import boto3
+    import requests
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -94,46 +93,25 @@ def s3(monkeypatch) -> str:
         "AWS_DEFAULT_REGION": "us-east-1",
     }.items():
         monkeypatch.setenv(key, value)
-    import requests
-
     requests.post(f"http://{host}:{port}/moto-api/reset", timeout=10).raise_for_status()  # moto state is per process
     boto3.client("s3").create_bucket(Bucket="lake")
     yield "s3://lake"
     server.stop()
 
 
-TINY = [  # a ResNet-18 U-Net with a narrow decoder, no downloaded weights: seconds per epoch on 2 cores
-    "model.encoder=resnet18",
-    "model.encoder_weights=none",
-    "model.decoder_channels=[32,16,16,8,8]",
-    "train.batch_size=8",
-]
+@pytest.fixture(scope="module")
+def team_stack():
+    """The local team stack (deploy/local), up for the module's tests, down and removed after."""
+    import shutil
 
+    from support.stack import Stack, new_stack_dir
 
-def cli_cmd(command: str, store: str | Path, *sets: str, raw: Path | None = None) -> list[str]:
-    """`python -m liverseg.cli COMMAND --store STORE [--raw RAW] --set S ...` for a subprocess."""
-    cmd = [sys.executable, "-m", "liverseg.cli", command, "--store", str(store)]
-    return cmd + (["--raw", str(raw)] if raw else []) + [x for s in sets for x in ("--set", s)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_mlflow_server(db: Path, artifacts: Path, port: int) -> subprocess.Popen:
-    """An MLflow server on 127.0.0.1:port over SQLite `db`, serving `artifacts`; returns once /health
-    answers (the caller stops it by its Popen)."""
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}"]
-    cmd += ["--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 90
-    while time.time() < deadline:
+    stack = Stack(new_stack_dir())
+    try:
+        stack.up()
+        yield stack
+    finally:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    proc.kill()
-    pytest.fail("mlflow server did not start in 90 s")
+            stack.down()
+        finally:
+            shutil.rmtree(stack.dir, ignore_errors=True)

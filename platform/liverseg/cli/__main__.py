@@ -1,0 +1,7 @@
+"""`python -m liverseg.cli`."""
+
+import sys
+
+from liverseg.cli import main
+
+sys.exit(main())

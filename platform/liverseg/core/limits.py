@@ -1,0 +1,10 @@
+"""Limits on work per input, in one place: every reader (ingest, predict, serve, score) checks the same
+numbers, and `pipelines/serve.yaml` may lower the serving ones per replica."""
+
+from __future__ import annotations
+
+# LiTS volumes have at most ~1000 axial slices; twice that leaves room for thin-slice CT
+MAX_SLICES = 2048
+MAX_UPLOAD_BYTES = 512 * 1024 * 1024  # a 512x512x1000 int16 volume, uncompressed
+WEBHOOK_MAX_BYTES = 64 * 1024  # MLflow's alias payload is ~200 bytes
+MAX_REASON = 1000  # characters of a promotion reason; MLflow caps a tag value at 5000

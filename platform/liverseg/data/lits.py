@@ -1,0 +1,298 @@
+"""LiTS reader: discover `volume-N` / `segmentation-N` NIfTI pairs, validate them, reorient to RAS.
+
+Canonical orientation is RAS+ (nibabel's closest canonical): array axes (x, y, z) increase towards
+world +R, +A, +S. Arrays are then held as (Z, Y, X), so Z is
+the axial axis (inferior -> superior) and each slice is (H=Y, W=X). The file's own affine is kept so
+that masks can be written back on the input's grid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from isal import isal_zlib
+from nibabel.affines import voxel_sizes
+from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
+
+from liverseg.core.errors import InputError, TooLarge
+
+NAME = re.compile(r"^(volume|segmentation)-(\w+)\.nii(\.gz)?$")  # LiTS file naming: kind, case id, .gz
+CASE_ID = re.compile(r"\w+")  # a LiTS case id (NAME's second group): never a path, so cases/<id> stays inside
+SUFFIXES = (".nii", ".nii.gz")
+RAS = axcodes2ornt(("R", "A", "S"))
+NIFTI2_SIZEOF_HDR = ((540).to_bytes(4, "little"), (540).to_bytes(4, "big"))  # NIfTI-1 has 348
+GZIP_MAGIC = b"\x1f\x8b"
+# input fed per call after a file's first gzip member: at each member's end the decompressor copies the
+# input it did not use, so whole-rest feeding would be quadratic for bgzip's thousands of 64 KiB members
+MEMBER_STEP = 1 << 20
+AFFINE_TOL = 1e-3  # mm; scanners write affines with float32 rounding
+
+
+@dataclass
+class CasePaths:
+    case_id: str
+    volume: Path
+    segmentation: Path | None
+
+
+@dataclass
+class CTVolume:
+    """A CT volume in canonical orientation.
+
+    image: (Z, Y, X) int16 HU; affine: the file's own 4x4 (mm); canonical_affine: RAS+ 4x4 of the
+    (X, Y, Z) canonical array; shape: the file's own 3-D shape; spacing: canonical (x, y, z) mm;
+    sha256: of the file's bytes as stored (compressed or not).
+    """
+
+    image: np.ndarray
+    affine: np.ndarray
+    canonical_affine: np.ndarray
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    sha256: str
+    header: nib.Nifti1Header  # the file's own, to write masks back on its grid
+    mask: np.ndarray | None = None  # (Z, Y, X) uint8 {0,1,2}
+    mask_sha256: str | None = None
+
+
+def discover(raw_dir: str | Path) -> tuple[list[CasePaths], list[str]]:
+    """Find LiTS pairs in a folder. Returns (cases sorted by id, one error line per bad case)."""
+    raw = Path(raw_dir)
+    if not raw.is_dir():
+        raise InputError(f"{raw}: not a folder")
+    found: dict[str, dict[str, list[Path]]] = {}
+    for p in sorted(raw.iterdir()):
+        m = NAME.match(p.name)
+        if m:
+            found.setdefault(m.group(2), {}).setdefault(m.group(1), []).append(p)
+    cases, errors = [], []
+    for cid in sorted(found, key=case_order):
+        kinds = found[cid]
+        dup = [ps for ps in kinds.values() if len(ps) > 1]
+        if dup:
+            errors.append(f"{dup[0][0].name}: duplicate case id {cid} ({', '.join(p.name for p in dup[0])})")
+            continue
+        if "volume" not in kinds:
+            errors.append(f"{kinds['segmentation'][0].name}: segmentation without volume-{cid}")
+            continue
+        seg = kinds.get("segmentation", [None])[0]
+        cases.append(CasePaths(cid, kinds["volume"][0], seg))
+    return cases, errors
+
+
+def case_order(case_id: str) -> tuple[int, str]:
+    """LiTS ids in numeric order: 2 before 10 (the order of every listing of cases)."""
+    return len(case_id), case_id
+
+
+def segmentation_name(volume_name: str) -> str:
+    """The mask's file name for a CT file: volume-7.nii -> segmentation-7.nii.gz (LiTS naming), any other
+    ct.nii[.gz] -> ct.nii.gz."""
+    stem = volume_name.removesuffix(".gz").removesuffix(".nii")
+    if stem.startswith("volume-"):
+        stem = "segmentation-" + stem.removeprefix("volume-")
+    return stem + ".nii.gz"
+
+
+def read_file(path: Path | str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise InputError(f"{Path(path).name}: cannot read ({e.strerror})") from None
+
+
+def gunzip(data: bytes, name: str, limit: int = 0) -> bytes:
+    """Decompress gzip bytes with ISA-L (about 2x zlib), layer after layer (gzip of gzip ...); other
+    bytes pass through. Each layer may hold several members (bgzip/BGZF, `cat a.gz b.gz`), as gzip
+    allows; bytes after the last member that are not gzip are an error, never silently dropped.
+
+    limit: refuse when every layer and member together decompress to more than this many bytes (0: no
+    limit), so neither a gzip bomb, a nested one nor one of many members grows past it in memory.
+    """
+    budget = [limit]  # shared by every layer and member: what may still be decompressed
+    while data[:2] == GZIP_MAGIC:
+        data = _gunzip_layer(data, name, budget, limit)
+    return data
+
+
+def _gunzip_layer(data: bytes, name: str, budget: list[int], limit: int) -> bytes:
+    """One gzip layer: every member in turn, all within what is left of `budget`."""
+    mv = memoryview(data)
+    out, pos = _gunzip_member(mv, 0, len(mv), name, budget, limit)  # usually the only one: no join, no copy
+    parts = [out]
+    while pos < len(mv):
+        if bytes(mv[pos : pos + 2]) != GZIP_MAGIC:
+            raise InputError(f"{name}: cannot decode ({len(mv) - pos} bytes of trailing garbage after the gzip data)")
+        out, pos = _gunzip_member(mv, pos, MEMBER_STEP, name, budget, limit)
+        parts.append(out)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _gunzip_member(mv: memoryview, pos: int, step: int, name: str, budget: list[int], limit: int) -> tuple[bytes, int]:
+    """(the member starting at `pos`, decompressed; where the next begins), fed `step` bytes at a time.
+
+    budget: a one-item list, what may still be decompressed, charged here (used only when `limit`)."""
+    d = isal_zlib.decompressobj(wbits=31)
+    pieces = []
+    while not d.eof:
+        if pos >= len(mv):
+            raise InputError(f"{name}: cannot decode (truncated gzip stream)")
+        chunk = mv[pos : pos + step]
+        pos += len(chunk)
+        try:  # one byte past the budget tells "too large" from "exactly the budget"
+            out = d.decompress(chunk, budget[0] + 1) if limit else d.decompress(chunk)
+        except (isal_zlib.error, zlib.error) as e:
+            raise InputError(f"{name}: cannot decode (gzip: {e})") from None
+        if limit and len(out) > budget[0]:
+            raise TooLarge(f"{name}: decompresses to more than {limit} bytes (too large)")
+        budget[0] -= len(out)
+        pieces.append(out)
+    return (pieces[0] if len(pieces) == 1 else b"".join(pieces)), pos - len(d.unused_data)
+
+
+def load_nifti(path: Path | str, data: bytes | None = None) -> nib.Nifti1Image:
+    """Open a NIfTI-1/2 file (or its bytes, gzipped or not) as a usable 3-D image, squeezing trailing 1s.
+
+    The whole file is read and decompressed in memory: one pass over the disk, and voxels are then
+    viewed in place (`_array`) instead of being streamed through Python's gzip.
+    """
+    name = Path(path).name
+    data = read_file(path) if data is None else data
+    if not data:
+        raise InputError(f"{name}: empty file")
+    raw = gunzip(data, name)
+    try:
+        klass = nib.Nifti2Image if raw[:4] in NIFTI2_SIZEOF_HDR else nib.Nifti1Image
+        img = klass.from_bytes(raw)
+    except Exception as e:  # nibabel raises several types for non-NIfTI input
+        raise InputError(
+            f"{name}: not a NIfTI file ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
+    shape = img.shape
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) == 4:
+        raise InputError(f"{name}: 4-D image holding {shape[3]} volumes; expected one 3-D volume")
+    if len(shape) != 3:
+        raise InputError(f"{name}: {len(shape)}-D image of shape {tuple(shape)}; expected 3-D")
+    if min(shape) < 1:
+        raise InputError(f"{name}: empty shape {tuple(shape)}")
+    return img
+
+
+def _array(img: nib.Nifti1Image, name: str, integer_dtype: bool) -> np.ndarray:
+    """Voxels with scl_slope/scl_inter applied: raw integers when unscaled and `integer_dtype`, else float32.
+
+    An image from `load_nifti` holds its decompressed bytes; the voxels are a read-only view of them.
+    """
+    proxy = img.dataobj
+    if proxy.dtype.kind not in "iuf":  # RGB (structured) or complex: no single intensity per voxel
+        kind = img.header.get_value_label("datatype")
+        raise InputError(f"{name}: voxel type {kind} is not a real scalar; expected integer or float voxels")
+    slope, inter = float(proxy.slope), float(proxy.inter)
+    buf = proxy.file_like.getbuffer()
+    count = math.prod(int(s) for s in proxy.shape)  # Python ints: a NIfTI-2 shape can overflow int64
+    if proxy.offset + count * proxy.dtype.itemsize > len(buf):
+        raise InputError(
+            f"{name}: declared shape {tuple(int(s) for s in proxy.shape)} of {proxy.dtype} exceeds the data "
+            f"({count * proxy.dtype.itemsize} bytes declared, {max(len(buf) - int(proxy.offset), 0)} present)"
+        )
+    raw = np.frombuffer(buf, proxy.dtype, count=count, offset=proxy.offset)
+    arr = raw.reshape(proxy.shape, order=proxy.order)
+    arr = arr.reshape(arr.shape[:3], order="F")
+    if not (integer_dtype and slope == 1 and inter == 0 and arr.dtype.kind in "iu"):
+        arr = arr.astype(np.float32)
+        if slope != 1 or inter != 0:
+            arr = arr * np.float32(slope) + np.float32(inter)
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise InputError(f"{name}: {int((~np.isfinite(arr)).sum())} non-finite voxels (NaN/inf)")
+    return arr
+
+
+def to_canonical(arr: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(X, Y, Z) array in the file's orientation -> ((Z, Y, X) RAS+ array, RAS+ affine of (X, Y, Z))."""
+    t = ornt_transform(io_orientation(affine), RAS)
+    canon = apply_orientation(arr, t)
+    canon_affine = affine @ inv_ornt_aff(t, arr.shape)
+    return np.ascontiguousarray(canon.transpose(2, 1, 0)), canon_affine
+
+
+def from_canonical(arr_zyx: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Inverse of `to_canonical`: (Z, Y, X) RAS+ array -> (X, Y, Z) array, Fortran-ordered, on the grid of the
+    file with `affine`."""
+    t = ornt_transform(RAS, io_orientation(affine))
+    # Fortran order: NIfTI's own layout, so writing needs no second transpose (for a RAS file, and a
+    # C-ordered (Z, Y, X) input, no copy at all: 2 s less for a 512x512x400 mask).
+    return np.asfortranarray(apply_orientation(arr_zyx.transpose(2, 1, 0), t))
+
+
+def to_hu_int16(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype == np.int16:
+        return arr
+    return np.clip(np.rint(arr), -32768, 32767).astype(np.int16)
+
+
+def read_volume(path: Path | str, data: bytes | None = None) -> CTVolume:
+    """Read one CT volume (file or bytes, read once: decoded and hashed) into canonical int16 HU."""
+    path = Path(path)
+    data = read_file(path) if data is None else data
+    img = load_nifti(path, data)
+    arr = _array(img, path.name, integer_dtype=True)
+    affine = img.affine.astype(np.float64)
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise InputError(f"{path.name}: affine is singular or not finite")
+    image, canon_affine = to_canonical(to_hu_int16(arr), affine)
+    spacing = tuple(float(s) for s in voxel_sizes(canon_affine))
+    return CTVolume(
+        image,
+        affine,
+        canon_affine,
+        tuple(int(s) for s in arr.shape),
+        spacing,
+        hashlib.sha256(data).hexdigest(),
+        img.header.copy(),
+    )
+
+
+def check_slices(image_zyx: np.ndarray, name: str, max_slices: int) -> None:
+    """Refuse a volume with more than `max_slices` axial slices before any is resized: each becomes a
+    model-size float32 slice, so a few bytes declaring (1, 1, 4e6) voxels would ask for 61 GiB."""
+    if image_zyx.shape[0] > max_slices:
+        raise TooLarge(f"{name}: {image_zyx.shape[0]} axial slices exceed the limit of {max_slices}")
+
+
+def _labels_ok(seg: np.ndarray) -> bool:
+    """All voxels in {0, 1, 2}; two linear passes for integers (no sort: volumes are 10^8 voxels)."""
+    if seg.dtype.kind in "iu":
+        return bool(seg.min() >= 0 and seg.max() <= 2)
+    return bool(((seg == 0) | (seg == 1) | (seg == 2)).all())
+
+
+def read_case(case: CasePaths) -> CTVolume:
+    """Read and validate a volume with its segmentation (labels {0,1,2}, same grid)."""
+    if case.segmentation is None:
+        raise InputError(f"{case.volume.name}: missing segmentation-{case.case_id}.nii[.gz]")
+    vol = read_volume(case.volume)
+    seg_name = case.segmentation.name
+    seg_data = read_file(case.segmentation)
+    seg_img = load_nifti(case.segmentation, seg_data)
+    seg = _array(seg_img, seg_name, integer_dtype=True)
+    if tuple(seg.shape) != vol.shape:
+        raise InputError(f"{seg_name}: shape {tuple(seg.shape)} differs from {case.volume.name} {vol.shape}")
+    if not np.allclose(seg_img.affine, vol.affine, atol=AFFINE_TOL):
+        diff = float(np.abs(seg_img.affine - vol.affine).max())
+        raise InputError(f"{seg_name}: affine differs from {case.volume.name} by {diff:.3g} mm (> {AFFINE_TOL})")
+    if not _labels_ok(seg):
+        bad = [int(v) if float(v).is_integer() else v for v in np.unique(seg).tolist() if v not in (0, 1, 2)]
+        raise InputError(f"{seg_name}: labels {bad[:5]} outside {{0, 1, 2}}")
+    mask, _ = to_canonical(seg, vol.affine)
+    vol.mask = mask.astype(np.uint8, copy=False)
+    vol.mask_sha256 = hashlib.sha256(seg_data).hexdigest()
+    return vol

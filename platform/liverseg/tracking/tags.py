@@ -1,0 +1,60 @@
+"""The MLflow vocabulary liverseg writes and reads: registered-model names, aliases and tag keys, each
+defined once. MLflow's own keys (`mlflow.user`, `mlflow.parentRunId`, ...) come from `mlflow.utils.mlflow_tags`
+where code needs them; the strings are repeated here only so that this module imports no MLflow.
+"""
+
+from __future__ import annotations
+
+# ---------------------------------------------------------------- registered models and aliases
+SERVED_MODEL = "liver-unet"  # what serving follows: models:/liver-unet@champion
+CANDIDATES_SUFFIX = "-candidates"  # <name>-candidates holds every registered version (scientists add them)
+CHAMPION, CHALLENGER = "champion", "challenger"  # the served version | the latest registered candidate
+
+
+def candidate_model(name: str) -> str:
+    """The registered model holding `name`'s candidate versions (alias `challenger`)."""
+    return f"{name}{CANDIDATES_SUFFIX}"
+
+
+# ---------------------------------------------------------------- MLflow's own keys, as liverseg sets them
+MLFLOW_USER = "mlflow.user"
+MLFLOW_PARENT_RUN_ID = "mlflow.parentRunId"
+MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"
+MLFLOW_NOTE = "mlflow.note.content"  # a run's Markdown description
+
+# ---------------------------------------------------------------- run tags
+RUN_KEY = "liverseg.run_key"  # makes runs findable again (resume, no duplicates)
+KIND = "liverseg.kind"  # tune | evaluation (training runs have none)
+GIT_COMMIT = "git_commit"
+DVC_STORE_MD5 = "dvc_store_md5"
+STORE_PATH = "store_path"
+STORE_DIGEST = "store_digest"
+FORMAT_VERSION = "format_version"  # of the slice store trained on
+RAY_VERSION, TORCH_VERSION = "ray_version", "torch_version"
+CONFIG_HASH = "config_hash"
+MODEL_URI = "model_uri"  # a finished training run's logged model
+BEST_VAL_DICE, BEST_EPOCH = "best_val_dice", "best_epoch"
+RAY_WORKER_NODES = "ray_worker_nodes"
+TRIAL_STATUS = "trial_status"  # completed | early-stopped | failed
+BEST_TRIAL_ID, BEST_RUN_ID = "best_trial_id", "best_run_id"  # on a search's parent run
+BEST_PARAM_PREFIX = "best."  # best.<searched key> on a search's parent run
+# an evaluation run's link to what it scored
+MODEL_NAME, MODEL_VERSION, TRAINING_RUN_ID = "model_name", "model_version", "training_run_id"
+SPLIT, RESOLUTION = "split", "resolution"
+
+# ---------------------------------------------------------------- model version tags
+WEIGHTS_SHA256, SPEC_SHA256 = "liverseg.weights_sha256", "liverseg.spec_sha256"  # checked on every load
+VAL_DICE = "val_dice"
+TEST_DICE = "test_dice"  # the LiTS convention: mean over test volumes, each on its original grid
+TEST_DICE_STORE_GRID = "test_dice_store_grid"  # a figure on the store's resampled grid, named as such
+TEST_DICE_GRID, TEST_HD95, TEST_CASES = "test_dice_grid", "test_hd95_mm", "test_cases"
+PROMOTION_DECISION, PROMOTION_REASON = "promotion_decision", "promotion_reason"
+CHAMPION_TEST_DICE, COMPARED_WITH = "champion_test_dice", "compared_with"
+DECIDED_AT, DECIDED_BY, PROMOTED_BY = "decided_at", "decided_by", "promoted_by"
+CANDIDATE_VERSION, PREVIOUS_CHAMPION = "candidate_version", "previous_champion"  # on served copies
+ROLLED_BACK_AT = "rolled_back_at"
+CHAMPION_BY, CHAMPION_AT = "champion_by", "champion_at"
+CHAMPION_FROM, CHAMPION_REASON = "champion_from", "champion_reason"
+
+# ---------------------------------------------------------------- registered model tags
+HISTORY_PREFIX = "liverseg.history."  # one per champion change: liverseg.history.<UTC time>

@@ -1,0 +1,206 @@
+"""Running a search: Ray Tune over training keys (lr, Dice/CE weights, ...), each trial a Ray Train run
+(`search`). MLflow has one parent run for the search and one child run per trial, keyed by trial id (a
+retried or resumed trial continues its own run: no duplicates); the results go to `tune-results.json`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from liverseg.core.config import TrainConfig, TuneConfig
+from liverseg.core.console import EpochView, root_cause
+from liverseg.tracking import tags
+from liverseg.tracking.results import SearchResults, TrialResult, write_results
+from liverseg.tracking.runs import author, check_tracking, experiment_id, find_run, tracking_uri
+from liverseg.tracking.runs import client as mlflow_client
+from liverseg.training.search import TrialSetup, build_space, fit_concurrency, make_scheduler, make_search, trial_fn
+from liverseg.training.tune_report import describe_search
+
+
+def _parent_run(client, cfg: TuneConfig, resume: bool, lineage: dict[str, str]) -> str:
+    exp = experiment_id(client, cfg.run.experiment)
+    key = f"tune/{cfg.tune.name}"
+    run = find_run(client, exp, key)
+    if run is not None and resume:
+        client.update_run(run.info.run_id, status="RUNNING")
+        return run.info.run_id
+    run = client.create_run(
+        exp, run_name=cfg.tune.name, tags={tags.RUN_KEY: key, tags.KIND: "tune", tags.MLFLOW_USER: author(), **lineage}
+    )
+    rid = run.info.run_id
+    client.log_param(rid, "search", cfg.tune.search)
+    client.log_param(rid, "scheduler", cfg.tune.scheduler)
+    client.log_param(rid, "num_samples", cfg.tune.num_samples)
+    client.log_param(rid, "metric", f"{cfg.tune.metric} ({cfg.tune.mode})")
+    client.log_dict(rid, cfg.space, "search_space.json")
+    client.log_dict(rid, cfg.model_dump(mode="json"), "tune_config.json")
+    return rid
+
+
+def progress_callback(view: EpochView, epochs: int):
+    """A Tune callback (runs in the driver) feeding each trial's epoch reports to the terminal's view."""
+    from ray.tune import Callback
+
+    class TuneProgress(Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if "epoch" in result:
+                view.epoch(f"trial {trial.trial_id}", int(result["epoch"]), epochs, result)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            view.shrink(epochs - int((trial.last_result or {}).get("epoch", -1)) - 1)  # early-stopped
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.on_trial_complete(iteration, trials, trial)
+            view.console.line(f"  trial {trial.trial_id} failed (cause in the summary below)")
+
+        def __reduce__(self):  # Tune pickles its run config: restored, this is a do-nothing callback
+            return (Callback, ())
+
+    return TuneProgress()
+
+
+def _new_tuner(trainable, cfg: TuneConfig, search, param_space: dict[str, Any], root: str, view: EpochView | None):
+    """A new search: Ray's Tuner over `param_space` with the configured search and scheduler; stopped
+    trials' reservations are released as they end (see tune_guard)."""
+    from ray import tune
+
+    from liverseg.training.tune_guard import ReleaseStoppedTrials
+
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            num_samples=cfg.tune.num_samples,
+            search_alg=search,
+            scheduler=make_scheduler(cfg),
+        ),  # concurrency is limited by the search algorithm (see make_search)
+        run_config=tune.RunConfig(
+            name=cfg.tune.name,
+            storage_path=root,
+            callbacks=[ReleaseStoppedTrials()] + ([progress_callback(view, cfg.train.epochs)] if view else []),
+        ),
+    )
+
+
+def tune_search(
+    store_path: str,
+    cfg: TuneConfig,
+    resume: bool = False,
+    results_path: str | Path = "tune-results.json",
+    view: EpochView | None = None,
+) -> SearchResults:
+    """Run (or resume) a search; writes `results_path` (JSON for DVC) and returns trials best-first.
+
+    `view`: the terminal's progress view, one line per trial epoch (new searches only).
+    """
+    from ray import tune
+
+    from liverseg.data.store import SliceStore
+    from liverseg.training.runtime import ensure_ray, lineage_tags, preflight, storage_path
+
+    uri = tracking_uri()
+    check_tracking(uri)
+    if "://" not in store_path:
+        store_path = str(Path(store_path).resolve())
+    space = build_space(cfg.space)
+    # git commit and DVC hash are read here, in the project directory: trials run in their own
+    lineage = lineage_tags(SliceStore(store_path), store_path)
+    client = mlflow_client(uri)
+    root = storage_path(cfg)
+    exp_dir = f"{root.rstrip('/')}/{cfg.tune.name}"
+    preflight(cfg)
+    ensure_ray(cfg.run.ray_address)
+    cfg = fit_concurrency(cfg)
+    search = make_search(cfg, space)
+    trainable = tune.with_resources(trial_fn, {"cpu": cfg.tune.cpus_per_trial})
+    if resume and tune.Tuner.can_restore(exp_dir):
+        parent = _parent_run(client, cfg, resume=True, lineage=lineage)
+        tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        parent = _parent_run(client, cfg, resume=False, lineage=lineage)
+        base = TrainConfig.model_validate(cfg.model_dump(include=set(TrainConfig.model_fields))).model_dump(mode="json")
+        setup = TrialSetup(base, store_path, cfg.tune.name, exp_dir, parent, uri, lineage)
+        param_space = {"setup": setup, "sampled": space}
+        tuner = _new_tuner(trainable, cfg, search, param_space, root, view)
+    grid = _fit(tuner, client, parent)
+    summary = _summarise(client, cfg, grid, parent)
+    _log_parent(client, parent, summary)
+    describe_search(client, summary)
+    write_results(results_path, summary)
+    return summary
+
+
+def _fit(tuner, client, parent: str):
+    """tuner.fit(), with Ctrl-C ending the search in seconds: the parent run and its running trials are
+    marked KILLED, and the local Ray (with every trial) is shut down, before KeyboardInterrupt goes on."""
+    import ray
+
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Tune's own handler waits for trials to wind down
+    try:
+        return tuner.fit()
+    except KeyboardInterrupt:
+        exp = client.get_run(parent).info.experiment_id
+        running = client.search_runs(
+            [exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'RUNNING'"
+        )
+        for run in [*running, client.get_run(parent)]:
+            client.set_terminated(run.info.run_id, "KILLED")
+        ray.shutdown()
+        raise
+
+
+def _summarise(client, cfg: TuneConfig, grid, parent: str) -> SearchResults:
+    exp = experiment_id(client, cfg.run.experiment)
+    trials = []
+    for res in grid:
+        metrics = res.metrics or {}
+        trial_id = metrics.get("trial_id") or Path(str(res.path)).name.split("_")[-2]
+        run = find_run(client, exp, f"{cfg.tune.name}/{trial_id}")
+        epochs = int(metrics.get("epoch", -1)) + 1
+        run_id = run.info.run_id if run else None
+        model_uri = run.data.tags.get(tags.MODEL_URI) if run else None
+        if res.error is not None:
+            status = "failed"
+        elif epochs < cfg.train.epochs or not model_uri:  # completed means: a model to register
+            status = "early-stopped"
+        else:
+            status = "completed"
+        if run is not None:
+            client.set_tag(run_id, tags.TRIAL_STATUS, status)
+            # a pruned trial ran correctly: FINISHED, as Ray's and Optuna's MLflow loggers mark it (KILLED
+            # would paint the scheduler's normal work red in the UI); the tag tells the two apart
+            client.set_terminated(run_id, "FAILED" if status == "failed" else "FINISHED")
+        sampled = dict((res.config or {}).get("sampled", {}))
+        error = root_cause(res.error) if res.error is not None else None
+        trials.append(
+            TrialResult(
+                trial_id,
+                status,
+                epochs,
+                float(metrics.get(tags.BEST_VAL_DICE, float("nan"))),
+                sampled,
+                run_id,
+                model_uri,
+                metrics.get("checkpoint_path"),
+                error,
+            )
+        )
+    sign = -1 if cfg.tune.mode == "max" else 1
+    # best first; among equal scores a completed trial (one with a logged model) wins
+    trials.sort(key=lambda t: (not t.scored, sign * t.val_dice if t.scored else 0, t.model_uri is None))
+    return SearchResults(parent, cfg.tune.metric, cfg.tune.mode, cfg.run.experiment, trials)
+
+
+def _log_parent(client, parent: str, summary: SearchResults) -> None:
+    best = summary.best
+    client.log_metric(parent, tags.BEST_VAL_DICE, best.val_dice)
+    client.set_tag(parent, tags.BEST_TRIAL_ID, best.trial_id)
+    client.set_tag(parent, tags.BEST_RUN_ID, str(best.run_id))
+    for k, v in best.params.items():  # tags, not params: a resumed search may find a new best
+        client.set_tag(parent, f"{tags.BEST_PARAM_PREFIX}{k}", v)
+    counts = {s: sum(t.status == s for t in summary.trials) for s in ("completed", "early-stopped", "failed")}
+    for s, n in counts.items():
+        client.log_metric(parent, f"trials_{s.replace('-', '_')}", n)
+    client.set_terminated(parent, "FINISHED")

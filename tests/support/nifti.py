@@ -1,0 +1,27 @@
+"""NIfTI files for tests: LiTS pairs copied (and renumbered), hostile headers."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+
+def copy_case(src: Path, dst: Path, n: str = "0", new_id: str | None = None) -> None:
+    """Copy one LiTS pair (volume-n, segmentation-n) into dst, optionally renumbered."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for kind in ("volume", "segmentation"):
+        for f in src.glob(f"{kind}-{n}.nii*"):
+            shutil.copy(f, dst / f.name.replace(f"-{n}.", f"-{new_id or n}."))
+
+
+def nifti2_declaring(dims: tuple[int, int, int], data: bytes = bytes(64)) -> bytes:
+    """A NIfTI-2 file whose header declares `dims` (uint8) over `data` (which may be far fewer bytes)."""
+    raw = nib.Nifti2Image(np.zeros((2, 2, 2), np.uint8), np.eye(4)).to_bytes()
+    hdr = nib.Nifti2Header.from_fileobj(io.BytesIO(raw))
+    hdr["dim"][1:4] = dims
+    block = hdr.binaryblock
+    return block + raw[len(block) : int(hdr["vox_offset"])] + data

@@ -1,0 +1,51 @@
+"""MLflow plumbing: the store's splits as dataset inputs."""
+
+import json
+import shutil
+from pathlib import Path
+
+from mlflow.data.schema import TensorDatasetSchema
+from mlflow.tracking import MlflowClient
+
+from liverseg.data.store import SliceStore
+from liverseg.tracking.runs import store_datasets
+
+
+def test_store_datasets_identify_content_not_path(mlflow_uri, store_path, tmp_path):
+    st = SliceStore(store_path)
+    inputs = store_datasets(st, store_path, {"train": "training", "val": "validation"})
+    by_name = {i.dataset.name: i for i in inputs}
+    assert set(by_name) == {"slices.zarr/train", "slices.zarr/val"}
+    train = by_name["slices.zarr/train"]
+    assert {t.key: t.value for t in train.tags} == {"mlflow.data.context": "training"}
+    assert json.loads(train.dataset.profile) == {
+        "cases": len(st.cases_in("train")),
+        "slices": sum(st.num_slices(c) for c in st.cases_in("train")),
+    }
+    schema = TensorDatasetSchema.from_dict(json.loads(train.dataset.schema))
+    assert schema.features.input_names() == ["image"] and schema.targets.input_names() == ["mask"]
+    assert train.dataset.digest != by_name["slices.zarr/val"].dataset.digest
+
+    copy = tmp_path / "elsewhere" / "slices.zarr"  # same content, another path: same digest
+    shutil.copytree(store_path, copy)
+    moved = {i.dataset.name: i.dataset for i in store_datasets(SliceStore(str(copy)), str(copy), {"train": "training"})}
+    assert moved["slices.zarr/train"].digest == train.dataset.digest
+    assert json.loads(moved["slices.zarr/train"].source) == {"uri": str(copy)}
+
+    client = MlflowClient(mlflow_uri)  # and MLflow takes them as they are
+    rid = client.create_run(client.create_experiment("t")).info.run_id
+    client.log_inputs(rid, datasets=inputs)
+    logged = client.get_run(rid).inputs.dataset_inputs
+    assert sorted((i.dataset.name, i.dataset.digest) for i in logged) == sorted(
+        (i.dataset.name, i.dataset.digest) for i in inputs
+    )
+
+
+def test_git_commit_outside_git_is_the_image_build_argument(tmp_path, monkeypatch):
+    from liverseg.tracking.runs import git_commit
+
+    monkeypatch.delenv("LIVERSEG_GIT_COMMIT", raising=False)
+    assert git_commit(tmp_path) == "unknown"  # not a repository, nothing recorded
+    monkeypatch.setenv("LIVERSEG_GIT_COMMIT", "0123abc")
+    assert git_commit(tmp_path) == "0123abc"  # a container image: the commit it was built from
+    assert git_commit(Path(__file__).parent) not in ("unknown", "0123abc")  # a checkout: git's own answer
