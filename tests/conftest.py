@@ -102,8 +102,6 @@ def s3(monkeypatch) -> str:
 @pytest.fixture(scope="module")
 def team_stack():
     """The local team stack (deploy/local), up for the module's tests, down and removed after."""
-    import shutil
-
     from support.stack import Stack, new_stack_dir
 
     stack = Stack(new_stack_dir())
@@ -114,4 +112,4 @@ def team_stack():
         try:
             stack.down()
         finally:
-            shutil.rmtree(stack.dir, ignore_errors=True)
+            stack.remove()

@@ -1,33 +1,61 @@
-"""Rank 0's MLflow writer against a tracking server that goes down mid-run and comes back."""
+"""The worker loop keeps training while the tracking server is away: a real `liverseg train` (its own local
+Ray) against a real MLflow server that is stopped for a minute mid-run and started again on the same data.
+(The metric queue itself, without Ray: tests/tracking/test_logger.py.)"""
+
+import os
+import subprocess
+import time
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from liverseg.tracking.logger import MetricLogger
-from support.net import free_port
+from support.cli import cli_cmd
+from support.models import TINY
 from support.servers import start_mlflow_server
 
+EPOCHS = 12
+OUTAGE_S = 60
 
-def test_metrics_survive_a_tracking_outage(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
-    port = free_port()
-    server = start_mlflow_server(tmp_path, port)
-    uri = server.uri
-    client = MlflowClient(uri)
-    run_id = client.create_run(client.create_experiment("outage")).info.run_id
-    logger = MetricLogger(uri, run_id)
-    logger.log({"val_dice": 0.1}, step=0)
-    server.stop()
-    logger.log({"val_dice": 0.2}, step=1)  # server down: kept, not lost, training goes on
-    assert len(logger.pending) == 1
-    with pytest.raises(RuntimeError, match="could not be written"):
-        logger.flush()  # at the end of training an unwritten batch is an explicit error
-    server = start_mlflow_server(tmp_path, port)
+
+def _wait_for_epoch(uri: str, step: int, proc: subprocess.Popen, timeout_s: float = 600) -> str:
+    """The run id once its val_dice has `step`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name("liverseg")
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        if runs and any(m.step >= step for m in client.get_metric_history(runs[0].info.run_id, "val_dice")):
+            return runs[0].info.run_id
+        time.sleep(1)
+    raise AssertionError(f"epoch {step} not logged: {proc.poll()}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_a_minute_without_the_tracking_server_stalls_no_epoch_and_loses_no_metric(store_path, tmp_path):
+    server = start_mlflow_server(tmp_path / "mlflow")
+    port = int(server.uri.rsplit(":", 1)[1])
+    sets = [*TINY, f"train.epochs={EPOCHS}", "train.steps_per_epoch=4", f"run.storage_path={tmp_path / 'ray'}"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": server.uri}
+    proc = subprocess.Popen(
+        cli_cmd("train", store_path, *sets), env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     try:
-        logger.log({"val_dice": 0.3}, step=2)  # back: the kept value goes out with the new one
-        assert logger.pending == []
-        steps = sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, "val_dice"))
-        assert steps == [(0, 0.1), (1, 0.2), (2, 0.3)]
-    finally:
+        run_id = _wait_for_epoch(server.uri, 0, proc)
         server.stop()
+        down = time.time()
+        time.sleep(OUTAGE_S)
+        server = start_mlflow_server(tmp_path / "mlflow", port)
+        up = time.time()
+        out, err = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.stop()
+    assert proc.returncode == 0, err.decode()[-3000:]
+    terminal = err.decode().splitlines()
+    assert len([line for line in terminal if " unreachable: training goes on" in line]) == 1, terminal
+    history = MlflowClient(server.uri).get_metric_history(run_id, "val_dice")
+    assert sorted(m.step for m in history) == list(range(EPOCHS))  # every epoch's value, none twice
+    during = [m.step for m in history if down < m.timestamp / 1000 < up]
+    assert len(during) >= 2, (down, up, [(m.step, m.timestamp) for m in history])  # epochs went on meanwhile

@@ -132,6 +132,35 @@ class EpochView:
             self.total = max(self.total - max(epochs_not_run, 0), self.done)
 
 
+@dataclass
+class _Reachability:
+    """Whether an http(s) tracking server answers /health within 2 s; the console hears once when it stops
+    answering (training goes on: rank 0 queues the metrics) and once when it is back."""
+
+    console: Console
+    uri: str
+    down: bool = False
+
+    def check(self) -> bool:
+        if not str(self.uri).startswith(("http://", "https://")):
+            return True
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(self.uri.rstrip("/") + "/health", timeout=2).close()
+            up = True
+        except Exception:
+            up = False
+        if up == self.down:
+            self.down = not up
+            self.console.line(
+                f"  MLflow at {self.uri} unreachable: training goes on, its metrics are queued and written when it is back"
+                if self.down
+                else f"  MLflow at {self.uri} reachable again"
+            )
+        return up
+
+
 @contextmanager
 def watch_run(view: EpochView | None, client: Any, run_id: str, first_epoch: int, epochs: int, who: str):
     """While the block runs, poll the MLflow run's per-epoch metrics and show each new epoch.
@@ -142,11 +171,14 @@ def watch_run(view: EpochView | None, client: Any, run_id: str, first_epoch: int
         yield
         return
     stop = threading.Event()
+    reach = _Reachability(view.console, getattr(client, "tracking_uri", ""))
 
     def poll() -> None:
         shown = first_epoch
         while True:
             last = stop.wait(2.0)
+            if not reach.check():
+                continue  # said once; MLflow's own retries would hold this thread for minutes
             try:
                 hist = {k: client.get_metric_history(run_id, k) for k in (view.metric, "train_loss")}
             except Exception:  # a busy SQLite file: try again next round

@@ -6,6 +6,7 @@ there is more than one worker), validates per case, and rank 0 checkpoints, repo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -275,18 +276,24 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     _record_nodes(w, logger)
     monitor = _system_metrics(w, lc, resumed=start > 0)
     fault = (lc.fail_at_epoch, lc.fault_marker)
-    for epoch in range(start, w.cfg.train.epochs):
-        t0 = time.perf_counter()
-        train_loss = train_epoch(w, epoch, fault)
-        metrics = epoch_metrics(w, train_loss, time.perf_counter() - t0)
-        if metrics["val_dice"] > best.dice:
-            state = {k: v.detach().cpu().clone() for k, v in unwrap(w.model).state_dict().items()}
-            best = Best(metrics["val_dice"], epoch, state)
-        report(w, epoch, metrics, best, lc.cfg.model_dump(mode="json"))
-        if logger:
-            logger.log(metrics, step=epoch)
+    try:
+        for epoch in range(start, w.cfg.train.epochs):
+            t0 = time.perf_counter()
+            train_loss = train_epoch(w, epoch, fault)
+            metrics = epoch_metrics(w, train_loss, time.perf_counter() - t0)
+            if metrics["val_dice"] > best.dice:
+                state = {k: v.detach().cpu().clone() for k, v in unwrap(w.model).state_dict().items()}
+                best = Best(metrics["val_dice"], epoch, state)
+            report(w, epoch, metrics, best, lc.cfg.model_dump(mode="json"))
+            if logger:
+                logger.log(metrics, step=epoch)  # queued: a slow or absent tracking server never holds an epoch
+    except BaseException:
+        if logger:  # the epochs that finished keep their metrics; the failure itself propagates
+            with contextlib.suppress(Exception):
+                logger.flush(timeout_s=30)
+        raise
     if logger:
-        logger.flush()
+        logger.flush()  # waits (bounded) for the server to take what is still queued
     if monitor:
         monitor.finish()
     return {"best_val_dice": best.dice, "best_epoch": best.epoch, "epochs": w.cfg.train.epochs}
