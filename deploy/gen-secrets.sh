@@ -10,6 +10,8 @@ set -euo pipefail
 usage() { echo "usage: $0 compose|k8s OUTFILE" >&2; exit 2; }
 [ $# -eq 2 ] || usage
 mode=$1 out=$2
+TEMPLATE=$(dirname "$0")/mlflow/basic_auth.ini  # MLflow's auth settings, rendered for Kubernetes below
+[ -r "$TEMPLATE" ] || { echo "$TEMPLATE: not found" >&2; exit 1; }
 case $mode in compose|k8s) ;; *) usage ;; esac
 if [ -e "$out" ]; then
   echo "$out: exists; not overwritten (delete it only together with the data it protects)" >&2
@@ -46,12 +48,12 @@ k8s() {
   secret minio "MINIO_ROOT_USER=$S3_USER" "MINIO_ROOT_PASSWORD=$S3_KEY"
   secret mlflow "MLFLOW_AUTH_ADMIN_USERNAME=$ADMIN" "MLFLOW_AUTH_ADMIN_PASSWORD=$ADMIN_PW" \
     "MLFLOW_FLASK_SERVER_SECRET_KEY=$FLASK" "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY=$FERNET"
-  # the auth app's settings: users and permissions in PostgreSQL (database mlflow_auth, created by
-  # postgres-init), never on the read-only mount of this Secret
+  # the auth app's settings: deploy/mlflow/basic_auth.ini (the one template) with users and permissions in
+  # PostgreSQL (database mlflow_auth, created by postgres-init), never on the read-only mount of this Secret
   printf -- '---\napiVersion: v1\nkind: Secret\nmetadata: {name: mlflow-auth, namespace: liverseg}\ntype: Opaque\n'
-  printf 'stringData:\n  basic_auth.ini: |\n    [mlflow]\n    default_permission = READ\n'
-  printf '    database_uri = postgresql+psycopg://mlflow:%s@postgres:5432/mlflow_auth\n' "$PG"
-  printf '    authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n'
+  printf 'stringData:\n  basic_auth.ini: |\n'
+  sed -e "s|^database_uri = .*|database_uri = postgresql+psycopg://mlflow:$PG@postgres:5432/mlflow_auth|" \
+    -e 's/^/    /' "$TEMPLATE"
   # Ray jobs and serving log in as MLflow users of their own (created with `liverseg users add`)
   secret liverseg-client "MLFLOW_TRACKING_USERNAME=ray-svc" "MLFLOW_TRACKING_PASSWORD=$RAY_PW" \
     "AWS_ACCESS_KEY_ID=$S3_USER" "AWS_SECRET_ACCESS_KEY=$S3_KEY"

@@ -48,6 +48,7 @@ def free_port(previous: int | None = None) -> int:
     """`previous` (the port the last up had) while it is free, so members' shells keep working across a
     restart; else any free port."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is no owner
         try:
             s.bind(("127.0.0.1", previous or 0))
         except OSError:
@@ -103,8 +104,7 @@ def load_secrets(d: Path) -> dict[str, str]:
 def write_private(path: Path, values: dict[str, str] | str) -> None:
     text = values if isinstance(values, str) else "".join(f"{k}={v}\n" for k, v in values.items())
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.chmod(0o600)
+    tmp.write_text(text), tmp.chmod(0o600)
     tmp.replace(path)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -61,6 +62,51 @@ def start_serve(root: Path, model: str, env: dict[str, str], *args: str, preexec
     base = f"http://127.0.0.1:{port}"
     wait_http(base + "/health", proc, log, 120)
     return proc, base
+
+
+def stop_tree(pids: list[int], timeout_s: float = 10) -> None:
+    """SIGTERM to these processes, SIGKILL to whatever of them is left after `timeout_s`: what a test
+    started, by PID (never `ray stop --force`, which ends every Ray on the machine, another suite's too)."""
+    import psutil
+
+    procs = []
+    for pid in pids:
+        try:
+            procs.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, left = psutil.wait_procs(procs, timeout=timeout_s)
+    for p in left:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(left, timeout=10)
+
+
+def ray_pids(temp_dir: Path) -> list[int]:
+    """The processes of a Ray started with `--temp-dir temp_dir` (each names its session folder under it)
+    and their children."""
+    import psutil
+
+    found = set()
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if any(str(temp_dir) in a for a in p.cmdline()):
+                found |= {p.pid} | {c.pid for c in p.children(recursive=True)}
+    return sorted(found - {os.getpid()})
+
+
+def tree_pids(pid: int) -> list[int]:
+    """A process and all its descendants (Ray's daemons that ray.init started under a driver among them)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        return [pid, *(c.pid for c in root.children(recursive=True))]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def stop(proc, timeout_s: float = 30) -> None:

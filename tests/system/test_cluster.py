@@ -1,8 +1,10 @@
 """Cluster mode by configuration only: a real two-node Ray cluster on 127.0.0.1 and an MLflow server."""
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,34 +13,27 @@ from mlflow.tracking import MlflowClient
 from support.cli import cli_cmd
 from support.models import TINY
 from support.net import free_port
+from support.servers import ray_pids, stop_tree
 
 RAY = str(Path(sys.executable).parent / "ray")
 
 
 @pytest.fixture
-def two_node_ray(tmp_path):
+def two_node_ray():
+    """Two Ray nodes on 127.0.0.1 in a temp dir of their own, stopped by PID (never `ray stop`, which would
+    end every Ray on the machine)."""
     from liverseg.training.runtime import FORWARDED_ENV
 
     port = free_port()
+    temp = Path(tempfile.mkdtemp(prefix="lsr-", dir="/tmp"))  # short: Ray's Unix sockets live below it
     # the nodes know neither the tracking server nor the object store: jobs bring them (runtime_env)
     env = {k: v for k, v in os.environ.items() if k not in FORWARDED_ENV} | {"RAY_USAGE_STATS_ENABLED": "0"}
     if (Path.home() / ".ray" / "auth_token").exists():
         env["RAY_AUTH_MODE"] = "token"
-    head = [
-        "--head",
-        "--node-ip-address",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--num-cpus",
-        "1",
-        "--include-dashboard",
-        "true",
-        "--dashboard-port",
-        str(free_port()),
-    ]
-    subprocess.run([RAY, "start", *head], env=env, check=True, capture_output=True, timeout=120)
+    head = ["--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "1", "--temp-dir", str(temp)]
+    head += ["--include-dashboard", "true", "--dashboard-port", str(free_port())]
     try:
+        subprocess.run([RAY, "start", *head], env=env, check=True, capture_output=True, timeout=120)
         subprocess.run(
             [RAY, "start", "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1", "--num-cpus", "1"],
             env=env,
@@ -48,7 +43,8 @@ def two_node_ray(tmp_path):
         )
         yield f"127.0.0.1:{port}", env
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_tree(ray_pids(temp))
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.mark.slow

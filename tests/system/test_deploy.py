@@ -505,6 +505,62 @@ def test_compose_hands_mlflow_its_passwords_from_the_environment():
             assert "@" not in re.sub(r"\$\{\w+(:[?-][^}]*)?\}", "", str(value)) or ":${" in str(value), (name, key)
 
 
+def _ini(text: str) -> dict[str, str]:
+    ini = configparser.ConfigParser()
+    ini.read_string(text)
+    return dict(ini["mlflow"])
+
+
+def _local_services():
+    sys.path.insert(0, str(DEPLOY / "local"))
+    try:
+        import services
+    finally:
+        sys.path.remove(str(DEPLOY / "local"))
+    return services
+
+
+def test_every_mlflow_server_is_lean_and_shares_one_auth_template(objects):
+    """Kubernetes, compose, the local stack and the tests' servers: no GenAI job runner, a pooled database,
+    sized workers, and deploy/mlflow/basic_auth.ini (its bounded credential cache) with only the auth
+    database told apart."""
+    from support.servers import LEAN_MLFLOW
+
+    template = _ini((DEPLOY / "mlflow" / "basic_auth.ini").read_text())
+    assert int(template["auth_cache_ttl_seconds"]) > 0 and int(template["auth_cache_max_size"]) > 0
+    same = lambda ini: {k: v for k, v in ini.items() if k != "database_uri"}  # noqa: E731
+    (pod,) = _containers(_by_kind(objects, "Deployment")["mlflow"])
+    compose = yaml.safe_load(COMPOSE.read_text())["services"]["mlflow"]
+    local = _local_services()
+    envs = {
+        "kubernetes": {k: e.get("value") for k, e in _env(pod).items()},
+        "compose": compose["environment"],
+        "local": {**local.LEAN, **local.POOL},
+    }
+    for where, env in envs.items():
+        assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false", where
+        for var in ("MLFLOW_SQLALCHEMYSTORE_POOL_SIZE", "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW"):
+            assert int(env[var]) > 0, (where, var)
+    assert LEAN_MLFLOW["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    assert "--workers=2" in pod["args"] and "--workers=2" in compose["command"]
+    k8s_ini = _ini(_by_kind(objects, "Secret")["mlflow-auth"]["stringData"]["basic_auth.ini"])
+    local_ini = _ini(local.auth_ini("postgresql+psycopg://postgres:pw@127.0.0.1:5432/mlflow_auth"))
+    assert same(k8s_ini) == same(local_ini) == same(template)
+    assert local_ini["database_uri"].endswith("/mlflow_auth") and k8s_ini["database_uri"].endswith("/mlflow_auth")
+    assert any(
+        v.endswith("/etc/mlflow-auth/basic_auth.ini:ro") and v.startswith("./basic_auth.ini")
+        for v in compose["volumes"]
+    )
+    # PostgreSQL takes every connection the replicas' pools may open
+    pg = _containers(_by_kind(objects, "StatefulSet")["postgres"])[0]
+    max_conn = int(pg["args"][pg["args"].index("-c") + 1].split("=")[1])
+    replicas = _by_kind(objects, "Deployment")["mlflow"]["spec"]["replicas"]
+    per_engine = sum(
+        int(envs["kubernetes"][v]) for v in ("MLFLOW_SQLALCHEMYSTORE_POOL_SIZE", "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW")
+    )
+    assert max_conn >= replicas * (2 + 1) * 3 * per_engine
+
+
 def test_compose_keeps_the_auth_database_on_a_writable_volume():
     mlflow = yaml.safe_load(COMPOSE.read_text())["services"]["mlflow"]
     ini = configparser.ConfigParser()

@@ -116,6 +116,7 @@ def scenario(store_path, tmp_path_factory):
     try:
         seen["env"] = stack.up()
         seen["files"] = {f: (stack.dir / f).stat().st_mode & 0o777 for f in ("secrets.env", "stack.env", "admin.env")}
+        seen["written"] = {f: (stack.dir / f).read_text() for f in ("stack.env", "admin.env")}
         seen["pg"] = stack.dir / "pg"
         seen["pg_target"] = (stack.dir / "pg").resolve()
         admin = stack.env_for("admin")
@@ -199,6 +200,7 @@ def test_champion_and_store_survive_a_kill_9_of_the_whole_stack(scenario):
 def test_down_leaves_no_process_and_up_reuses_the_data(scenario):
     _, seen = scenario
     assert seen["left_after_down"] == [] and seen["left_at_end"] == []
+    assert seen["after_down"] == seen["env"]  # same data, secrets and (free again) ports: members' shells work on
     version, store = seen["read_after_down"]
     assert version == "models:/liver-unet/1" and store == {"problems": {}, "cases": True, "same": True}
 

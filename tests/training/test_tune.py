@@ -21,6 +21,7 @@ from liverseg.training.tune_report import write_dvc_plots
 from support.cli import cli_cmd
 from support.models import TINY
 from support.models import TINY_SEARCH as BASE
+from support.servers import stop_tree, tree_pids
 
 
 def _children(client, parent):
@@ -123,9 +124,10 @@ def test_resume_after_killed_driver(mlflow_uri, store_path, tmp_path):
             break
         time.sleep(2)
     assert finished, "no trial finished before the deadline"
+    started = tree_pids(proc.pid)  # the driver and the local Ray it started (never `ray stop`: every Ray)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray die mid-search
     proc.wait()
-    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
+    stop_tree(started, timeout_s=0)
     res = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-2000:]
     results = json.loads((tmp_path / "r.json").read_text())
