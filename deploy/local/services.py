@@ -1,11 +1,11 @@
-"""How deploy/local/stack.py starts each server of the team stack, and how it knows each is ready:
-PostgreSQL, SeaweedFS (S3), MLflow, Ray. Every function gets the stack (`stack.Stack`: its folder, logs
-and `spawn`), the generated secrets and the ports; none starts anything at import."""
+"""How deploy/local/stack.py starts each server of the team stack (PostgreSQL, SeaweedFS for S3, MLflow,
+Ray) and knows it is ready; each function gets the stack (folder, logs, `spawn`), the secrets, the ports."""
 
 from __future__ import annotations
 
 import base64
 import configparser
+import contextlib
 import hashlib
 import json
 import os
@@ -16,8 +16,12 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import psutil
 
 if TYPE_CHECKING:
     from stack import Stack
@@ -28,10 +32,7 @@ AUTH_TEMPLATE = REPO / "deploy" / "mlflow" / "basic_auth.ini"  # one template: l
 APP_NAME = "basic-auth"  # the MLflow server app (`mlflow server --app-name`): named here only
 BUCKET = "liverseg"
 WORKERS = 2  # MLflow's uvicorn workers (`up --workers`): sized by docs/benchmarks.md's team-stack load
-# MLflow's SQLAlchemy pool per engine (3 per process: tracking, registry, auth); PostgreSQL's max_connections
-# follows from it (`max_connections`): a busy server waits for a pooled connection, never is refused one
-POOL = {"MLFLOW_SQLALCHEMYSTORE_POOL_SIZE": "4", "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW": "4"}
-POOL["MLFLOW_SQLALCHEMYSTORE_POOL_RECYCLE"] = "1800"  # reconnect before idle connections go stale
+POOL_SIZE = 4  # MLflow's SQLAlchemy pool per engine (3 per process: tracking, registry, auth), as much overflow
 LEAN = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # the GenAI job runner: 8 more processes, +2.3 GB
 SECRET_KEYS = ("PG_PASSWORD", "ADMIN_PASSWORD", "S3_SECRET", "WEBHOOK_SECRET", "FLASK_SECRET")
 
@@ -60,11 +61,9 @@ def wait_until(check, what: str, timeout_s: float, proc: subprocess.Popen | None
     """Poll `check()` until it returns true; fails early when `proc` (the server) exits."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        try:
+        with contextlib.suppress(Exception):
             if check():
                 return
-        except Exception:
-            pass
         if proc is not None and proc.poll() is not None:
             raise StackError(f"{what} exited with status {proc.returncode} (see {log})")
         time.sleep(0.1)
@@ -73,9 +72,6 @@ def wait_until(check, what: str, timeout_s: float, proc: subprocess.Popen | None
 
 def http_answers(url: str, headers: dict[str, str] | None = None) -> int:
     """The HTTP status of GET url (any answer means the server is up; no answer raises)."""
-    import urllib.error
-    import urllib.request
-
     try:
         with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=2) as r:
             return r.status
@@ -83,10 +79,16 @@ def http_answers(url: str, headers: dict[str, str] | None = None) -> int:
         return e.code
 
 
-def max_connections(workers: int) -> int:
+def pool_env(size: int) -> dict[str, str]:
+    """MLflow's pool settings. PostgreSQL's max_connections follows from them (`max_connections`): a busy
+    server waits for a pooled connection, never is refused one; idle connections are renewed after 30 min."""
+    pool = {"MLFLOW_SQLALCHEMYSTORE_POOL_SIZE": str(size), "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW": str(size)}
+    return {**pool, "MLFLOW_SQLALCHEMYSTORE_POOL_RECYCLE": "1800"}
+
+
+def max_connections(workers: int, pool: int) -> int:
     """Connections MLflow may hold: (workers + the parent) x 3 engines x (pool + overflow), + a margin."""
-    per_engine = int(POOL["MLFLOW_SQLALCHEMYSTORE_POOL_SIZE"]) + int(POOL["MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW"])
-    return (workers + 1) * 3 * per_engine + 10
+    return (workers + 1) * 3 * 2 * pool + 10
 
 
 # --- secrets and the auth settings ---------------------------------------------------------------------
@@ -104,7 +106,8 @@ def load_secrets(d: Path) -> dict[str, str]:
 def write_private(path: Path, values: dict[str, str] | str) -> None:
     text = values if isinstance(values, str) else "".join(f"{k}={v}\n" for k, v in values.items())
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text), tmp.chmod(0o600)
+    tmp.write_text(text)
+    tmp.chmod(0o600)
     tmp.replace(path)
 
 
@@ -177,10 +180,8 @@ def start_postgres(st: Stack, sec: dict[str, str], port: int, max_connections: i
 
 
 def clear_stale_lock(lock: Path) -> None:
-    """After a kill -9 the postmaster's lock file stays, naming a PID that may not be reaped yet (a zombie
-    PostgreSQL takes for a live postmaster): a lock naming no live process goes, as PostgreSQL's own would."""
-    import psutil
-
+    """After a kill -9 the lock file names a PID perhaps not reaped yet (a zombie PostgreSQL takes for a live
+    postmaster): a lock naming no live process goes, as PostgreSQL's own would."""
     try:
         if psutil.Process(int(lock.read_text().split()[0])).status() != psutil.STATUS_ZOMBIE:
             return  # alive: PostgreSQL refuses to start, and says so in its log
@@ -219,9 +220,8 @@ def start_s3(st: Stack, sec: dict[str, str], port: int) -> subprocess.Popen:
     grpc = {k: free_port(prev.get(f"{k}.grpc")) for k in ("master", "volume", "filer", "s3")}
     st.state["weed_ports"] = {**ports, **{f"{k}.grpc": v for k, v in grpc.items()}}
     # Unix sockets a killed SeaweedFS left: its own under DIR/s3, and the gRPC ones it names by port in /tmp
-    stale = [st.dir / "s3" / "filer.sock", st.dir / "s3" / "s3.sock"]
-    stale += [f for port in grpc.values() for f in Path("/tmp").glob(f"seaweedfs-*-grpc-{port}.sock")]
-    for f in stale:
+    stale = [st.dir / "s3" / n for n in ("filer.sock", "s3.sock")]
+    for f in stale + [f for p in grpc.values() for f in Path("/tmp").glob(f"seaweedfs-*-grpc-{p}.sock")]:
         f.unlink(missing_ok=True)
     cmd = [weed(), "server", f"-dir={st.dir / 's3'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3", f"-s3.port={port}"]
     cmd += [f"-s3.config={st.dir / 's3-identities.json'}", "-volume.preStopSeconds=0", "-master.volumeSizeLimitMB=1024"]
@@ -245,11 +245,11 @@ def make_bucket(sec: dict[str, str], port: int) -> bool:
 
 
 # --- MLflow ----------------------------------------------------------------------------------------------
-def mlflow_env(st: Stack, sec: dict[str, str], pg: str, s3: str) -> dict[str, str]:
+def mlflow_env(st: Stack, sec: dict[str, str], pg: str, s3: str, pool: int) -> dict[str, str]:
     """The tracking server's environment: backend, auth settings, bucket, pool, no job runner."""
     write_private(st.dir / "basic_auth.ini", auth_ini(f"{pg}/mlflow_auth"))
     return {
-        **LEAN, **POOL, "MLFLOW_BACKEND_STORE_URI": f"{pg}/mlflow", "MLFLOW_AUTH_CONFIG_PATH": str(st.dir / "basic_auth.ini"),
+        **LEAN, **pool_env(pool), "MLFLOW_BACKEND_STORE_URI": f"{pg}/mlflow", "MLFLOW_AUTH_CONFIG_PATH": str(st.dir / "basic_auth.ini"),
         "MLFLOW_AUTH_ADMIN_USERNAME": "admin", "MLFLOW_AUTH_ADMIN_PASSWORD": sec["ADMIN_PASSWORD"],
         "MLFLOW_S3_ENDPOINT_URL": s3, "AWS_ENDPOINT_URL": s3, "AWS_ACCESS_KEY_ID": sec["S3_KEY_ID"],
         "AWS_SECRET_ACCESS_KEY": sec["S3_SECRET"], "AWS_DEFAULT_REGION": "us-east-1",

@@ -175,7 +175,7 @@ def _env_lines(st: Stack, sec: dict[str, str]) -> tuple[dict[str, str], dict[str
     return shared, {**admin, "LIVERSEG_WEBHOOK_SECRET": sec["WEBHOOK_SECRET"]}
 
 
-def _start(st: Stack, sec: dict[str, str], workers: int, ray_cpus: int) -> dict[str, float]:
+def _start(st: Stack, sec: dict[str, str], workers: int, pool: int, ray_cpus: int) -> dict[str, float]:
     """Everything at once where nothing waits on another: PostgreSQL, SeaweedFS and the Ray head; MLflow
     once PostgreSQL answers, the second Ray node once the head is up. Then each is checked ready.
     Returns when each was ready (seconds from the start)."""
@@ -183,13 +183,13 @@ def _start(st: Stack, sec: dict[str, str], workers: int, ray_cpus: int) -> dict[
     mark = lambda name: ready.setdefault(name, round(time.monotonic() - t0, 1))  # noqa: E731
     prev = st.state.get("ports", {})
     p = st.state["ports"] = {k: sv.free_port(prev.get(k)) for k in ("postgres", "s3", "mlflow", "ray", "dashboard")}
-    pg = sv.start_postgres(st, sec, p["postgres"], sv.max_connections(workers))
+    pg = sv.start_postgres(st, sec, p["postgres"], sv.max_connections(workers, pool))
     s3 = sv.start_s3(st, sec, p["s3"])
     head = sv.ray_node(st, None, ray_cpus, p["dashboard"])
     sv.wait_until(lambda: sv.create_databases(sec, p["postgres"]), "PostgreSQL", 60, pg, st.logs / "postgres.log")
     mark("postgres")
     uri = f"postgresql+psycopg://postgres:{sec['PG_PASSWORD']}@127.0.0.1:{p['postgres']}"
-    env = sv.mlflow_env(st, sec, uri, f"http://127.0.0.1:{p['s3']}")
+    env = sv.mlflow_env(st, sec, uri, f"http://127.0.0.1:{p['s3']}", pool)
     mlflow = st.spawn("mlflow", sv.mlflow_command(p["mlflow"], workers), env=env)
     # the second node needs only the head's GCS, not its dashboard: it starts as soon as the GCS answers
     gcs_up = lambda: socket.create_connection(("127.0.0.1", p["ray"]), timeout=1).close() or True  # noqa: E731
@@ -215,7 +215,7 @@ def _start(st: Stack, sec: dict[str, str], workers: int, ray_cpus: int) -> dict[
     return ready
 
 
-def up(d: Path, workers: int, ray_cpus: int) -> str:
+def up(d: Path, workers: int, pool: int, ray_cpus: int) -> str:
     st = Stack(d)
     running, files = st.running(), [d / "stack.env", d / "admin.env"]
     if running == set(SERVICES) and all(f.exists() for f in files):
@@ -230,7 +230,7 @@ def up(d: Path, workers: int, ray_cpus: int) -> str:
     sec = sv.load_secrets(d)
     st.logs.mkdir(exist_ok=True)
     try:
-        st.state["ready_s"] = _start(st, sec, workers, ray_cpus)
+        st.state["ready_s"] = _start(st, sec, workers, pool, ray_cpus)
     except BaseException:
         sv.say(f"stopping what was started (logs in {st.logs})")
         st.stop()
@@ -275,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("command", choices=["up", "down", "env"])
     ap.add_argument("dir", help="the stack's folder: all its state lives there")
     ap.add_argument("--workers", type=int, default=sv.WORKERS, help="MLflow's uvicorn workers")
+    ap.add_argument("--pool", type=int, default=sv.POOL_SIZE, help="MLflow's pooled connections per engine")
     ap.add_argument("--ray-cpus", type=int, default=2, help="logical CPUs per Ray node (a trial's driver and its worker fit on one)")  # fmt: skip
     args = ap.parse_args(argv)
     os.umask(0o077)
@@ -285,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "down":
                 down(d)
             else:
-                sys.stdout.write(up(d, args.workers, args.ray_cpus) if args.command == "up" else env(d))
+                sys.stdout.write(up(d, args.workers, args.pool, args.ray_cpus) if args.command == "up" else env(d))
     except sv.StackError as e:
         print(f"stack: error: {e}", file=sys.stderr)
         return 1

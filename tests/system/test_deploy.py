@@ -535,7 +535,7 @@ def test_every_mlflow_server_is_lean_and_shares_one_auth_template(objects):
     envs = {
         "kubernetes": {k: e.get("value") for k, e in _env(pod).items()},
         "compose": compose["environment"],
-        "local": {**local.LEAN, **local.POOL},
+        "local": {**local.LEAN, **local.pool_env(local.POOL_SIZE)},
     }
     for where, env in envs.items():
         assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false", where
