@@ -912,8 +912,10 @@ def test_the_build_context_builds_the_package(tmp_path):
                 shutil.copytree(REPO / rel, tmp_path / "ctx" / rel, ignore=shutil.ignore_patterns("__pycache__"))
             else:
                 shutil.copy2(REPO / rel, tmp_path / "ctx" / rel)
-    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "w")]
-    subprocess.run([*cmd, str(tmp_path / "ctx")], check=True, capture_output=True, cwd=tmp_path)
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-v", "-w", str(tmp_path / "w")]
+    built = subprocess.run([*cmd, str(tmp_path / "ctx")], check=True, capture_output=True, text=True, cwd=tmp_path)
+    # the build backend's own output (-v shows it): no deprecation of the project's metadata (license etc.)
+    assert not re.search(r"(?i)deprecat|SetuptoolsWarning", built.stdout + built.stderr), built.stderr[-2000:]
     (wheel,) = (tmp_path / "w").glob("liverseg-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "liverseg/cli/__init__.py" in names and "liverseg/serving/server.py" in names
