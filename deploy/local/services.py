@@ -217,16 +217,8 @@ def start_s3(st: Stack, sec: dict[str, str], port: int) -> subprocess.Popen:
     stale = [st.dir / "s3" / n for n in ("filer.sock", "s3.sock")]
     for f in stale + [f for p in grpc.values() for f in Path("/tmp").glob(f"seaweedfs-*-grpc-{p}.sock")]:
         f.unlink(missing_ok=True)
-    cmd = [
-        BIN / "weed",
-        "server",
-        f"-dir={st.dir / 's3'}",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
-        "-s3",
-        f"-s3.port={port}",
-    ]
-    cmd += [f"-s3.config={st.dir / 's3-identities.json'}", "-volume.preStopSeconds=0"]
+    cmd = [BIN / "weed", "server", f"-dir={st.dir / 's3'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3"]
+    cmd += [f"-s3.port={port}", f"-s3.config={st.dir / 's3-identities.json'}", "-volume.preStopSeconds=0"]
     cmd += ["-master.volumeSizeLimitMB=1024", "-volume.max=0"]  # 1 GB volume files, as many as the disk holds
     cmd += [f"-{k}.port={v}" for k, v in ports.items()] + [f"-{k}.port.grpc={v}" for k, v in grpc.items()]
     cmd += [f"-filer.localSocket={st.dir / 's3' / 'filer.sock'}", f"-s3.localSocket={st.dir / 's3' / 's3.sock'}"]
