@@ -48,6 +48,7 @@ def test_a_minute_without_the_tracking_server_stalls_no_epoch_and_loses_no_metri
         server = start_mlflow_server(tmp_path / "mlflow", port)
         up = time.time()
         out, err = proc.communicate(timeout=900)
+        history = MlflowClient(server.uri).get_metric_history(run_id, "val_dice")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -55,7 +56,6 @@ def test_a_minute_without_the_tracking_server_stalls_no_epoch_and_loses_no_metri
     assert proc.returncode == 0, err.decode()[-3000:]
     terminal = err.decode().splitlines()
     assert len([line for line in terminal if " unreachable: training goes on" in line]) == 1, terminal
-    history = MlflowClient(server.uri).get_metric_history(run_id, "val_dice")
     assert sorted(m.step for m in history) == list(range(EPOCHS))  # every epoch's value, none twice
     during = [m.step for m in history if down < m.timestamp / 1000 < up]
     assert len(during) >= 2, (down, up, [(m.step, m.timestamp) for m in history])  # epochs went on meanwhile
