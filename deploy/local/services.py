@@ -32,7 +32,7 @@ AUTH_TEMPLATE = REPO / "deploy" / "mlflow" / "basic_auth.ini"  # one template: l
 APP_NAME = "basic-auth"  # the MLflow server app (`mlflow server --app-name`): named here only
 BUCKET = "liverseg"
 WORKERS = 2  # MLflow's uvicorn workers (`up --workers`): sized by docs/benchmarks.md's team-stack load
-POOL_SIZE = 4  # MLflow's SQLAlchemy pool per engine (3 per process: tracking, registry, auth), as much overflow
+POOL_SIZE = 16  # MLflow's pool per engine (3 a process: tracking, registry, auth) + as much overflow: team_load
 LEAN = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # the GenAI job runner: 8 more processes, +2.3 GB
 SECRET_KEYS = ("PG_PASSWORD", "ADMIN_PASSWORD", "S3_SECRET", "WEBHOOK_SECRET", "FLASK_SECRET")
 

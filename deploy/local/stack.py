@@ -170,9 +170,8 @@ def _env_lines(st: Stack, sec: dict[str, str]) -> tuple[dict[str, str], dict[str
         "RAY_AUTH_TOKEN_PATH": ray["RAY_AUTH_TOKEN_PATH"],
         "LIVERSEG_BUCKET_URL": f"s3://{sv.BUCKET}",
     }
-    # the admin password creates users and grants; the webhook secret makes every replica reload
-    admin = {"LIVERSEG_ADMIN_USER": "admin", "LIVERSEG_ADMIN_PASSWORD": sec["ADMIN_PASSWORD"]}
-    return shared, {**admin, "LIVERSEG_WEBHOOK_SECRET": sec["WEBHOOK_SECRET"]}
+    admin = {"LIVERSEG_ADMIN_USER": "admin", "LIVERSEG_ADMIN_PASSWORD": sec["ADMIN_PASSWORD"]}  # creates users
+    return shared, {**admin, "LIVERSEG_WEBHOOK_SECRET": sec["WEBHOOK_SECRET"]}  # makes every replica reload
 
 
 def _start(st: Stack, sec: dict[str, str], workers: int, pool: int, ray_cpus: int) -> dict[str, float]:
@@ -209,8 +208,10 @@ def _start(st: Stack, sec: dict[str, str], workers: int, pool: int, ray_cpus: in
     jobs = f"http://127.0.0.1:{p['dashboard']}/api/jobs/"
     sv.wait_until(lambda: sv.http_answers(jobs, token) == 200, "Ray's Jobs API", 60, None, st.logs / "ray-head.log")
     mark("ray_jobs_api")
-    if node.wait(timeout=120):
-        raise sv.StackError(f"ray start (second node) failed (see {st.logs / 'ray-node.log'})")
+    if node.wait(timeout=120):  # Ray picks more ports itself and may lose a race for one: once more
+        sv.say(f"ray start (second node) failed (see {st.logs / 'ray-node.log'}); once more, on other ports")
+        if sv.ray_node(st, f"127.0.0.1:{p['ray']}", ray_cpus).wait(timeout=120):
+            raise sv.StackError(f"ray start (second node) failed twice (see {st.logs / 'ray-node.log'})")
     mark("ray_node")
     return ready
 

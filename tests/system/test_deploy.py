@@ -559,6 +559,12 @@ def test_every_mlflow_server_is_lean_and_shares_one_auth_template(objects):
         int(envs["kubernetes"][v]) for v in ("MLFLOW_SQLALCHEMYSTORE_POOL_SIZE", "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW")
     )
     assert max_conn >= replicas * (2 + 1) * 3 * per_engine
+    compose_pg = yaml.safe_load(COMPOSE.read_text())["services"]["postgres"]["command"]
+    per_engine = sum(
+        int(compose["environment"][v])
+        for v in ("MLFLOW_SQLALCHEMYSTORE_POOL_SIZE", "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW")
+    )
+    assert int(compose_pg[compose_pg.index("-c") + 1].split("=")[1]) >= (2 + 1) * 3 * per_engine
 
 
 def test_compose_keeps_the_auth_database_on_a_writable_volume():
