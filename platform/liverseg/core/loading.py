@@ -84,12 +84,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     non-YAML or non-mapping file."""
     try:
         if path.stat().st_size > MAX_METADATA_BYTES:
-            raise ConfigError(f"{path}: larger than {MAX_METADATA_BYTES} bytes: not a config file")
+            raise OSError(f"larger than {MAX_METADATA_BYTES} bytes: not a config file")
         data = yaml.safe_load(path.read_bytes()) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
+        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
     except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: not UTF-8
         raise ConfigError(f"{path}: not valid YAML: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
     if not isinstance(data, dict):
@@ -125,12 +125,11 @@ def _profile_layer(profile: str, ppath: Path, stage: str | None) -> dict[str, An
         raise ConfigError(
             f"{ppath}: unknown profile '{profile}'{did_you_mean(profile, list(profiles))}; valid: {', '.join(profiles)}"
         )
-    section = (
-        (profiles[profile] or {}).get(stage or "", {}) if isinstance(profiles[profile], (dict, type(None))) else None
-    )
-    if not isinstance(section, (dict, type(None))):
+    entry = profiles[profile] or {}
+    section = (entry.get(stage or "") or {}) if isinstance(entry, dict) else None
+    if not isinstance(section, dict):
         raise ConfigError(f"{ppath}: profile '{profile}' must map stage names to mappings of keys")
-    return section or {}
+    return section
 
 
 def load_config(

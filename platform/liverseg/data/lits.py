@@ -98,8 +98,9 @@ def segmentation_name(volume_name: str) -> str:
     return stem + ".nii.gz"
 
 
-def read_file(path: Path | str, limit: int = MAX_FILE_BYTES) -> bytes:
-    """A file's bytes; TooLarge when it holds more than `limit` (checked before reading)."""
+def read_file(path: Path | str, limit: int | None = None) -> bytes:
+    """A file's bytes; TooLarge when it holds more than `limit` (MAX_FILE_BYTES), checked before reading."""
+    limit = MAX_FILE_BYTES if limit is None else limit
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size

@@ -96,7 +96,8 @@ class ModelSpec:
             raise ModelError(f"{where}: unknown spec keys {unknown[:5]}; valid: {', '.join(sorted(fields))}")
         wrong = [k for k in fields if k in d and not _typed(_SPEC_TYPES[k], d[k])]
         if wrong:
-            raise ModelError(f"{where}: spec {wrong[0]} {str(d[wrong[0]])[:60]!r} is not {_SPEC_TYPES[wrong[0]]}")
+            shown = json.dumps(d[wrong[0]])[:60]
+            raise ModelError(f"{where}: spec {wrong[0]} {shown} is not {_SPEC_TYPES[wrong[0]]}")
         tuples = {k: tuple(d[k]) for k in ("window", "size", "decoder_channels", "classes") if k in d}
         try:
             return cls(**{k: v for k, v in d.items() if k != "format"} | tuples)
@@ -246,9 +247,11 @@ def read_spec(path: str | Path) -> ModelSpec:
     ModelError naming the file."""
     try:
         if Path(path).stat().st_size > MAX_METADATA_BYTES:
-            raise ModelError(f"{path}: model spec larger than {MAX_METADATA_BYTES} bytes")
+            raise OSError(f"larger than {MAX_METADATA_BYTES} bytes")
         d = json.loads(Path(path).read_bytes())
-    except (OSError, ValueError, RecursionError) as e:
+    except OSError as e:
+        raise ModelError(f"{path}: unreadable model spec ({e.strerror or e})") from None
+    except (ValueError, RecursionError) as e:
         raise ModelError(f"{path}: unreadable model spec ({type(e).__name__})") from None
     if not isinstance(d, dict):
         raise ModelError(f"{path}: model spec must be a JSON object")

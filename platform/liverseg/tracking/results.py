@@ -126,11 +126,12 @@ def write_results(path: str | Path, results: SearchResults) -> None:
 def read_results(path: str | Path) -> SearchResults:
     """Read and check a results file; InputError in one line naming the file and what is wrong."""
     try:
-        if Path(path).stat().st_size > MAX_METADATA_BYTES:
-            raise InputError(f"{path}: larger than {MAX_METADATA_BYTES} bytes: not a search results file")
-        d = json.loads(Path(path).read_bytes())
+        size = Path(path).stat().st_size
+        d = json.loads(Path(path).read_bytes()) if size <= MAX_METADATA_BYTES else None
     except (OSError, ValueError, RecursionError) as e:
         raise InputError(f"{path}: not a readable search results file ({type(e).__name__})") from None
+    if size > MAX_METADATA_BYTES:
+        raise InputError(f"{path}: larger than {MAX_METADATA_BYTES} bytes: not a search results file")
     if not isinstance(d, dict) or d.get("format", FORMAT) != FORMAT:
         shown = str(d.get("format"))[:40] if isinstance(d, dict) else f"a JSON {type(d).__name__}"
         raise InputError(f"{path}: not a liverseg search results file (format {shown!r})")
