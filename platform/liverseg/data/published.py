@@ -103,6 +103,12 @@ def _entry(e: Any, key: str, where: str) -> Entry:
     return entry
 
 
+def store_name(url: str) -> str:
+    """The store's own name (`lits.zarr`), also for a pinned `<url>/versions/<VID>`."""
+    m = PINNED.fullmatch(url)
+    return (m["root"] if m else url).rstrip("/").rsplit("/", 1)[-1]
+
+
 def object_key(vid: str, key: str) -> str:
     """Where version `vid` keeps the bytes it added for store key `key`, relative to the store's URL."""
     return f"{VERSIONS}/{vid}/{FILES}/{key}"

@@ -61,10 +61,10 @@ def failure(exc: BaseException, what: str) -> LiversegError:
     network = _network_cause(exc)
     status = _status(exc)
     if network:
-        retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", HTTP_DEFAULTS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])
+        retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")
         return TrackingError(
-            f"{what}: tracking server {uri} {network} (tried {int(retries) + 1} times; "
-            "MLFLOW_HTTP_REQUEST_MAX_RETRIES / _TIMEOUT set how long to insist)"
+            f"{what}: tracking server {uri} {network} (MLFLOW_HTTP_REQUEST_MAX_RETRIES={retries} retries; "
+            "raise it or MLFLOW_HTTP_REQUEST_TIMEOUT to insist longer)"
         )
     if status == 401:
         return AuthError(
@@ -226,6 +226,8 @@ def store_datasets(store: Any, store_path: str, contexts: dict[str, str]) -> lis
     from mlflow.types import Schema, TensorSpec
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
+    from liverseg.data.published import store_name
+
     h, w = store.size
     schema = TensorDatasetSchema(
         Schema([TensorSpec(np.dtype(np.int16), (-1, h, w), "image")]),
@@ -239,7 +241,7 @@ def store_datasets(store: Any, store_path: str, contexts: dict[str, str]) -> lis
         digest = hashlib.sha256(json.dumps([list(store.size), arrays]).encode()).hexdigest()[:16]  # MLflow: <= 36
         profile = {"cases": len(cases), "slices": sum(store.num_slices(c) for c in cases)}
         ds = Dataset(
-            name=f"{Path(store_path.rstrip('/')).name}/{split}",
+            name=f"{store_name(store_path)}/{split}",
             digest=digest,
             source_type=scheme,
             source=json.dumps({"uri": store_path}),
