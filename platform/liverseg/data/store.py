@@ -163,9 +163,7 @@ class SliceStore:
         problem = attrs_problem(attrs)
         if problem:
             raise StoreError(f"{self.url}: zarr.json: {problem}")
-        self.attrs = attrs
-        self._arrays: dict[tuple[str, str], zarr.Array] = {}
-        self._case_attrs: dict[str, dict[str, Any]] = {}
+        self.attrs, self._arrays, self._case_attrs = attrs, {}, {}  # arrays by (case, name), attrs by case
 
     @property
     def size(self) -> tuple[int, int]:
@@ -215,10 +213,11 @@ class SliceStore:
         """A case's array, refused when its slices are not of the store's declared size (never served)."""
         key = (case, name)
         if key not in self._arrays:
+            group = self._group(case)
             try:
-                arr = self._group(case)[name]
-            except KeyError:
-                raise StoreError(f"{self.url}: case {case}: no '{name}' array") from None
+                arr = group[name]
+            except Exception as e:  # absent (KeyError), or its zarr.json unreadable
+                raise StoreError(f"{self.url}: case {case}: no readable '{name}' array ({one_line(e)})") from None
             if tuple(arr.shape[1:]) != self.size:
                 raise StoreError(
                     f"{self.url}: case {case}: {name} slices are {tuple(arr.shape[1:])}, the store declares {self.size}"
