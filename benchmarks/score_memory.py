@@ -42,10 +42,11 @@ def _masks(kind: str, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarr
 
 
 def main() -> None:
-    from liverseg.core.limits import MAX_VOXELS
+    from liverseg.core import limits
 
+    limit = getattr(limits, "MAX_VOXELS", None)  # None: code from before the readers had the limit
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--slices", type=int, default=MAX_VOXELS // (512 * 512))
+    p.add_argument("--slices", type=int, default=(limit or 512 * 512 * 1024) // (512 * 512))
     p.add_argument("--cases", nargs="+", default=["liver", "corners"])
     a = p.parse_args()
     shape = (512, 512, a.slices)
@@ -68,7 +69,7 @@ def main() -> None:
                         "case": kind,
                         "shape": list(shape),
                         "voxels": int(np.prod(shape)),
-                        "limit": MAX_VOXELS,
+                        "limit": limit,
                         "exit": int(rc),
                         "peak_rss_mb": round(int(kib) / 1024),
                         "seconds": round(seconds, 1),

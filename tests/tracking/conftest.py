@@ -107,7 +107,7 @@ def _champion_and_challenger(stack: Outage) -> None:
         add_user("rita", "release", stack.passwords["rita"])
         auth = get_app_client("basic-auth", tracking_uri=stack.server.uri)
         auth.create_user("nobody", stack.passwords["nobody"])
-        auth.grant_user_permission("nobody", "registered_model", "liver-unet", "NO_PERMISSIONS")
+        auth.grant_user_permission("nobody", "registered_model", "liver-unet", "DENY")
         for key, value in stack.env("rita").items():
             mp.setenv(key, value)
         stack.runs = [log_model_run(constant_state(liver=b), store_path=stack.store)[0] for b in (False, True)]
