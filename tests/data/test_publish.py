@@ -199,6 +199,8 @@ def test_publish_refuses_non_stores_and_paths(s3, tmp_path, store_path):
         publish_store(store_path, str(tmp_path / "copy.zarr"))
     with pytest.raises(StoreError, match="names one published version, which never changes"):
         publish_store(store_path, f"{s3}/x.zarr/versions/0123456789abcdef")
+    with pytest.raises(StoreError, match="a local path; on a shared file system"):
+        publish_store(store_path, f"file://{tmp_path}/x.zarr")
     assert not _keys()  # nothing half written
 
 

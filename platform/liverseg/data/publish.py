@@ -92,7 +92,10 @@ def _target(url: str) -> tuple[Any, str]:
         raise StoreError(f"{url}: expected an object-store URL such as s3://bucket/stores/lits.zarr")
     if PINNED.fullmatch(url):
         raise StoreError(f"{url}: names one published version, which never changes; publish to the store's URL")
+    if url.startswith(("file://", "local://")):
+        raise StoreError(f"{url}: a local path; on a shared file system give the store's folder to --store itself")
     fs, root = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache()  # s3fs keeps listings per process: one from before another publish would be stale
     return fs, root.rstrip("/")
 
 

@@ -211,6 +211,7 @@ def missing_objects(pinned_url: str, storage_options: dict[str, Any] | None = No
     m = PINNED.fullmatch(pinned_url)
     fs, root = fsspec.core.url_to_fs(m["root"], **(storage_options or {}))
     root = root.rstrip("/")
+    fs.invalidate_cache()  # listings cached by this process may predate a publish
     manifest = read_manifest(fs, root, m["vid"])
     there = {p[len(root) + 1 :]: i.get("size") for p, i in fs.find(f"{root}/{VERSIONS}", detail=True).items()}
     return sorted(k for k, e in manifest.files.items() if there.get(e.object) != e.size)
