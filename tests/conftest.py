@@ -81,7 +81,10 @@ def s3(monkeypatch) -> str:
     it as they would at MinIO/S3 (boto3, s3fs, pyarrow and DVC read AWS_ENDPOINT_URL). Returns s3://lake."""
     import boto3
     import requests
+    import s3fs
     from moto.server import ThreadedMotoServer
+
+    s3fs.S3FileSystem.clear_instance_cache()  # fsspec caches clients per process: one of an earlier server
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()

@@ -114,3 +114,42 @@ def test_model_errors_are_one_line(tmp_path):
         res = _cli("predict", str(tmp_path / "ct.nii.gz"), str(tmp_path / "out.nii.gz"), "--model", model)
         assert res.returncode == 1 and res.stderr.startswith("error: ") and says in res.stderr, res.stderr
         assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_expected_failures_are_one_line_without_traceback(tmp_path, store_path):
+    """Failures of what a command is given or talks to (a file system refusing, a corrupt store, a bad
+    results file, a tracking server that is down, an empty registry): `error: ...` in one line, exit 1."""
+    from support.net import free_port
+
+    broken = tmp_path / "broken.zarr"
+    shutil.copytree(store_path, broken)
+    (broken / "cases" / "0" / "image" / "zarr.json").write_text("garbage")
+    (tmp_path / "bad.json").write_text("[1]")
+    down = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    empty = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'empty.db'}"}
+    cases = [
+        (["synth", "--out", "/proc/liverseg-test", "--cases", "1"], {}, "/proc/liverseg-test"),
+        (["ingest", "--raw", "-", "--store", str(broken), "--verify"], {}, "case 0: no readable 'image' array"),
+        (["evaluate", "--store", store_path, "--model-from", str(tmp_path / "bad.json")], {}, "bad.json: not a"),
+        (["score", "--pred", str(tmp_path), "--ref", str(tmp_path)], {}, "cannot read (Is a directory)"),
+        (["lineage", "models:/liver-unet@champion"], down, "is not reachable"),
+        (["history"], down, "is not reachable"),
+        (["rollback"], empty, "liver-unet: no champion to roll back"),
+        (["history"], empty, "liver-unet: no such registered model, no history"),
+        (["publish", "--to", "s3://lake/x.zarr"], {}, "give --store to publish, --keep N"),
+    ]
+    for args, env, says in cases:
+        res = subprocess.run(
+            [sys.executable, "-m", "liverseg.cli", *args], capture_output=True, text=True, env={**os.environ, **env}
+        )
+        last = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else ""
+        assert res.returncode in (1, 2) and "Traceback" not in res.stderr and "╭" not in res.stderr, (args, res.stderr)
+        assert says in last and (last.startswith("error: ") or args[0] == "ingest"), (args, res.stderr)
+
+
+def test_foreign_failures_are_named_in_one_line():
+    from liverseg.cli.app import expected_failure
+
+    assert expected_failure(MemoryError()).startswith("out of memory (MemoryError)")
+    assert expected_failure(PermissionError(13, "Permission denied", "/x/y")) == "/x/y: Permission denied"
+    assert expected_failure(ValueError("a bug")) is None  # anything else keeps its traceback

@@ -106,3 +106,31 @@ def test_repo_pipelines_load():
 def test_flat_dict_has_every_leaf():
     flat = to_flat_dict(TrainConfig())
     assert flat["train.lr"] == 1e-3 and flat["loss.dice_weight"] == 1.0 and "run.name" in flat
+
+
+@pytest.mark.parametrize(
+    "name, content, says",
+    [
+        ("folder.yaml", None, "cannot read (Is a directory)"),
+        ("latin1.yaml", b"train:\n  lr: \xe9\n", "not valid YAML"),
+        ("deep.yaml", b"[" * 100_000, "not valid YAML"),
+        ("huge.yaml", b"#" * (5 << 20), "larger than 4194304 bytes"),
+        ("list.yaml", b"- 1\n", "top level must be a mapping"),
+    ],
+)
+def test_a_bad_stage_file_is_one_line(tmp_path, name, content, says):
+    path = tmp_path / name
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError, match=f"{name}: ") as e:
+        load_config(TrainConfig, path)
+    assert says in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("profile", ["demo: [1, 2]\n", "demo:\n  train: 5\n", "demo:\n  train: [a]\n"])
+def test_a_profile_of_the_wrong_shape_is_one_line(tmp_path, profile):
+    (tmp_path / "profiles.yaml").write_text(profile)
+    with pytest.raises(ConfigError, match="profile 'demo' must map stage names to mappings of keys"):
+        load_config(TrainConfig, None, profile="demo", profiles_path=tmp_path / "profiles.yaml", stage="train")

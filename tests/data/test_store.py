@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 
@@ -62,3 +64,46 @@ def test_not_a_store(tmp_path):
 def test_unknown_split_lists_valid(store_path):
     with pytest.raises(StoreError, match="unknown split 'dev'.*train"):
         SliceStore(store_path).cases_in("dev")
+
+
+@pytest.mark.parametrize(
+    "attrs, says",
+    [
+        ({"size": "64x64"}, "size 64x64 is not [H, W]"),
+        ({"size": [64, -1]}, "size [64, -1] is not [H, W]"),
+        ({"cases": ["../x"]}, "cases is not a list of LiTS case ids"),
+        ({"cases": "0,1"}, "cases is not a list of LiTS case ids"),
+        ({"case_slices": [24]}, "case_slices is not a mapping"),
+        ({"case_slices": {"0": "24"}}, "case_slices is not a mapping"),
+        ({"splits": {"train": "0"}}, "splits is not a mapping of split names to lists of case ids"),
+        ({"splits": [["0"]]}, "splits is not a mapping"),
+    ],
+)
+def test_tampered_root_attrs_are_one_line(tmp_path, store_path, attrs, says):
+    """Before: a zarr.json with attributes of other types failed deep in a reader (TypeError, KeyError)."""
+    import json
+    import shutil
+
+    from liverseg.core.errors import StoreError
+
+    store = tmp_path / "s.zarr"
+    shutil.copytree(store_path, store)
+    meta = json.loads((store / "zarr.json").read_text())
+    meta["attributes"].update(attrs)
+    (store / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match=re.escape(f"{store}: zarr.json: {says}")):
+        SliceStore(str(store))
+
+
+def test_tampered_case_attrs_are_a_verify_problem(tmp_path, store_path):
+    import json
+    import shutil
+
+    store = tmp_path / "s.zarr"
+    shutil.copytree(store_path, store)
+    case = SliceStore(str(store)).cases[0]
+    meta = json.loads((store / "cases" / case / "zarr.json").read_text())
+    del meta["attributes"]["image_sha256"]
+    (store / "cases" / case / "zarr.json").write_text(json.dumps(meta))
+    problems = SliceStore(str(store)).verify()
+    assert list(problems) == [case] and "image_sha256/mask_sha256 are not sha256 digests" in problems[case]

@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -104,3 +105,66 @@ def test_empty_prediction_gives_undefined_distances(mlflow_uri, store_path):
     ev = evaluate(uri, store_path, "val", lcc=False)
     assert all(c["dice"] == 0.0 and c["assd_mm"] is None for c in ev.cases)
     assert ev.summary["assd_mm"]["undefined"] == len(ev.cases)
+
+
+def _hostile_masks(tmp_path) -> dict[str, tuple[bytes | np.ndarray, str]]:
+    """name -> (file bytes or voxels, what the one-line refusal says)."""
+    from support.nifti import nifti2_declaring
+
+    ok = np.zeros((8, 8, 8), np.uint8)
+    noisy = ok.astype(np.float32)
+    return {
+        "header-32767-cubed.nii": (nifti2_declaring((32767,) * 3, nifti1=True), "declared shape (32767, 32767, 32767)"),
+        "complex.nii": (ok.astype(np.complex64), "is not a real scalar"),
+        "nan.nii": (np.where(ok == 0, np.nan, noisy).astype(np.float32), "non-finite voxels"),
+        "inf.nii": (np.full((8, 8, 8), np.inf, np.float32), "non-finite voxels"),
+        "probabilities.nii": (np.full((8, 8, 8), 0.3, np.float32), "512 voxels are not whole labels"),
+        "negative.nii": (np.full((8, 8, 8), -1, np.int16), "negative labels"),
+        "four-d.nii": (np.zeros((8, 8, 8, 2), np.uint8), "4-D image"),
+        "not-nifti.nii": (b"hello, not a NIfTI file" * 20, "not a NIfTI file"),
+        "empty.nii": (b"", "empty file"),
+    }
+
+
+def test_score_checks_both_files_like_ingest(tmp_path):
+    """Before: score read the voxels itself: MemoryError on a header declaring 32767^3, complex/NaN/inf
+    predictions scored with exit 0. After: ingest's reader checks, each file refused in one line."""
+    ref = _nii(tmp_path / "ref.nii", np.zeros((8, 8, 8), np.uint8))
+    for name, (content, says) in _hostile_masks(tmp_path).items():
+        path = tmp_path / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            _nii(path, content)
+        for pred, reference in ((path, ref), (ref, path)):  # either side
+            with pytest.raises(InputError, match=f"{re.escape(name)}: .*{re.escape(says)}"):
+                score_files(pred, reference)
+    res = subprocess.run(
+        [sys.executable, "-m", "liverseg.cli", "score", "--pred", str(tmp_path / "header-32767-cubed.nii")]
+        + ["--ref", str(ref)],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 1 and res.stderr.count("\n") == 1 and "declared shape" in res.stderr, res.stderr
+
+
+def test_score_refuses_files_past_the_readers_limits(tmp_path, monkeypatch):
+    """The limits every file reader shares (core/limits.py), checked before voxel arrays are made."""
+    import gzip
+
+    from liverseg.core.errors import TooLarge
+    from liverseg.data import lits
+
+    mask = np.zeros((64, 64, 64), np.uint8)
+    ref = _nii(tmp_path / "ref.nii", mask)
+    with monkeypatch.context() as m:
+        m.setattr(lits, "MAX_VOXELS", 64**3 - 1)
+        with pytest.raises(TooLarge, match=r"ref.nii: 262144 voxels \(64, 64, 64\) exceed the limit of 262143"):
+            score_files(ref, ref)
+    monkeypatch.setattr(lits, "MAX_FILE_BYTES", 200_000)
+    bomb = tmp_path / "bomb.nii.gz"
+    bomb.write_bytes(gzip.compress(ref.read_bytes()))  # 1.3 kB on disk, 262 kB decoded
+    with pytest.raises(TooLarge, match="bomb.nii.gz: decompresses to more than 200000 bytes"):
+        score_files(ref, bomb)
+    with pytest.raises(TooLarge, match="ref.nii: 262496 bytes, more than the limit of 200000"):
+        score_files(ref, ref)

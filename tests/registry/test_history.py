@@ -61,3 +61,24 @@ def test_change_line_names_everything():
     )
     first = Change("promote", "liver-unet", None, "1", "al", "t", "", 0.5)
     assert "none -> v1" in first.line() and "vs -" in first.line() and "reason: -" in first.line()
+
+
+def test_a_record_edited_by_hand_is_left_out_in_one_line(mlflow_uri):
+    """Before: a history tag that was not JSON (or had other keys, or a score of text) ended
+    `liverseg history` in a traceback. After: the good records are listed, each bad one named once."""
+    from support.cli import run_liverseg
+
+    client = MlflowClient(tracking_uri())
+    client.create_registered_model("liver-unet")
+    good = Change("promote", "liver-unet", None, "1", "rita", "2026-11-28T09:00:00.000000Z", "first", 0.9)
+    client.set_registered_model_tag("liver-unet", TAG_PREFIX + "20261128T090000.000000Z", json.dumps(good.__dict__))
+    for i, bad in enumerate(
+        ["not json", "[1]", '{"action": "promote"}', json.dumps({**good.__dict__, "test_dice": "x"})]
+    ):
+        client.set_registered_model_tag("liver-unet", f"{TAG_PREFIX}bad{i}", bad)
+    skipped: list[str] = []
+    assert history(client, "liver-unet", skipped) == [good] and len(skipped) == 4
+    res = run_liverseg(["history"])
+    assert res.returncode == 0 and res.stdout.strip() == good.line(), res.stdout + res.stderr
+    warnings = res.stderr.strip().splitlines()
+    assert len(warnings) == 4 and all(w.endswith("is not a champion change record; left out") for w in warnings)

@@ -154,3 +154,35 @@ def test_ground_truth_and_folders_are_never_outputs(tmp_path, phantom_dir, case)
         "segmentation-1.nii.gz",
         "volume-1.nii.gz",
     ]
+
+
+def test_bad_folder_entries_are_failures_among_the_others(tmp_path, phantom_dir):
+    """Before: a symlink loop in the input folder aborted the whole run with a traceback (RuntimeError
+    from Path.resolve), and entries with NIfTI names that are no files were skipped in silence. After:
+    each is one FAILED line, the good volumes are written, exit 1; an output that is a loop is replaced."""
+    import os
+
+    d = tmp_path / "m"
+    save_local(d, constant_state(liver=True), spec())
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    for n in ("0", "1"):
+        shutil.copy(phantom_dir / f"volume-{n}.nii.gz", src)
+    (src / "volume-2.nii.gz").symlink_to("volume-2.nii.gz")  # a loop
+    (src / "volume-3.nii.gz").symlink_to(tmp_path / "gone.nii.gz")  # dangling
+    (src / "volume-4.nii.gz").mkdir()  # a folder with a NIfTI name
+    os.mkfifo(src / "volume-5.nii")  # reading it would block for ever
+    (out / "segmentation-1.nii.gz").symlink_to("segmentation-1.nii.gz")  # an output that is a loop
+    res = _predict(str(src), str(out), "--model", str(d), "--device", "cpu")
+    failed = sorted(line for line in res.stderr.splitlines() if line.startswith("FAILED "))
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert failed == [
+        f"FAILED {src / 'volume-2.nii.gz'}: Too many levels of symbolic links",
+        f"FAILED {src / 'volume-3.nii.gz'}: No such file or directory",
+        f"FAILED {src / 'volume-4.nii.gz'}: is a folder, not a NIfTI file",
+        f"FAILED {src / 'volume-5.nii'}: not a regular file (a FIFO, socket or device)",
+    ]
+    assert f"predict: 2 masks written to {out}, 4 failed" in res.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["segmentation-0.nii.gz", "segmentation-1.nii.gz"]
+    assert not (out / "segmentation-1.nii.gz").is_symlink() and nib.load(str(out / "segmentation-1.nii.gz")).shape

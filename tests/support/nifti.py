@@ -18,10 +18,12 @@ def copy_case(src: Path, dst: Path, n: str = "0", new_id: str | None = None) -> 
             shutil.copy(f, dst / f.name.replace(f"-{n}.", f"-{new_id or n}."))
 
 
-def nifti2_declaring(dims: tuple[int, int, int], data: bytes = bytes(64)) -> bytes:
-    """A NIfTI-2 file whose header declares `dims` (uint8) over `data` (which may be far fewer bytes)."""
-    raw = nib.Nifti2Image(np.zeros((2, 2, 2), np.uint8), np.eye(4)).to_bytes()
-    hdr = nib.Nifti2Header.from_fileobj(io.BytesIO(raw))
+def nifti2_declaring(dims: tuple[int, int, int], data: bytes = bytes(64), nifti1: bool = False) -> bytes:
+    """A NIfTI-2 (or NIfTI-1) file whose header declares `dims` (uint8) over `data` (which may be far fewer
+    bytes)."""
+    image, header = (nib.Nifti1Image, nib.Nifti1Header) if nifti1 else (nib.Nifti2Image, nib.Nifti2Header)
+    raw = image(np.zeros((2, 2, 2), np.uint8), np.eye(4)).to_bytes()
+    hdr = header.from_fileobj(io.BytesIO(raw))
     hdr["dim"][1:4] = dims
     block = hdr.binaryblock
     return block + raw[len(block) : int(hdr["vox_offset"])] + data

@@ -25,17 +25,25 @@ class Server:
         stop(self.proc)
 
 
-def start_mlflow_server(root: Path, port: int | None = None, env: dict[str, str] | None = None) -> Server:
-    """`mlflow server` over SQLite `root/srv.db` and artifacts in `root/artifacts`, one worker; returns once
-    /health answers. The same root and port start it again on the same data."""
+def start_mlflow_server(
+    root: Path,
+    port: int | None = None,
+    env: dict[str, str] | None = None,
+    backend: str | None = None,
+    artifacts: str | None = None,
+    args: tuple[str, ...] = (),
+) -> Server:
+    """`mlflow server` over `backend` (default SQLite `root/srv.db`) and artifacts in `artifacts` (default
+    `root/artifacts`), one worker, more `args` (e.g. `--app-name basic-auth`); returns once /health answers.
+    The same root and port start it again on the same data."""
     port = port or free_port()
     log = root / f"mlflow-server-{port}.log"
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'srv.db'}"]
-    cmd += ["--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend or f"sqlite:///{root / 'srv.db'}"]
+    cmd += ["--artifacts-destination", artifacts or str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port)]
     root.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as out:
         proc = subprocess.Popen(
-            [*cmd, "--workers", "1"],
+            [*cmd, "--workers", "1", *args],
             stdout=out,
             stderr=subprocess.STDOUT,
             env={**os.environ, **LEAN_MLFLOW, **(env or {})},
@@ -43,6 +51,63 @@ def start_mlflow_server(root: Path, port: int | None = None, env: dict[str, str]
     uri = f"http://127.0.0.1:{port}"
     wait_http(uri + "/health", proc, log, 120)
     return Server(proc, uri)
+
+
+@dataclass
+class Postgres:
+    """A PostgreSQL server of our own on 127.0.0.1 (trust login as `postgres`, all under `dir`)."""
+
+    dir: Path
+    port: int
+
+    @property
+    def uri(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}"
+
+    def _as_postgres(self, *cmd: str, timeout_s: float = 120) -> None:
+        runner = ["runuser", "-u", "postgres", "--"] if os.getuid() == 0 else []  # initdb refuses root
+        res = subprocess.run([*runner, *cmd], capture_output=True, text=True, timeout=timeout_s)
+        assert res.returncode == 0, f"{cmd[0]}: {res.stdout[-1500:]}{res.stderr[-1500:]}"
+
+    def start(self) -> None:
+        opts = f"-h 127.0.0.1 -p {self.port} -k {self.dir}"
+        self._as_postgres(
+            _pg_bin("pg_ctl"), "-D", str(self.dir / "data"), "-w", "-l", str(self.dir / "log"), "-o", opts, "start"
+        )
+
+    def stop(self) -> None:
+        self._as_postgres(_pg_bin("pg_ctl"), "-D", str(self.dir / "data"), "-w", "-m", "fast", "stop")
+
+
+def _pg_bin(name: str) -> str:
+    import glob
+    import shutil
+
+    found = shutil.which(name) or (sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}")) or [None])[-1]
+    assert found, f"{name}: PostgreSQL's server binaries are not installed (apt-get install postgresql)"
+    return found
+
+
+def start_postgres(databases: tuple[str, ...] = ("mlflow",)) -> Postgres:
+    """initdb and start PostgreSQL in a new folder under /tmp (every folder above the data directory must
+    be passable by `postgres`), then create `databases`. Stop it with .stop(); remove .dir after."""
+    import shutil
+    import tempfile
+
+    pg = Postgres(Path(tempfile.mkdtemp(prefix="lspg-", dir="/tmp")), free_port())
+    pg.dir.chmod(0o777)  # postgres writes its socket and log here
+    if os.getuid() == 0:
+        shutil.chown(pg.dir, "postgres")
+    pg._as_postgres(_pg_bin("initdb"), "-D", str(pg.dir / "data"), "-U", "postgres", "--auth=trust")
+    pg.start()
+    for db in databases:
+        res = subprocess.run(
+            [_pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(pg.port), "-U", "postgres", db],
+            capture_output=True,
+            text=True,
+        )
+        assert res.returncode == 0, res.stderr
+    return pg
 
 
 def start_serve(root: Path, model: str, env: dict[str, str], *args: str, preexec_fn=None):

@@ -54,7 +54,7 @@ def test_two_workers_on_two_nodes_read_s3_and_log_to_server(two_node_ray, mlflow
 
     address, env = two_node_ray
     store = f"{s3}/stores/slices.zarr"
-    publish_store(store_path, store)
+    version = publish_store(store_path, store).version
     auth = {k: env[k] for k in ("RAY_AUTH_MODE",) if k in env}
     env = {**os.environ, **auth, "RAY_ADDRESS": address}  # the submitter's shell: tracking URI and AWS_*
     cmd = cli_cmd(
@@ -74,7 +74,7 @@ def test_two_workers_on_two_nodes_read_s3_and_log_to_server(two_node_ray, mlflow
     assert run.info.status == "FINISHED" and run.data.tags.get("model_uri")
     assert len(set(run.data.tags["ray_worker_nodes"].split(","))) == 2  # one worker on each node
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_dice")] == [0, 1]
-    assert run.data.tags["store_path"] == store
+    assert run.data.tags["store_path"] == f"{store}/versions/{version}"  # the version read, pinned
     import boto3
 
     keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="lake", Prefix="ray/cluster/")["Contents"]]

@@ -1,4 +1,4 @@
-"""MLflow plumbing: the store's splits as dataset inputs."""
+"""MLflow plumbing: the store's splits as dataset inputs, the client's retries and what a failure says."""
 
 import json
 import shutil
@@ -49,3 +49,35 @@ def test_git_commit_outside_git_is_the_image_build_argument(tmp_path, monkeypatc
     monkeypatch.setenv("LIVERSEG_GIT_COMMIT", "0123abc")
     assert git_commit(tmp_path) == "0123abc"  # a container image: the commit it was built from
     assert git_commit(Path(__file__).parent) not in ("unknown", "0123abc")  # a checkout: git's own answer
+
+
+def test_a_stopped_server_is_said_in_seconds_and_an_absent_version_is_not_found(tmp_path, monkeypatch):
+    """Before: MLflow's client retried a stopped server for about 4 minutes (7 retries, backoff 2), and
+    any failure to resolve a version read "not found in the registry". After: liverseg's retry defaults
+    (MLflow's own variables, where unset) and one line saying which: absent, or the server unreachable."""
+    import os
+    import time
+
+    import pytest
+
+    from liverseg.core.errors import RegistryError, TrackingError
+    from liverseg.tracking.models import resolve_version
+    from liverseg.tracking.runs import HTTP_DEFAULTS, client
+    from support.servers import start_mlflow_server
+
+    for key in HTTP_DEFAULTS:
+        monkeypatch.delenv(key, raising=False)
+    server = start_mlflow_server(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    try:
+        with pytest.raises(RegistryError, match=f"models:/liver-unet@champion: not found in {server.uri}$"):
+            resolve_version(client(), "models:/liver-unet@champion")
+        assert all(os.environ[k] == v for k, v in HTTP_DEFAULTS.items())  # set where the user had set none
+    finally:
+        server.stop()
+    t0 = time.monotonic()
+    with pytest.raises(TrackingError, match=f"tracking server {server.uri} is not reachable") as e:
+        resolve_version(client(), "models:/liver-unet@champion")
+    assert time.monotonic() - t0 < 30 and "\n" not in str(e.value)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the user's own setting wins
+    assert client() is not None and os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"

@@ -150,7 +150,7 @@ def test_search_reads_store_and_keeps_state_in_s3(s3, mlflow_uri, store_path, tm
     from liverseg.data.publish import publish_store
 
     store = f"{s3}/stores/slices.zarr"
-    publish_store(store_path, store)
+    version = publish_store(store_path, store).version
     sets = [*BASE, "tune.max_concurrent=1", "train.epochs=2", f"run.storage_path={s3}/ray"]
     cli = [sys.executable, "-m", "liverseg.cli"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}  # AWS_* point at the moto server (fixture)
@@ -169,7 +169,8 @@ def test_search_reads_store_and_keeps_state_in_s3(s3, mlflow_uri, store_path, tm
     client = MlflowClient(mlflow_uri)
     mv = client.get_model_version_by_alias("liver-unet-candidates", "challenger")
     assert mv.run_id == client.get_run(parent).data.tags["best_run_id"]
-    assert client.get_run(mv.run_id).data.tags["store_path"] == store  # trained from the bucket
+    # trained from the bucket, every trial on the version current when the search started
+    assert client.get_run(mv.run_id).data.tags["store_path"] == f"{store}/versions/{version}"
     keys = [
         o["Key"]
         for page in boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket="lake", Prefix="ray/")

@@ -14,8 +14,8 @@ from liverseg.core.errors import ConfigError, LiversegError
 class _App(typer.Typer):
     """The command group. Every error liverseg raises on purpose is a LiversegError with a one-line
     message: it is printed here, once for all commands (exit 2 for a config error, 1 otherwise), and so
-    is an MLflow error about the user's request a command did not catch (a deleted version, ...);
-    anything else is a bug and keeps its traceback."""
+    are the failures of what a command talks to that it did not catch (`expected_failure`: MLflow, the
+    network, object storage, the file system, memory); anything else is a bug and keeps its traceback."""
 
     def __call__(self, *args, **kwargs):
         try:
@@ -24,10 +24,34 @@ class _App(typer.Typer):
             typer.echo(f"error: {e}", err=True)
             raise SystemExit(2 if isinstance(e, ConfigError) else 1) from None
         except Exception as e:
-            if not type(e).__module__.startswith("mlflow."):
+            msg = expected_failure(e)
+            if msg is None:
                 raise
-            typer.echo(f"error: MLflow: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
+            typer.echo(f"error: {msg}", err=True)
             raise SystemExit(1) from None
+
+
+FOREIGN = ("mlflow.", "requests.", "urllib3.", "botocore.", "boto3.", "s3fs.", "aiobotocore.", "fsspec.")
+
+
+def expected_failure(exc: BaseException) -> str | None:
+    """One line for a failure of something outside liverseg (None for anything else, a bug): MLflow and the
+    network said as `tracking.runs.failure` says them (unreachable, 401, 403, not found, 5xx); object
+    storage (botocore, s3fs) and the file system by their own message; memory exhausted."""
+    from liverseg.core.errors import one_line
+
+    module = type(exc).__module__ + "."
+    if module.startswith(("mlflow.", "requests.", "urllib3.")):
+        from liverseg.tracking.runs import failure
+
+        return str(failure(exc, "MLflow"))
+    if isinstance(exc, MemoryError):
+        return "out of memory (MemoryError): the input is larger than this machine can hold"
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror}"
+    if module.startswith(FOREIGN) or isinstance(exc, OSError):
+        return one_line(exc)
+    return None
 
 
 app = _App(add_completion=False, no_args_is_help=True, help=__doc__, rich_markup_mode=None)
@@ -78,7 +102,7 @@ def quietly(command: str, verbose: bool, fn):
             msg, code = f"interrupted: {command} stopped, its MLflow runs marked KILLED (rerun to resume)", 130
         except Exception as e:
             traceback.print_exc()  # into the log
-            msg, code = root_cause(e), 1
+            msg, code = expected_failure(e) or root_cause(e), 1
         finally:  # Ray's last words (placement-group clean-up, worker exits) into the log, not after it
             ray = sys.modules.get("ray")
             if ray is not None and ray.is_initialized():

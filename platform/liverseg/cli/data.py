@@ -88,15 +88,40 @@ def _ingest_metrics(store: str, out: Path) -> None:
 
 @app.command()
 def publish(
-    store: Path = typer.Option(..., help="local slice store written by `liverseg ingest`"),
+    store: Path | None = typer.Option(None, help="local slice store written by `liverseg ingest`"),
     to: str = typer.Option(..., help="object-store URL, e.g. s3://bucket/stores/lits.zarr (AWS_* variables)"),
+    keep: int | None = typer.Option(
+        None, min=1, help="then delete all but the KEEP newest versions (never the current)"
+    ),
+    list_: bool = typer.Option(False, "--list", help="list the versions published at --to, newest first"),
 ) -> None:
-    """Upload a slice store to object storage for Ray workers on any node (incremental, root metadata last)."""
-    from liverseg.data.publish import publish_store
+    """Publish a slice store as a new immutable version at --to (readers see the old or the new one, never a
+    mix; unchanged files are not sent again; old versions stay unless --keep); --list shows them."""
+    from liverseg.data.publish import list_versions, prune_versions, publish_store
 
-    try:
-        rep = publish_store(store, to)
-    except OSError as e:
-        fail(str(e), 1)
-    extra = f"; {len(rep.extra)} object(s) there not in {store} (kept)" if rep.extra else ""
-    typer.echo(f"publish: {len(rep.uploaded)} uploaded, {len(rep.unchanged)} unchanged -> {to}{extra}")
+    if list_:
+        current, manifests = list_versions(to)
+        for m in manifests:
+            mark = "  (current)" if m.version == current else ""
+            typer.echo(f"{m.version}  {m.created_at}  by {m.by}  {m.cases} cases  {len(m.files)} files{mark}")
+        if not manifests:
+            typer.echo(f"{to}: no published versions")
+        return
+    if store is None:
+        if keep is None:
+            fail("give --store to publish, --keep N to delete old versions, or --list")
+        typer.echo(f"publish: deleted {len(prune_versions(to, keep))} old version(s) at {to}")
+        return
+    rep = publish_store(store, to, keep=keep)
+    if rep.previous == rep.version and not rep.uploaded:
+        typer.echo(f"publish: {to} is already at version {rep.version} ({rep.cases} cases); nothing uploaded")
+    else:
+        was = "its first version" if rep.previous is None else f"was {rep.previous}"
+        typer.echo(
+            f"publish: {to} -> version {rep.version} ({rep.cases} cases, {was}): {len(rep.uploaded)} uploaded "
+            f"({rep.bytes_uploaded / 1e6:.1f} MB), {len(rep.reused)} unchanged, in {rep.seconds:.1f} s"
+        )
+    pruned = f", {len(rep.pruned)} deleted (--keep {keep})" if rep.pruned else " (--keep N deletes old ones)"
+    typer.echo(f"  {rep.versions} version(s) kept{pruned}; this one stays readable as {to}/versions/{rep.version}")
+    if rep.extra:
+        typer.echo(f"  kept at {to}, not part of any version: {', '.join(rep.extra[:5])}")

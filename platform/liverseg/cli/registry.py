@@ -164,7 +164,10 @@ def history(name: str = typer.Option(SERVED_MODEL, help="served registered model
     from liverseg.registry.history import history as changes
     from liverseg.tracking.runs import client
 
-    found = changes(client(), name)
+    skipped: list[str] = []
+    found = changes(client(), name, skipped)
+    for key in skipped:
+        typer.echo(f"warning: {name}: tag {key} is not a champion change record; left out", err=True)
     typer.echo("\n".join(c.line() for c in found) if found else f"{name}: the champion never changed")
 
 

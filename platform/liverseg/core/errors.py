@@ -47,6 +47,10 @@ class TrackingError(LiversegError, RuntimeError):
     """The tracking store cannot be reached or written; names the URI."""
 
 
+class AuthError(TrackingError):
+    """The tracking server refused the login (401): names the server and the user."""
+
+
 class RegistryError(LiversegError, RuntimeError):
     """A registry operation cannot proceed."""
 

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from liverseg.core.errors import ConfigError
+from liverseg.core.limits import MAX_METADATA_BYTES
 
 Cfg = TypeVar("Cfg", bound=BaseModel)
 
@@ -79,12 +80,18 @@ def parse_overrides(items: list[str] | None) -> list[tuple[str, Any]]:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    """A config file's top-level mapping; ConfigError in one line for a missing, unreadable, oversized,
+    non-YAML or non-mapping file."""
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        if path.stat().st_size > MAX_METADATA_BYTES:
+            raise OSError(f"larger than {MAX_METADATA_BYTES} bytes: not a config file")
+        data = yaml.safe_load(path.read_bytes()) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from e
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: not UTF-8
+        raise ConfigError(f"{path}: not valid YAML: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return data
@@ -118,7 +125,11 @@ def _profile_layer(profile: str, ppath: Path, stage: str | None) -> dict[str, An
         raise ConfigError(
             f"{ppath}: unknown profile '{profile}'{did_you_mean(profile, list(profiles))}; valid: {', '.join(profiles)}"
         )
-    return (profiles[profile] or {}).get(stage or "", {}) or {}
+    entry = profiles[profile] or {}
+    section = (entry.get(stage or "") or {}) if isinstance(entry, dict) else None
+    if not isinstance(section, dict):
+        raise ConfigError(f"{ppath}: profile '{profile}' must map stage names to mappings of keys")
+    return section
 
 
 def load_config(

@@ -23,8 +23,9 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from liverseg import __version__
-from liverseg.core.errors import StoreError
-from liverseg.data.lits import case_order
+from liverseg.core.errors import StoreError, one_line
+from liverseg.data.lits import CASE_ID, case_order
+from liverseg.data.published import missing_objects, resolve
 
 FORMAT = "liverseg-slices"
 FORMAT_VERSION = 1
@@ -108,23 +109,61 @@ def write_array(group: zarr.Group, name: str, data: np.ndarray, shard_slices: in
 
 
 # ---------------------------------------------------------------- reading
+def attrs_problem(attrs: dict[str, Any]) -> str | None:
+    """What makes root attributes unreadable (wrong types, ids that are not LiTS ids), or None: checked
+    when a store is opened, so that a tampered `zarr.json` is one line, not an error deep in a reader."""
+    size, cases, slices, splits = (attrs.get(k) for k in ("size", "cases", "case_slices", "splits"))
+    if not (isinstance(size, list) and len(size) == 2 and all(_count(x) and x > 0 for x in size)):
+        return f"size {str(size)[:40]} is not [H, W]"
+    if not (isinstance(cases, list) and all(_is_id(c) for c in cases)):
+        return "cases is not a list of LiTS case ids"
+    if not (isinstance(slices, dict) and all(_count(z) for z in slices.values())):
+        return "case_slices is not a mapping of case ids to slice counts"
+    ids = [c for v in splits.values() if isinstance(v, list) for c in v] if isinstance(splits, dict) else None
+    if ids is None or not all(isinstance(v, list) for v in splits.values()) or not all(_is_id(c) for c in ids):
+        return "splits is not a mapping of split names to lists of case ids"
+    return None
+
+
+def _is_id(c: Any) -> bool:
+    return isinstance(c, str) and CASE_ID.fullmatch(c) is not None
+
+
+def _mm(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x < float("inf")
+
+
+def _count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
 class SliceStore:
-    """Read access to a slice store: cases per split, slices by (case, index), whole volumes."""
+    """Read access to a slice store: cases per split, slices by (case, index), whole volumes.
+
+    `url`: a local path, a Zarr URL, or a published store's URL (its current version, resolved once: every
+    later read is of that version, whatever is published meanwhile) or `<url>/versions/<VID>` (that one).
+    `version` is the version read (None for a plain store), `pinned_url` the URL of exactly that version:
+    hand it to other processes (Ray workers) so that they read the same one."""
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
-        self.url = str(url)
+        self.url, self._options = str(url), storage_options
         try:
-            self.root = zarr.open_group(self.url, mode="r", storage_options=storage_options)
+            target, self.version, self.pinned_url = resolve(self.url, storage_options)
+            options = storage_options if isinstance(target, str) else None
+            self.root = zarr.open_group(target, mode="r", storage_options=options)
+        except StoreError:
+            raise
         except Exception as e:
-            raise StoreError(f"{self.url}: cannot open slice store ({type(e).__name__}: {e})") from None
+            raise StoreError(f"{self.url}: cannot open slice store ({one_line(e)})") from None
         attrs = dict(self.root.attrs)
         if attrs.get("format") != FORMAT:
-            raise StoreError(f"{self.url}: not a {FORMAT} store (format={attrs.get('format')!r})")
+            raise StoreError(f"{self.url}: not a {FORMAT} store (format={str(attrs.get('format'))[:40]!r})")
         if attrs.get("format_version") != FORMAT_VERSION:
-            raise StoreError(f"{self.url}: format_version {attrs.get('format_version')} != {FORMAT_VERSION}")
-        self.attrs = attrs
-        self._arrays: dict[tuple[str, str], zarr.Array] = {}
-        self._case_attrs: dict[str, dict[str, Any]] = {}
+            raise StoreError(f"{self.url}: format_version {attrs.get('format_version')!r} != {FORMAT_VERSION}")
+        problem = attrs_problem(attrs)
+        if problem:
+            raise StoreError(f"{self.url}: zarr.json: {problem}")
+        self.attrs, self._arrays, self._case_attrs = attrs, {}, {}  # arrays by (case, name), attrs by case
 
     @property
     def size(self) -> tuple[int, int]:
@@ -145,11 +184,21 @@ class SliceStore:
         return list(self.attrs["splits"][split])
 
     def num_slices(self, case: str) -> int:
+        if case not in self.attrs["case_slices"]:
+            raise StoreError(f"{self.url}: case {case}: no slice count in case_slices")
         return int(self.attrs["case_slices"][case])
 
     def case_attrs(self, case: str) -> dict[str, Any]:
+        """A case group's attributes; those readers use are checked (StoreError naming the case)."""
         if case not in self._case_attrs:
-            self._case_attrs[case] = dict(self._group(case).attrs)
+            attrs = dict(self._group(case).attrs)
+            digests = [attrs.get(k) for k in ("image_sha256", "mask_sha256")]
+            spacing = attrs.get("stored_spacing_mm_zyx")
+            if not all(isinstance(d, str) and len(d) == 64 for d in digests):
+                raise StoreError(f"{self.url}: case {case}: image_sha256/mask_sha256 are not sha256 digests")
+            if not (isinstance(spacing, list) and len(spacing) == 3 and all(_mm(x) for x in spacing)):
+                raise StoreError(f"{self.url}: case {case}: stored_spacing_mm_zyx is not 3 positive sizes")
+            self._case_attrs[case] = attrs
         return self._case_attrs[case]
 
     def _group(self, case: str) -> zarr.Group:
@@ -164,10 +213,11 @@ class SliceStore:
         """A case's array, refused when its slices are not of the store's declared size (never served)."""
         key = (case, name)
         if key not in self._arrays:
+            group = self._group(case)
             try:
-                arr = self._group(case)[name]
-            except KeyError:
-                raise StoreError(f"{self.url}: case {case}: no '{name}' array") from None
+                arr = group[name]
+            except Exception as e:  # absent (KeyError), or its zarr.json unreadable
+                raise StoreError(f"{self.url}: case {case}: no readable '{name}' array ({one_line(e)})") from None
             if tuple(arr.shape[1:]) != self.size:
                 raise StoreError(
                     f"{self.url}: case {case}: {name} slices are {tuple(arr.shape[1:])}, the store declares {self.size}"
@@ -200,7 +250,7 @@ class SliceStore:
         `size`, group `size` equal to the root's, data equal to the sha256 recorded at ingest.
         """
         problems = {}
-        listing = self._listing_problem()
+        listing = self._listing_problem() or self._objects_problem()
         if listing:
             problems["store"] = listing
         for case in self.cases:
@@ -219,6 +269,13 @@ class SliceStore:
             return f"splits list {len(in_splits)} case(s), not a partition of the {len(cases)} stored cases"
         if counted != cases:
             return f"case_slices covers {len(counted)} case(s), the store lists {len(cases)}"
+        return None
+
+    def _objects_problem(self) -> str | None:
+        """A published version's objects that are gone or of another size than its manifest says."""
+        missing = missing_objects(self.pinned_url, self._options) if self.version else []
+        if missing:
+            return f"version {self.version}: {len(missing)} object(s) missing or changed: {', '.join(missing[:3])}"
         return None
 
     def _case_problem(self, case: str) -> str | None:

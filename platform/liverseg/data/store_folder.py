@@ -26,9 +26,10 @@ STORE_ENTRIES = frozenset({"zarr.json", "cases"})  # all a store's folder holds:
 
 
 @contextlib.contextmanager
-def store_lock(store_path: Path, store: str | Path):
-    """One ingest per store at a time; a second is refused: its clean-up of interrupted runs would delete
-    the first one's half-built copy, and their swaps would interleave. The lock file (`.NAME.lock`
+def store_lock(store_path: Path, store: str | Path, me: str = "ingest"):
+    """One ingest (or publish, `me`) per store at a time; a second is refused: its clean-up of interrupted
+    runs would delete the first one's half-built copy, their swaps would interleave, a publish would
+    upload a store half rewritten. The lock file (`.NAME.lock`
     beside the store) goes at the end; a lock found unlinked after locking is retried (another run
     just finished), so two runs never hold two files of one name.
     """
@@ -40,7 +41,9 @@ def store_lock(store_path: Path, store: str | Path):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise StoreError(f"{store}: another ingest is writing this store; run again when it has ended") from None
+            raise StoreError(
+                f"{store}: another ingest is writing this store (or a publish is reading it); {me} again when it has ended"
+            ) from None
         try:
             if os.stat(lock).st_ino == os.fstat(fd).st_ino:
                 break

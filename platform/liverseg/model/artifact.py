@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from liverseg.core.errors import ModelError
+from liverseg.core.errors import ModelError, one_line
 from liverseg.core.files import atomic_write_bytes
+from liverseg.core.limits import MAX_METADATA_BYTES
 from liverseg.model.metrics import largest_component
 from liverseg.model.network import build_model
 from liverseg.model.transforms import neighbour_index, standardise, window01
@@ -91,12 +93,53 @@ class ModelSpec:
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - fields - {"format"})
         if unknown:
-            raise ModelError(f"{where}: unknown spec keys {unknown}; valid: {', '.join(sorted(fields))}")
+            raise ModelError(f"{where}: unknown spec keys {unknown[:5]}; valid: {', '.join(sorted(fields))}")
+        wrong = [k for k in fields if k in d and not _typed(_SPEC_TYPES[k], d[k])]
+        if wrong:
+            shown = json.dumps(d[wrong[0]])[:60]
+            raise ModelError(f"{where}: spec {wrong[0]} {shown} is not {_SPEC_TYPES[wrong[0]]}")
         tuples = {k: tuple(d[k]) for k in ("window", "size", "decoder_channels", "classes") if k in d}
         try:
             return cls(**{k: v for k, v in d.items() if k != "format"} | tuples)
         except TypeError as e:
             raise ModelError(f"{where}: {e}") from None
+
+
+# what each spec field's JSON value must be (a spec is read from the artifact store: checked before use)
+_SPEC_TYPES = {
+    **dict.fromkeys(("encoder", "architecture", "orientation", "units", "precision", "train_run_id"), "text"),
+    **dict.fromkeys(("in_channels", "best_epoch", "format_version"), "an integer"),
+    **dict.fromkeys(("mean", "std"), "a number"),
+    "val_dice": "a number or null",
+    "lcc": "true or false",
+    "window": "2 numbers",
+    "size": "2 integers",
+    "decoder_channels": "5 positive integers",
+    "classes": "2 names",
+}
+
+
+def _typed(want: str, v: Any) -> bool:
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    def integer(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    def items(n: int, ok) -> bool:
+        return isinstance(v, (list, tuple)) and len(v) == n and all(ok(x) for x in v)
+
+    return {
+        "text": lambda: isinstance(v, str),
+        "an integer": lambda: integer(v),
+        "a number": lambda: number(v),
+        "a number or null": lambda: v is None or number(v),
+        "true or false": lambda: isinstance(v, bool),
+        "2 numbers": lambda: items(2, number),
+        "2 integers": lambda: items(2, integer),
+        "5 positive integers": lambda: items(5, lambda x: integer(x) and x > 0),
+        "2 names": lambda: items(2, lambda x: isinstance(x, str)),
+    }[want]()
 
 
 def _from_v1(meta: dict[str, Any]) -> dict[str, Any]:
@@ -200,9 +243,15 @@ def save_local(model_dir: str | Path, state_dict: dict[str, torch.Tensor], spec:
 
 
 def read_spec(path: str | Path) -> ModelSpec:
+    """The spec in a model folder; anything unreadable (too large, not JSON, fields of the wrong type) is one
+    ModelError naming the file."""
     try:
-        d = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
+        if Path(path).stat().st_size > MAX_METADATA_BYTES:
+            raise OSError(f"larger than {MAX_METADATA_BYTES} bytes")
+        d = json.loads(Path(path).read_bytes())
+    except OSError as e:
+        raise ModelError(f"{path}: unreadable model spec ({e.strerror or e})") from None
+    except (ValueError, RecursionError) as e:
         raise ModelError(f"{path}: unreadable model spec ({type(e).__name__})") from None
     if not isinstance(d, dict):
         raise ModelError(f"{path}: model spec must be a JSON object")
@@ -213,7 +262,12 @@ def load_local(model_dir: str | Path, device: str = "auto") -> LoadedModel:
     """Load a model folder written by `save_local` (weights_only: no pickled code is run)."""
     model_dir = Path(model_dir)
     spec = read_spec(model_dir / SPEC_FILE)
-    net = build_model(spec.encoder, "none", spec.in_channels, spec.decoder_channels)
+    try:
+        net = build_model(spec.encoder, "none", spec.in_channels, spec.decoder_channels)
+    except ModelError:
+        raise
+    except Exception as e:  # smp refusing the spec's numbers
+        raise ModelError(f"{model_dir / SPEC_FILE}: no network of this spec ({one_line(e)})") from None
     try:
         state = torch.load(model_dir / WEIGHTS_FILE, map_location="cpu", weights_only=True)
         net.load_state_dict(state)

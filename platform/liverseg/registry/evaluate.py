@@ -20,7 +20,7 @@ from nibabel.affines import voxel_sizes
 
 from liverseg.core.errors import InputError, RegistryError
 from liverseg.core.files import atomic_write_bytes, atomic_write_json
-from liverseg.data.lits import AFFINE_TOL, CasePaths, discover, load_nifti, read_case
+from liverseg.data.lits import AFFINE_TOL, CasePaths, discover, read_case, read_labels
 from liverseg.data.store import SliceStore
 from liverseg.model.artifact import LoadedModel
 from liverseg.model.inference import segment_canonical
@@ -198,15 +198,22 @@ def model_link_tags(client, uri: str) -> dict[str, str]:
 
 
 def score_files(pred: str | Path, ref: str | Path) -> dict[str, Any]:
-    """Score a segmentation file against a reference on the same grid (liver = label >= 1 in both)."""
+    """Score a segmentation file against a reference on the same grid (liver = label >= 1 in both).
 
-    p_img, r_img = load_nifti(pred), load_nifti(ref)
-    p = np.asanyarray(p_img.dataobj).reshape(p_img.shape[:3])
-    r = np.asanyarray(r_img.dataobj).reshape(r_img.shape[:3])
+    Both are read with ingest's checks and limits (`lits.read_labels`): a bad file is one InputError
+    naming it. Each is kept as a liver mask (1 byte per voxel) as soon as it is read."""
+    r, r_affine = _liver(ref)
+    p, p_affine = _liver(pred)
     if p.shape != r.shape:
         raise InputError(f"{Path(pred).name}: shape {p.shape} differs from reference {Path(ref).name} {r.shape}")
-    if not np.allclose(p_img.affine, r_img.affine, atol=AFFINE_TOL):
+    if not np.allclose(p_affine, r_affine, atol=AFFINE_TOL):
         raise InputError(f"{Path(pred).name}: affine differs from reference {Path(ref).name} (grids must match)")
-    spacing = tuple(float(s) for s in voxel_sizes(r_img.affine))
+    spacing = tuple(float(s) for s in voxel_sizes(r_affine))
     scores = score_volume(p, r, spacing)
     return {k: finite(scores[k]) for k in CASE_METRICS}
+
+
+def _liver(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(liver mask (X, Y, Z) uint8 0/1, affine) of a label file; the decoded file is let go at once."""
+    labels, affine = read_labels(path)
+    return (labels >= 1).view(np.uint8), affine

@@ -17,6 +17,7 @@ from typing import Any
 from liverseg.core.errors import RegistryError
 from liverseg.core.limits import MAX_REASON
 from liverseg.tracking import tags
+from liverseg.tracking.runs import failure
 from liverseg.tracking.tags import HISTORY_PREFIX as TAG_PREFIX
 
 
@@ -61,13 +62,42 @@ def record(client: Any, change: Change) -> None:
         client.set_model_version_tag(change.model, change.to_version, k, v)
 
 
-def history(client: Any, model: str) -> list[Change]:
-    """Every recorded change of `model`'s champion, newest first."""
-    from mlflow.exceptions import MlflowException
-
+def history(client: Any, model: str, skipped: list[str] | None = None) -> list[Change]:
+    """Every recorded change of `model`'s champion, newest first. A tag that is not a record (edited by
+    hand) is left out, its key appended to `skipped`; a refused login or a server down is an error saying
+    so (`runs.failure`)."""
     try:
-        tags = client.get_registered_model(model).tags
-    except MlflowException as e:  # not found, or refused
-        raise RegistryError(f"{model}: no history ({e.error_code}: {str(e.message).splitlines()[0]})") from None
-    changes = [Change(**json.loads(v)) for k, v in tags.items() if k.startswith(TAG_PREFIX)]
+        found = client.get_registered_model(model).tags
+    except Exception as e:
+        err = failure(e, model)
+        raise (
+            RegistryError(f"{model}: no such registered model, no history") if isinstance(err, RegistryError) else err
+        ) from None
+    changes = []
+    for key, value in found.items():
+        if key.startswith(TAG_PREFIX):
+            change = _parse(value)
+            if change is not None:
+                changes.append(change)
+            elif skipped is not None:
+                skipped.append(key)
     return sorted(changes, key=lambda c: c.at, reverse=True)
+
+
+_TEXT = ("action", "model", "to_version", "by", "at", "reason")
+
+
+def _parse(value: str) -> Change | None:
+    """A history tag's record, None when it is not one (not JSON, other keys, values of other types)."""
+    try:
+        d = json.loads(value)
+        change = Change(**d)
+    except (ValueError, TypeError, RecursionError):
+        return None
+    numbers = (change.test_dice, change.champion_test_dice)
+    if not all(isinstance(getattr(change, k), str) for k in _TEXT) or not isinstance(change.candidate, str):
+        return None
+    if not (change.from_version is None or isinstance(change.from_version, str)):
+        return None
+    ok = all(x is None or (isinstance(x, (int, float)) and not isinstance(x, bool)) for x in numbers)
+    return change if ok else None

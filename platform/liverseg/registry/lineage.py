@@ -6,7 +6,7 @@ from __future__ import annotations
 from liverseg.tracking import tags
 from liverseg.tracking.models import resolve_version
 from liverseg.tracking.runs import client as mlflow_client
-from liverseg.tracking.runs import store_datasets
+from liverseg.tracking.runs import failure, store_datasets
 
 
 def lineage(uri: str) -> list[str]:
@@ -17,7 +17,10 @@ def lineage(uri: str) -> list[str]:
 
     client = mlflow_client()
     mv = resolve_version(client, uri)
-    run = client.get_run(mv.run_id)
+    try:
+        run = client.get_run(mv.run_id)
+    except Exception as e:
+        raise failure(e, f"{uri}: its training run {mv.run_id}") from None
     t = run.data.tags
     lines = [
         f"model      {mv.name} v{mv.version} (aliases: {', '.join(mv.aliases) or '-'}) test Dice {mv.tags.get(tags.TEST_DICE) or 'store grid ' + mv.tags.get(tags.TEST_DICE_STORE_GRID, '-')}",

@@ -26,22 +26,20 @@ from liverseg.tracking import tags
 from liverseg.tracking.models import load_model
 from liverseg.tracking.runs import author as who
 from liverseg.tracking.runs import client as mlflow_client
-from liverseg.tracking.runs import tracking_uri
+from liverseg.tracking.runs import failure, not_found, tracking_uri
 from liverseg.tracking.tags import CHALLENGER, CHAMPION, candidate_model
 
 
 def _alias(client, name: str, alias: str):
     """The version `alias` points at, None when the model or the alias does not exist. Any other failure
-    (timeout, 5xx, 403) is raised: read as "no champion", it would let a challenger in unopposed."""
-    from mlflow.exceptions import MlflowException
-
+    (timeout, 5xx, 401, 403) is raised, saying what failed: read as "no champion", it would let a
+    challenger in unopposed."""
     try:
         return client.get_model_version_by_alias(name, alias)
-    except MlflowException as e:
-        alias_missing = e.error_code == "INVALID_PARAMETER_VALUE" and "alias" in str(e) and "not found" in str(e)
-        if e.error_code == "RESOURCE_DOES_NOT_EXIST" or alias_missing:
+    except Exception as e:
+        if not_found(e):
             return None
-        raise
+        raise failure(e, f"{name}@{alias}") from None
 
 
 def gate_dice(version_tags: dict[str, str]) -> str | None:
@@ -122,7 +120,8 @@ def promote(
             raise RegistryError(f"{cand}: no '{CHALLENGER}' alias; run `liverseg register` first")
         champ = _alias(client, name, CHAMPION)
         if champ is not None and champ.tags.get(tags.CANDIDATE_VERSION) == str(chal.version):
-            dice = float(champ.tags.get(dice_tag) or "nan")
+            recorded = tags.number(champ.tags.get(dice_tag))
+            dice = float("nan") if recorded is None else recorded
             v = str(champ.version)
             return Decision(name, str(chal.version), v, v, dice, dice, False, "challenger is already champion", grid)
         scored = load_model(f"models:/{cand}/{chal.version}")
@@ -213,14 +212,17 @@ def rollback(name: str = tags.SERVED_MODEL, reason: str = "") -> tuple[str, str]
         try:
             client.get_model_version(name, prev)
         except Exception as e:  # deleted since (RESOURCE_DOES_NOT_EXIST), or the registry went away
-            raise RegistryError(
-                f"{name}: cannot roll back to v{prev}, the champion before v{champ.version} "
-                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'not found'}); champion kept"
-            ) from None
+            err = failure(e, f"{name} v{prev}")
+            if isinstance(err, RegistryError):
+                err = RegistryError(
+                    f"{name}: cannot roll back to v{prev}, the champion before v{champ.version} (deleted since); "
+                    "champion kept"
+                )
+            raise err from None
         client.set_registered_model_alias(name, CHAMPION, prev)
         client.set_model_version_tag(name, champ.version, tags.ROLLED_BACK_AT, utc_now())
         dice = {v: gate_dice(client.get_model_version(name, v).tags) for v in (prev, str(champ.version))}
-        score = {v: float(d) if d else None for v, d in dice.items()}
+        score = {v: tags.number(d) for v, d in dice.items()}
         change = Change(
             "rollback", name, str(champ.version), prev, who(), utc_now(), reason, score[prev], score[str(champ.version)]
         )

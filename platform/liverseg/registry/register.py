@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from liverseg.core.errors import InputError, RegistryError
+from liverseg.core.limits import MAX_METADATA_BYTES
 from liverseg.registry.modelcard import TEST_GRID, update_descriptions
 from liverseg.tracking import tags
 from liverseg.tracking.models import digests, fetch
 from liverseg.tracking.results import read_results
 from liverseg.tracking.runs import client as mlflow_client
-from liverseg.tracking.runs import tracking_uri
+from liverseg.tracking.runs import failure
 
 
 def best_of_tune_run(client, parent_run_id: str) -> str:
@@ -27,8 +28,8 @@ def best_of_tune_run(client, parent_run_id: str) -> str:
     a cluster job needs no tune-results.json on a pod's disk."""
     try:
         parent = client.get_run(parent_run_id)
-    except Exception:
-        raise RegistryError(f"tune run {parent_run_id}: not found in {tracking_uri()}") from None
+    except Exception as e:
+        raise failure(e, f"tune run {parent_run_id}") from None
     best = parent.data.tags.get(tags.BEST_RUN_ID, "None")
     if parent.data.tags.get(tags.KIND) != "tune" or best == "None":
         raise RegistryError(f"run {parent_run_id}: not a finished liverseg tuning search (no best_run_id tag)")
@@ -73,8 +74,8 @@ def register(
     run_id = _chosen_run(client, run_id, tune_results, tune_run)
     try:
         run = client.get_run(run_id)
-    except Exception:
-        raise RegistryError(f"run {run_id}: not found in {tracking_uri()}") from None
+    except Exception as e:
+        raise failure(e, f"run {run_id}") from None
     t = run.data.tags
     if tags.MODEL_URI not in t:
         raise RegistryError(f"run {run_id}: has no logged model (did training finish?)")
@@ -104,16 +105,25 @@ def register(
 def test_metric_tags(path: str | Path, model_uri: str) -> dict[str, str]:
     """Version tags from `liverseg evaluate`'s JSON of this model: `test_dice` only for the LiTS convention
     (original grid), a store-grid figure as `test_dice_store_grid` (never two test Dices)."""
-    s = json.loads(Path(path).read_text())
+    try:
+        if Path(path).stat().st_size > MAX_METADATA_BYTES:
+            raise ValueError(f"larger than {MAX_METADATA_BYTES} bytes")
+        s = json.loads(Path(path).read_bytes())
+        dice, hd95 = s["dice"]["mean"], (s.get("hd95_mm") or {}).get("mean")
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (dice, hd95 or 0.0)):
+            raise ValueError("dice.mean and hd95_mm.mean must be numbers")
+    except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError) as e:
+        raise InputError(
+            f"{path}: not the JSON `liverseg evaluate` writes ({type(e).__name__}: {str(e)[:120]})"
+        ) from None
     if s.get("model_uri") != model_uri:
-        raise RegistryError(f"{path}: scores {s.get('model_uri')}, not this run's model {model_uri}")
+        raise RegistryError(f"{path}: scores {str(s.get('model_uri'))[:200]}, not this run's model {model_uri}")
     original = s.get("resolution") == "original"
-    hd95 = (s.get("hd95_mm") or {}).get("mean")
     return {
-        tags.TEST_DICE if original else tags.TEST_DICE_STORE_GRID: f"{s['dice']['mean']:.6f}",
+        tags.TEST_DICE if original else tags.TEST_DICE_STORE_GRID: f"{dice:.6f}",
         tags.TEST_DICE_GRID: TEST_GRID if original else "store grid (not LiTS)",
         tags.TEST_HD95: "" if hd95 is None else f"{hd95:.3f}",
-        tags.TEST_CASES: str(s.get("n_cases", "")),
+        tags.TEST_CASES: str(s.get("n_cases", ""))[:20],
     }
 
 

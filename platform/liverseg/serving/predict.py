@@ -2,13 +2,16 @@
 
 Every input and output is planned and checked before the model is loaded (seconds saved on a typo):
 inputs exist and are readable, no output is an input, no two inputs map to one output (`x.nii` and
-`x.nii.gz`), an existing output needs `overwrite`, outputs can be created. A folder run then goes
-on past any failing file, whatever it raises, and reports what was really written.
+`x.nii.gz`), an existing output needs `overwrite`, outputs can be created. In a folder run an entry that
+cannot be read (a symlink loop or a dangling link, a folder or a FIFO with a NIfTI name, no permission)
+is one failure among the others; the run then goes on past any failing file, whatever it raises, and
+reports what was really written.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,25 @@ from liverseg.data.lits import SUFFIXES, segmentation_name
 class Job:
     src: Path
     dst: Path
+    error: str | None = None  # why `src` cannot be read: the job fails without reading, the others run
+
+
+def _real(path: Path) -> Path:
+    """The path with every symlink resolved; a loop stays as it is (Path.resolve raises on one)."""
+    return Path(os.path.realpath(path))
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why `path` is not a readable regular file (one line naming it), or None."""
+    try:
+        mode = path.stat().st_mode  # follows links: a loop or a dangling link fails here
+    except OSError as e:
+        return f"{path}: {e.strerror or one_line(e)}"
+    if stat.S_ISDIR(mode):
+        return f"{path}: is a folder, not a NIfTI file"
+    if not stat.S_ISREG(mode):
+        return f"{path}: not a regular file (a FIFO, socket or device)"
+    return None if os.access(path, os.R_OK) else f"{path}: not readable (permission denied)"
 
 
 @dataclass
@@ -31,12 +53,17 @@ class PredictReport:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase, summed over files
 
 
+def _entries(src: Path) -> list[Path]:
+    """The folder's NIfTI-named entries, whatever they are (files, links, folders), sorted."""
+    try:
+        return sorted(p for p in src.iterdir() if p.name.endswith(SUFFIXES))
+    except OSError as e:
+        raise PredictError(f"{src}: cannot list this folder ({e.strerror or one_line(e)})") from None
+
+
 def _inputs(src: Path) -> list[Path]:
-    files = sorted(
-        p
-        for p in src.iterdir()
-        if p.name.endswith(SUFFIXES) and not p.name.startswith(("segmentation-", ".")) and p.is_file()
-    )
+    """The volumes of a folder run: NIfTI-named entries but ground truth (`segmentation-*`) and hidden ones."""
+    files = [p for p in _entries(src) if not p.name.startswith(("segmentation-", "."))]
     if not files:
         raise PredictError(f"{src}: no .nii / .nii.gz volumes in this folder")
     return files
@@ -53,17 +80,17 @@ def plan(
             raise PredictError(f"{src}: --overlay and --truth take a single file, not a folder")
         if dst.exists() and not dst.is_dir():
             raise PredictError(f"{dst}: exists and is not a folder (the input is a folder)")
-        jobs = [Job(f, dst / segmentation_name(f.name)) for f in _inputs(src)]
+        jobs = [Job(f, dst / segmentation_name(f.name), _unreadable(f)) for f in _inputs(src)]
     else:
         if dst.is_dir():
             raise PredictError(
                 f"{dst}: is a folder; give the mask's file name (e.g. {dst / segmentation_name(src.name)})"
             )
         jobs = [Job(src, dst)]
-    for path in [j.src for j in jobs] + ([truth] if truth else []):
-        if not path.is_file() or not os.access(path, os.R_OK):
+    for path in ([] if src.is_dir() else [src]) + ([truth] if truth else []):
+        if _unreadable(path):
             raise PredictError(f"{path}: not a readable file")
-    outputs = [j.dst for j in jobs] + ([overlay] if overlay else [])
+    outputs = [j.dst for j in jobs if not j.error] + ([overlay] if overlay else [])
     _check_outputs(outputs, _protected(src, [j.src for j in jobs] + ([truth] if truth else [])), overwrite)
     return jobs
 
@@ -71,8 +98,8 @@ def plan(
 def _protected(src: Path, inputs: list[Path]) -> set[Path]:
     """Resolved paths that are never an output: every file read, and in a folder run each NIfTI file of
     the folder (`segmentation-N`, skipped rather than read, is the ground truth of its volume)."""
-    folder = [p for p in src.iterdir() if p.name.endswith(SUFFIXES)] if src.is_dir() else []
-    return {p.resolve() for p in inputs + folder}
+    folder = _entries(src) if src.is_dir() else []
+    return {_real(p) for p in inputs + folder}
 
 
 def _ground_truth(path: Path) -> str | None:
@@ -92,7 +119,7 @@ def _check_outputs(outputs: list[Path], protected: set[Path], overwrite: bool) -
     """Outputs never replace an input or ground truth (whatever `overwrite` says), a folder, or each other."""
     seen: dict[Path, Path] = {}
     for out in outputs:
-        key = out.resolve()
+        key = _real(out)
         volume = _ground_truth(key)
         if volume:
             raise PredictError(f"{out}: is LiTS ground truth (of {volume} beside it); choose another output")
@@ -139,6 +166,9 @@ def predict_jobs(
 
     report = PredictReport()
     for job in tqdm(jobs, desc="predict", unit="vol", file=sys.stderr, disable=not progress):
+        if job.error:
+            report.failed[str(job.src)] = job.error
+            continue
         if job.dst.exists() and not overwrite:  # appeared since planning
             report.failed[str(job.src)] = f"{job.dst}: exists; give --overwrite to replace it"
             continue

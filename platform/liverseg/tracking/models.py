@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,9 +18,10 @@ import numpy as np
 import liverseg
 from liverseg.core.errors import ModelError, RegistryError
 from liverseg.core.files import sha256_file
+from liverseg.core.limits import MAX_METADATA_BYTES
 from liverseg.model.artifact import SPEC_FILE, WEIGHTS_FILE, LoadedModel, load_local
 from liverseg.tracking import tags
-from liverseg.tracking.runs import client, tracking_uri
+from liverseg.tracking.runs import client, failure, not_found, tracking_uri
 
 
 def digests(model_dir: str | Path) -> dict[str, str]:
@@ -100,7 +101,8 @@ def parse_model_uri(uri: str) -> ModelRef | None:
 
 
 def resolve_version(client: Any, uri: str) -> Any:
-    """models:/NAME@ALIAS or models:/NAME/N -> the MLflow ModelVersion (RegistryError when absent)."""
+    """models:/NAME@ALIAS or models:/NAME/N -> the MLflow ModelVersion. RegistryError when absent; a
+    refused login, a refused permission or a server down is said as such (`runs.failure`)."""
     ref = parse_model_uri(uri)
     if ref is None:
         raise RegistryError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
@@ -109,7 +111,7 @@ def resolve_version(client: Any, uri: str) -> Any:
             return client.get_model_version_by_alias(ref.name, ref.alias)
         return client.get_model_version(ref.name, ref.version)
     except Exception as e:
-        raise RegistryError(f"{uri}: not found in the registry ({type(e).__name__})") from None
+        raise failure(e, uri) from None
 
 
 def _artifact_root(client: Any, uri: str) -> tuple[str, Any]:
@@ -124,7 +126,7 @@ def _artifact_root(client: Any, uri: str) -> tuple[str, Any]:
     try:
         return client.get_logged_model(uri[len("models:/") :]).artifact_location, None
     except Exception as e:
-        raise ModelError(f"{uri}: no such logged model ({type(e).__name__})") from None
+        raise (ModelError(f"{uri}: no such logged model") if not_found(e) else failure(e, uri)) from None
 
 
 def _download(root: str, path: str, dst: Path, uri: str) -> Path:
@@ -136,29 +138,48 @@ def _download(root: str, path: str, dst: Path, uri: str) -> Path:
                 artifact_uri=f"{root}/{path}", dst_path=str(dst), tracking_uri=tracking_uri()
             )
         )
-    except Exception as e:
-        raise ModelError(f"{uri}: cannot download {path} ({type(e).__name__})") from None
+    except Exception as e:  # absent (a run without this model), or the server or its artifact store failing
+        err = failure(e, f"{uri}: {path}")
+        absent = isinstance(err, RegistryError) or isinstance(e, FileNotFoundError)
+        raise (ModelError(f"{uri}: cannot download {path} (not there)") if absent else err) from None
 
 
 def fetch(client: Any, uri: str, dst: str | Path) -> tuple[Path, Any]:
     """Download a logged model's spec and weights (only those) into `dst`; returns (folder, ModelVersion
     or None). `MLmodel` is read as YAML to find the folder; nothing else of the model is fetched."""
-    import yaml
-
     root, mv = _artifact_root(client, uri)
     dst = Path(dst)
-    mlmodel = yaml.safe_load(_download(root, "MLmodel", dst / "mlmodel", uri).read_text()) or {}
-    try:
-        folder = mlmodel["flavors"]["python_function"]["artifacts"]["model_dir"]["path"]
-    except (KeyError, TypeError):
-        raise ModelError(f"{uri}: not a liverseg model (its MLmodel names no model_dir artifact)") from None
-    if PurePosixPath(folder).is_absolute() or ".." in PurePosixPath(folder).parts:
-        raise ModelError(f"{uri}: MLmodel's model_dir '{folder}' leaves the model's folder")
+    folder = model_folder(_download(root, "MLmodel", dst / "mlmodel", uri), uri)
     out = dst / "model"
     for name in (SPEC_FILE, WEIGHTS_FILE):
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         _download(root, f"{folder}/{name}", dst / "files", uri).replace(out / name)
     return out, mv
+
+
+def model_folder(mlmodel: Path, uri: str) -> str:
+    """The folder holding spec and weights that MLmodel names (flavors.python_function.artifacts.model_dir
+    .path), relative to the model. MLmodel is not covered by the registry's digests: anything else in it
+    (too large, not YAML, not a mapping, a path of another type, absolute or leaving the model) is one
+    ModelError naming the model."""
+    import yaml
+
+    size = mlmodel.stat().st_size
+    if size > MAX_METADATA_BYTES:
+        raise ModelError(f"{uri}: MLmodel is {size} bytes, more than {MAX_METADATA_BYTES}: not a liverseg model's")
+    try:
+        doc = yaml.safe_load(mlmodel.read_bytes())
+    except (yaml.YAMLError, RecursionError, ValueError) as e:  # ValueError: not UTF-8 (UnicodeDecodeError)
+        raise ModelError(f"{uri}: MLmodel is not YAML ({type(e).__name__})") from None
+    try:
+        folder = doc["flavors"]["python_function"]["artifacts"]["model_dir"]["path"]
+    except (KeyError, TypeError, IndexError):
+        raise ModelError(f"{uri}: not a liverseg model (its MLmodel names no model_dir artifact)") from None
+    parts = folder.split("/") if isinstance(folder, str) else []
+    if not parts or any(p in ("", ".", "..") or "\\" in p or not p.isprintable() for p in parts):
+        shown = repr(folder)[:80] if isinstance(folder, str) else f"a {type(folder).__name__}"
+        raise ModelError(f"{uri}: MLmodel's model_dir path {shown} is not a folder inside the model")
+    return folder
 
 
 def verify_version(model_dir: str | Path, mv: Any) -> dict[str, str]:

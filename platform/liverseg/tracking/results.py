@@ -20,10 +20,32 @@ from typing import Any
 
 from liverseg.core.errors import InputError
 from liverseg.core.files import atomic_write_json
+from liverseg.core.limits import MAX_METADATA_BYTES
 
 FORMAT = "liverseg-search-results"
 FORMAT_VERSION = 1
 STATUSES = ("completed", "early-stopped", "failed")
+
+
+def _text(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _optional_text(v: Any) -> bool:
+    return v is None or isinstance(v, str)
+
+
+_TRIAL_FIELDS = {  # what each field of a trial read back must be
+    "trial_id": _text,
+    "status": _text,
+    "epochs": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+    "val_dice": lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)),
+    "params": lambda v: isinstance(v, dict),
+    "run_id": _optional_text,
+    "model_uri": _optional_text,
+    "checkpoint": _optional_text,
+    "error": _optional_text,
+}
 
 
 @dataclass
@@ -50,9 +72,19 @@ class TrialResult:
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> TrialResult:
+    def from_json(cls, d: Any) -> TrialResult:
+        """A trial as written by `to_json`; ValueError naming the field when one has the wrong type."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a trial is a {type(d).__name__}, not an object")
         known = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
+        for key, ok in _TRIAL_FIELDS.items():
+            if key in d and not ok(d[key]):
+                raise ValueError(f"trial {str(d.get('trial_id'))[:40]}: {key} {str(d[key])[:40]!r} has the wrong type")
+        if d.get("status") not in STATUSES:
+            raise ValueError(
+                f"trial {str(d.get('trial_id'))[:40]}: status {str(d.get('status'))[:40]!r} not in {STATUSES}"
+            )
         d["val_dice"] = float("nan") if d.get("val_dice") is None else float(d["val_dice"])
         return cls(**d)
 
@@ -94,17 +126,25 @@ def write_results(path: str | Path, results: SearchResults) -> None:
 def read_results(path: str | Path) -> SearchResults:
     """Read and check a results file; InputError in one line naming the file and what is wrong."""
     try:
-        d = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
+        size = Path(path).stat().st_size
+        d = json.loads(Path(path).read_bytes()) if size <= MAX_METADATA_BYTES else None
+    except (OSError, ValueError, RecursionError) as e:
         raise InputError(f"{path}: not a readable search results file ({type(e).__name__})") from None
+    if size > MAX_METADATA_BYTES:
+        raise InputError(f"{path}: larger than {MAX_METADATA_BYTES} bytes: not a search results file")
     if not isinstance(d, dict) or d.get("format", FORMAT) != FORMAT:
-        raise InputError(f"{path}: not a liverseg search results file (format {d.get('format')!r})")
+        shown = str(d.get("format"))[:40] if isinstance(d, dict) else f"a JSON {type(d).__name__}"
+        raise InputError(f"{path}: not a liverseg search results file (format {shown!r})")
     if d.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
-        raise InputError(f"{path}: format_version {d.get('format_version')!r}, this liverseg reads {FORMAT_VERSION}")
+        shown = str(d.get("format_version"))[:20]
+        raise InputError(f"{path}: format_version {shown!r}, this liverseg reads {FORMAT_VERSION}")
     try:
+        if not isinstance(d["trials"], list) or not d["trials"]:
+            raise ValueError("trials is not a non-empty list")
         trials = [TrialResult.from_json(t) for t in d["trials"]]
-        if not trials:
-            raise ValueError("no trials")
-        return SearchResults(d["parent_run_id"], d["metric"], d["mode"], d.get("experiment", ""), trials)
+        head = [d["parent_run_id"], d["metric"], d["mode"], d.get("experiment", "")]
+        if not all(isinstance(v, str) for v in head):
+            raise ValueError("parent_run_id, metric, mode and experiment must be text")
+        return SearchResults(*head, trials)
     except (KeyError, TypeError, ValueError) as e:
-        raise InputError(f"{path}: malformed search results ({type(e).__name__}: {e})") from None
+        raise InputError(f"{path}: malformed search results ({type(e).__name__}: {str(e)[:200]})") from None

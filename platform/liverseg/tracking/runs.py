@@ -1,5 +1,6 @@
-"""MLflow runs: the tracking URI, fail-fast reachability, who acts, run lookup by key, lineage (git commit,
-DVC hash, store digest), the store's splits as dataset inputs, system metrics.
+"""MLflow runs: the tracking URI, the client with bounded retries, fail-fast reachability, failures that say
+what failed, who acts, run lookup by key, lineage (git commit, DVC hash, store digest), the store's splits
+as dataset inputs, system metrics.
 
 MLflow is imported inside the functions: importing this module costs nothing.
 """
@@ -16,8 +17,17 @@ from typing import Any
 import yaml
 
 from liverseg.core import env
-from liverseg.core.errors import TrackingError
+from liverseg.core.errors import AuthError, LiversegError, PermissionRefused, RegistryError, TrackingError
 from liverseg.tracking.tags import RUN_KEY
+
+# MLflow's HTTP client retries a failed request 7 times with a backoff factor of 2 and waits 120 s for an
+# answer: a stopped server or database is reported after about 4 minutes. liverseg's defaults (about 3 s
+# with the server down), used where the environment sets none of MLflow's own variables:
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",  # a restarting server or a dropped connection is retried
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",  # waits of 0-1 s, then 2-3 s (MLflow adds 0-1 s jitter)
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",  # per request; a 130 MB model upload through the proxy needs ~10 s
+}
 
 
 def tracking_uri() -> str:
@@ -25,11 +35,97 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+def http_defaults() -> dict[str, str]:
+    """Put liverseg's retry defaults (HTTP_DEFAULTS) into the environment where the user set none, so that
+    every MLflow call of this process (and of the Ray workers it starts) uses them; returns those in force."""
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    return {key: os.environ[key] for key in HTTP_DEFAULTS}
+
+
 def client(uri: str | None = None) -> Any:
-    """The one place an MlflowClient is built: for `uri`, else the project's tracking URI."""
+    """The one place an MlflowClient is built: for `uri`, else the project's tracking URI, with bounded
+    retries (`http_defaults`)."""
     from mlflow.tracking import MlflowClient
 
+    http_defaults()
     return MlflowClient(uri or tracking_uri())
+
+
+def failure(exc: BaseException, what: str) -> LiversegError:
+    """A failed MLflow call about `what` (a run, a model version) as one line saying what failed: absent
+    (RegistryError), login refused (AuthError, 401), permission refused (PermissionRefused, 403), or the
+    server unreachable or failing (TrackingError), naming the tracking URI and the user."""
+    uri, user = tracking_uri(), os.environ.get("MLFLOW_TRACKING_USERNAME")
+    who = f"user {user}" if user else "an anonymous request (MLFLOW_TRACKING_USERNAME is not set)"
+    network = _network_cause(exc)
+    status = _status(exc)
+    if network:
+        retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")
+        return TrackingError(
+            f"{what}: tracking server {uri} {network} (MLFLOW_HTTP_REQUEST_MAX_RETRIES={retries} retries; "
+            "raise it or MLFLOW_HTTP_REQUEST_TIMEOUT to insist longer)"
+        )
+    if status == 401:
+        return AuthError(
+            f"{what}: {uri} refused the login of {who} (401): check MLFLOW_TRACKING_USERNAME "
+            "and MLFLOW_TRACKING_PASSWORD"
+        )
+    if status == 403:
+        return PermissionRefused(f"{what}: {uri} refused {who} (403): no permission for it")
+    if not_found(exc):
+        return RegistryError(f"{what}: not found in {uri}")
+    if status and status >= 500:
+        return TrackingError(f"{what}: tracking server {uri} failed ({status}): {_first_line(exc)}")
+    return TrackingError(f"{what}: {uri}: {_first_line(exc)}")
+
+
+def not_found(exc: BaseException) -> bool:
+    """An MLflow answer meaning "no such run, model, version or alias" (404, or 400 for an unknown alias)."""
+    code = str(getattr(exc, "error_code", ""))
+    text = str(exc)
+    if getattr(getattr(exc, "response", None), "status_code", None) == 404:
+        return True
+    return code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "ENDPOINT_NOT_FOUND") or (
+        code == "INVALID_PARAMETER_VALUE" and "not found" in text and ("alias" in text or "version" in text.lower())
+    )
+
+
+def _status(exc: BaseException) -> int | None:
+    """The HTTP status of a failed MLflow call (its error code's, or the response's), None when unknown."""
+    response = getattr(exc, "response", None)
+    if getattr(response, "status_code", None):
+        return int(response.status_code)
+    getter = getattr(exc, "get_http_status_code", None)
+    return int(getter()) if callable(getter) else None
+
+
+def _network_cause(exc: BaseException) -> str | None:
+    """'is not reachable' / 'did not answer in time' / 'answered N to every try' when a transport failure
+    (requests' ConnectionError, Timeout, RetryError after 5xx answers) is in the exception's chain."""
+    import re
+
+    import requests
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, requests.exceptions.RetryError):
+            code = re.search(r"too many (\d+) error responses", str(exc))
+            return (
+                f"answered {code[1] if code else 'an error'} to every try (its database or artifact store may be down)"
+            )
+        if isinstance(exc, requests.exceptions.Timeout):
+            return "did not answer in time"
+        if isinstance(exc, requests.exceptions.ConnectionError):
+            return "is not reachable"
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "message", "") or exc)
+    return text.strip().splitlines()[0][:300] if text.strip() else type(exc).__name__
 
 
 def author() -> str:
@@ -130,6 +226,8 @@ def store_datasets(store: Any, store_path: str, contexts: dict[str, str]) -> lis
     from mlflow.types import Schema, TensorSpec
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
+    from liverseg.data.published import store_name
+
     h, w = store.size
     schema = TensorDatasetSchema(
         Schema([TensorSpec(np.dtype(np.int16), (-1, h, w), "image")]),
@@ -143,7 +241,7 @@ def store_datasets(store: Any, store_path: str, contexts: dict[str, str]) -> lis
         digest = hashlib.sha256(json.dumps([list(store.size), arrays]).encode()).hexdigest()[:16]  # MLflow: <= 36
         profile = {"cases": len(cases), "slices": sum(store.num_slices(c) for c in cases)}
         ds = Dataset(
-            name=f"{Path(store_path.rstrip('/')).name}/{split}",
+            name=f"{store_name(store_path)}/{split}",
             digest=digest,
             source_type=scheme,
             source=json.dumps({"uri": store_path}),

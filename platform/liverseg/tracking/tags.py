@@ -16,6 +16,17 @@ def candidate_model(name: str) -> str:
     return f"{name}{CANDIDATES_SUFFIX}"
 
 
+def number(value: str | None) -> float | None:
+    """A score read back from a tag: None when absent, empty or not a finite number (edited by hand)."""
+    import math
+
+    try:
+        x = float(value) if value else None
+    except (TypeError, ValueError):
+        return None
+    return x if x is not None and math.isfinite(x) else None
+
+
 # ---------------------------------------------------------------- MLflow's own keys, as liverseg sets them
 MLFLOW_USER = "mlflow.user"
 MLFLOW_PARENT_RUN_ID = "mlflow.parentRunId"

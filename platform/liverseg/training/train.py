@@ -74,14 +74,15 @@ def _open_run(client, cfg: TrainConfig, key: str, name: str, run_tags: dict[str,
 
 
 def _open_store(store_path: str) -> tuple[str, SliceStore]:
-    """The store (absolute when local: Ray workers run in other directories); needs train and val cases."""
+    """The store (absolute when local: Ray workers run in other directories; for a published store, the
+    version read now, pinned: workers and the run's tags name that one); needs train and val cases."""
     if "://" not in store_path:
         store_path = str(Path(store_path).resolve())
     store = SliceStore(store_path)
     n_train, n_val = len(store.cases_in("train")), len(store.cases_in("val"))
     if not n_train or not n_val:
         raise TrainError(f"{store_path}: needs train and val cases, has {n_train} and {n_val}")
-    return store_path, store
+    return store.pinned_url, store
 
 
 def _fault_injection(cfg: TrainConfig, name: str) -> dict[str, Any]:

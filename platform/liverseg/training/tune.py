@@ -105,8 +105,11 @@ def tune_search(
     if "://" not in store_path:
         store_path = str(Path(store_path).resolve())
     space = build_space(cfg.space)
-    # git commit and DVC hash are read here, in the project directory: trials run in their own
-    lineage = lineage_tags(SliceStore(store_path), store_path)
+    # git commit and DVC hash are read here, in the project directory: trials run in their own; every
+    # trial reads the published store's version current now (pinned), whatever is published meanwhile
+    store = SliceStore(store_path)
+    store_path = store.pinned_url
+    lineage = lineage_tags(store, store_path)
     client = mlflow_client(uri)
     root = storage_path(cfg)
     exp_dir = f"{root.rstrip('/')}/{cfg.tune.name}"
