@@ -51,7 +51,7 @@ k8s() {
   printf -- '---\napiVersion: v1\nkind: Secret\nmetadata: {name: mlflow-auth, namespace: liverseg}\ntype: Opaque\n'
   printf 'stringData:\n  basic_auth.ini: |\n    [mlflow]\n    default_permission = READ\n'
   printf '    database_uri = postgresql+psycopg://mlflow:%s@postgres:5432/mlflow_auth\n' "$PG"
-  printf '    authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n'
+  printf '    authorization_function = liverseg.registry.guard:authenticate\n'  # basic auth + liverseg's guard (docs/team.md)
   # Ray jobs and serving log in as MLflow users of their own (created with `liverseg users add`)
   secret liverseg-client "MLFLOW_TRACKING_USERNAME=ray-svc" "MLFLOW_TRACKING_PASSWORD=$RAY_PW" \
     "AWS_ACCESS_KEY_ID=$S3_USER" "AWS_SECRET_ACCESS_KEY=$S3_KEY"

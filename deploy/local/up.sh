@@ -156,7 +156,8 @@ fi
 # Ray daemonises: its processes are the ones whose command line names our temp dir.
 "$PY" "$REPO/deploy/local/stackpids.py" "$DIR/ray" >"$DIR/pids/ray"
 
-# MLflow: PostgreSQL backend, artifacts proxied into the bucket, basic-auth with its users in PostgreSQL;
+# MLflow: PostgreSQL backend, artifacts proxied into the bucket, basic-auth with its users in PostgreSQL and
+# liverseg's guard as its authorization function (append-only history, champion moves only with a record);
 # webhooks may go to http://127.0.0.1 replicas, and a new one is seen within 5 s (MLflow caches the list).
 PG_URI=postgresql+psycopg://postgres:$PG_PASSWORD@127.0.0.1:$PG_PORT
 cat >"$DIR/basic_auth.ini" <<EOF
@@ -164,7 +165,7 @@ cat >"$DIR/basic_auth.ini" <<EOF
 default_permission = READ
 database_uri = $PG_URI/mlflow_auth
 admin_username = admin
-authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+authorization_function = liverseg.registry.guard:authenticate
 EOF
 say "mlflow on 127.0.0.1:$MLFLOW_PORT"
 start_bg mlflow env MLFLOW_BACKEND_STORE_URI="$PG_URI/mlflow" MLFLOW_AUTH_CONFIG_PATH="$DIR/basic_auth.ini" \

@@ -13,7 +13,7 @@ from typing import Any
 
 from liverseg.core.clock import utc_now
 from liverseg.core.errors import RegistryError
-from liverseg.registry.history import append
+from liverseg.registry.history import append, completed
 from liverseg.registry.modelcard import update_descriptions
 from liverseg.tracking import tags
 from liverseg.tracking.chain import Record, entry_key, history_head
@@ -87,7 +87,7 @@ def complete_pending(client: Any, name: str) -> str:
             return ""
         finish(client, name, head)
         return f"completed the marks of the {head.action} recorded as {key}"
-    if version == head.from_version:
+    if version == head.from_version and not completed(client, head):
         client.set_registered_model_alias(name, CHAMPION, head.to_version)
         finish(client, name, head)
         return f"completed the {head.action} recorded as {key}: champion v{head.from_version} -> v{head.to_version}"

@@ -135,7 +135,7 @@ def verify(client: Any, model: str, champion: Any | None) -> tuple[list[str], st
                 f"{entry_key(TAG_PREFIX, before.seq)} left v{before.to_version} champion (a change is missing)"
             )
     head = records[-1] if records else None
-    problems += _champion_problems(champion, head)
+    problems += _champion_problems(champion, head, head is not None and completed(client, head))
     last = chain.head.seq if chain.head else 0
     for mv in client.search_model_versions(f"name = '{model}'"):
         named = int((mv.tags or {}).get(tags.HISTORY_SEQ) or 0)
@@ -149,11 +149,25 @@ def verify(client: Any, model: str, champion: Any | None) -> tuple[list[str], st
     return problems, summary + (f", head sha256 {chain.head_digest()}" if chain.head else "")
 
 
-def _champion_problems(champion: Any | None, head: Record | None) -> list[str]:
+def completed(client: Any, head: Record) -> bool:
+    """Whether the change `head` records was carried out to its end once (its version got the marks
+    written after the move): a champion that is elsewhere now was moved back around the gate."""
+    from mlflow.exceptions import MlflowException
+
+    if not head.seq or not head.to_version:
+        return False
+    try:
+        marks = client.get_model_version(head.model, head.to_version).tags or {}
+    except MlflowException:
+        return False
+    return marks.get(tags.HISTORY_SEQ) == str(head.seq)
+
+
+def _champion_problems(champion: Any | None, head: Record | None, done: bool) -> list[str]:
     version = str(champion.version) if champion is not None else None
     if head is None:
         return [] if version is None else [f"champion v{version}: no history record made it champion (a bypass)"]
-    if head.to_version != version and head.from_version == version:
+    if head.to_version != version and head.from_version == version and not done:
         return [
             f"{entry_key(TAG_PREFIX, head.seq)}: records {head.action} v{head.from_version} -> v{head.to_version}, "
             f"but champion is still {'v' + version if version else 'unset'} (half done: run `liverseg "
