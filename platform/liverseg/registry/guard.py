@@ -233,7 +233,20 @@ def _check_record(username: str, model: str, prefix: str, key: str, value: str, 
             f"refused: {model} changed meanwhile: {key} is not the next record after {last}; "
             "nothing of this change was recorded or moved (run it again)",
         )
+    if record is not None and (stale := _stale(record, model_tags)):
+        return refuse(409, f"refused: {model} changed meanwhile: {stale}; nothing of this change was recorded or moved")
     return _check_approval(username, model, record) if record is not None and record.request else None
+
+
+def _stale(record: Record, model_tags: dict[str, str]) -> str:
+    """Why `record` does not start where the history stands ("" when it does): a promotion computed
+    against a champion another change has replaced since must not be recorded."""
+    from liverseg.tracking.chain import history_head
+
+    head = history_head(model_tags, HISTORY_PREFIX)
+    if head is None or record.from_version == head.to_version:
+        return ""
+    return f"it starts from v{record.from_version}, but the last record ({head.seq:06d} by {head.by}) left v{head.to_version} champion"
 
 
 def _check_approval(username: str, model: str, record: Record) -> Any | None:

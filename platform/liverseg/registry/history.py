@@ -95,6 +95,11 @@ def append(client: Any, model: str, values: dict[str, Any], prefix: str = TAG_PR
     from mlflow.exceptions import MlflowException
 
     chain = chain_of(client, model, prefix)
+    if prefix == TAG_PREFIX and (head := _head_record(chain)) is not None and values["from_version"] != head.to_version:
+        raise RegistryError(
+            f"refused: {model} changed meanwhile: {entry_key(prefix, head.seq)} by {head.by} made v{head.to_version} "
+            f"champion, this change starts from v{values['from_version']}; nothing was recorded or moved: run it again"
+        )
     values = {**values, "seq": chain.next_seq(), "prev": chain.head_digest()}
     key, value = entry_key(prefix, values["seq"]), encode(values)
     check_fits(key, value)
@@ -112,6 +117,11 @@ def append(client: Any, model: str, values: dict[str, Any], prefix: str = TAG_PR
     if chain_of(client, model, prefix).head.raw != value:  # no guard (SQLite, a plain server): a late overwrite
         raise RegistryError(f"{model}: record {key} was overwritten by a concurrent change; nothing was moved")
     return values["seq"], value
+
+
+def _head_record(chain: Chain) -> Record | None:
+    records, _ = history_records(chain)
+    return records[-1] if records else None
 
 
 def history(client: Any, model: str) -> tuple[list[Record], list[str]]:

@@ -20,12 +20,12 @@ from liverseg.core.clock import utc_now
 from liverseg.core.config import PromoteSection
 from liverseg.core.errors import PermissionRefused, RegistryError
 from liverseg.registry.champion import alias_version
-from liverseg.registry.history import append, chain_of, check_record_fits, history, printable
+from liverseg.registry.history import append, check_record_fits, history, printable
 from liverseg.registry.promote import Decision, _Lock, _score, case_scorer, check_reason, promote
 from liverseg.registry.served import Scored
 from liverseg.registry.team import check_can_change
 from liverseg.tracking import tags
-from liverseg.tracking.chain import Record
+from liverseg.tracking.chain import Record, read_chain
 from liverseg.tracking.runs import author as who
 from liverseg.tracking.runs import client as mlflow_client
 from liverseg.tracking.tags import CHALLENGER, CHAMPION, REQUEST_PREFIX, candidate_model
@@ -66,13 +66,18 @@ def all_requests(client: Any, name: str) -> list[Request]:
     from mlflow.exceptions import MlflowException
 
     try:
-        chain = chain_of(client, candidate_model(name), REQUEST_PREFIX)
+        model_tags = client.get_registered_model(candidate_model(name)).tags or {}
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return []  # nothing registered yet
+        raise
+    try:
         records, _ = history(client, name)
-    except (RegistryError, MlflowException):
-        return []
+    except RegistryError:  # nothing served yet: every request is pending
+        records = []
     decided = {r.request: r for r in records if r.request}
     out = []
-    for e in chain.entries:
+    for e in read_chain(model_tags, REQUEST_PREFIX).entries:
         v = e.values
         req = Request(
             str(e.seq),
@@ -125,6 +130,8 @@ def file_request(
     if chal is None:
         raise RegistryError(f"{cand}: no '{CHALLENGER}' alias; run `liverseg register` first")
     champ = alias_version(client, name, CHAMPION)
+    if champ is not None and champ.tags.get(tags.CANDIDATE_VERSION) == str(chal.version):
+        raise RegistryError(f"{cand} v{chal.version} is already champion ({name} v{champ.version}); nothing to request")
     with Scored(client, f"models:/{cand}/{chal.version}") as scored:
         result, chal_dice, champ_dice = _score(
             client, name, scored, champ, scorer or case_scorer(store_path, split, raw), s
@@ -143,6 +150,7 @@ def file_request(
 def approve(store_path: str, name: str, request_id: str, reason: str = "", **gate: Any) -> Decision:
     """Promote the candidate of pending request `request_id` through the gate (run again, by the
     approver); the history record names the request and who made it. `gate`: `promote`'s options."""
+    check_can_change(name, f"approve requests for {name}")
     client = mlflow_client()
     req = _find(client, name, request_id)
     if req.by == who():
