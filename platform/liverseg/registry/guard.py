@@ -63,8 +63,9 @@ def authenticate() -> Any:
 @functools.cache
 def _routes() -> tuple[dict[tuple[str, str], str], list[tuple[Any, str, str]]]:
     """(path, method) -> request class name for MLflow's REST endpoints; path-parameter routes as regexes."""
+    import re
+
     from mlflow.protos.mlflow_artifacts_pb2 import MlflowArtifactsService
-    from mlflow.server.auth import _re_compile_path
     from mlflow.server.handlers import MlflowService, ModelRegistryService, WebhookService, get_service_endpoints
 
     exact, patterns = {}, []
@@ -72,7 +73,8 @@ def _routes() -> tuple[dict[tuple[str, str], str], list[tuple[Any, str, str]]]:
         for path, cls, methods in get_service_endpoints(service, lambda c: c):
             for method in methods:
                 if "<" in path:
-                    patterns.append((_re_compile_path(path), method, cls.__name__))
+                    regex = re.sub(r"<[^>]+>", "([^/]+)", re.sub(r"<path:[^>]+>", "(.+)", path))  # Flask's converters
+                    patterns.append((re.compile(regex), method, cls.__name__))
                 else:
                     exact[(path, method)] = cls.__name__
     return exact, patterns
