@@ -7,14 +7,14 @@ from pathlib import Path
 
 import typer
 
-from liverseg.cli.app import ConfigOpt, SetOpt, VerboseOpt, app, fail, load_stage, quietly
+from liverseg.cli.app import ConfigOpt, SetOpt, VerboseOpt, app, fail, keys_help, load_stage, quietly
 from liverseg.tracking.tags import SERVED_MODEL
 
 ReasonOpt = typer.Option("", "--reason", help="why: recorded in the champion history (`liverseg history`)")
 NameOpt = typer.Option(SERVED_MODEL, "--name", help="served registered model (candidates: NAME-candidates)")
 
 
-@app.command()
+@app.command(epilog=keys_help("PromoteConfig"))
 def promote(
     store: str | None = typer.Option(None, help="slice store with the test split (not needed for --decline)"),
     name: str = NameOpt,

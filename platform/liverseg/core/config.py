@@ -197,7 +197,7 @@ class PromoteSection(Strict):
         "superior", description="superior: the paired CI's lower bound above margin; non-inferior: above -margin"
     )
     margin: float = Field(
-        0.0, ge=0, description="Dice points; 0 for superior (better beyond noise), e.g. 0.01 for a non-inferior refresh"
+        0.0, description="Dice points; superior: 0 = better beyond noise; non-inferior: the loss accepted, e.g. 0.01"
     )
     min_dice: float = Field(0.9, ge=0, le=1, description="floor on the challenger's mean test Dice, champion or not")
     confidence: float = Field(0.95, gt=0.5, lt=1, description="two-sided interval, the usual 95%")
@@ -205,7 +205,7 @@ class PromoteSection(Strict):
         10_000,
         ge=1000,
         le=200_000,
-        description="bootstrap resamples: the CI's bounds move by < 0.001 Dice between seeds",
+        description="bootstrap resamples: 13 cases, sd 0.01: the bounds move by < 0.0003 Dice between seeds",
     )
     seed: int = Field(0, description="bootstrap seed: the same scores give the same interval on every machine")
 
