@@ -15,6 +15,7 @@ It owns its bytes and shows only what the gate measured:
 
 from __future__ import annotations
 
+import os
 import tempfile
 from typing import Any
 
@@ -79,12 +80,12 @@ def find_served_copy(client: Any, name: str, candidate: str, pinned: dict[str, s
 
 
 def _served_experiment(client: Any) -> str:
-    """The id of `liverseg-served`; on a team server the admin creates it (`liverseg users add`), so that
-    no release user owns it (whoever creates an experiment may delete it)."""
+    """The id of `liverseg-served`; on a team server (a login) the admin creates it (`liverseg users add`),
+    so that no release user owns it (whoever creates an experiment may delete it)."""
     exp = client.get_experiment_by_name(tags.SERVED_EXPERIMENT)
     if exp is not None:
         return exp.experiment_id
-    if tracking_uri().startswith(("http://", "https://")):
+    if tracking_uri().startswith(("http://", "https://")) and os.environ.get("MLFLOW_TRACKING_USERNAME"):
         raise RegistryError(
             f"experiment {tags.SERVED_EXPERIMENT} does not exist on {tracking_uri()}: the admin creates it "
             "(`liverseg users add` does)"
