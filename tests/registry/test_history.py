@@ -83,7 +83,9 @@ def test_a_model_re_registered_from_the_champions_run_is_not_better(mlflow_uri, 
     assert promote(store_path, min_dice=0.0).promoted
     client = MlflowClient(tracking_uri())
     mv = register(run_id=run)  # the same run again returns its version: register it under a new version by hand
-    again = client.create_model_version("liver-unet-candidates", mv.source, run_id=run, tags=mv.tags)
+    again = client.create_model_version(
+        "liver-unet-candidates", mv.source, run_id=run, tags=mv.tags, model_id=mv.model_id
+    )
     client.set_registered_model_alias("liver-unet-candidates", "challenger", again.version)
     d = promote(store_path, min_dice=0.0)
     assert not d.promoted and "CI [+0.0000, +0.0000]" in d.reason and d.champion_after == "1"
