@@ -84,7 +84,7 @@ def test_a_model_re_registered_from_the_champions_run_is_not_better(mlflow_uri, 
     client = MlflowClient(tracking_uri())
     mv = register(run_id=run)  # the same run again returns its version: register it under a new version by hand
     again = client.create_model_version(
-        "liver-unet-candidates", mv.source, run_id=run, tags=mv.tags, model_id=mv.model_id
+        "liver-unet-candidates", mv.source, run_id=run, tags=mv.tags, model_id=mv.source.removeprefix("models:/")
     )
     client.set_registered_model_alias("liver-unet-candidates", "challenger", again.version)
     d = promote(store_path, min_dice=0.0)

@@ -53,8 +53,9 @@ def _promotions(stack, store: str, out: dict, mp) -> None:
         assert _as(stack, "alice", ["register", "--run", run]).returncode == 0
         out[key] = _as(stack, "rita", [*promote, "--reason", key])
     mv = alice.get_model_version("liver-unet-candidates", "2")
+    logged = mv.source.removeprefix("models:/")  # the logged model the version's source names
     again = alice.create_model_version(
-        "liver-unet-candidates", mv.source, run_id=mv.run_id, tags=mv.tags, model_id=mv.model_id
+        "liver-unet-candidates", mv.source, run_id=mv.run_id, tags=mv.tags, model_id=logged
     )
     alice.set_registered_model_alias("liver-unet-candidates", "challenger", again.version)
     out["same"] = _as(stack, "rita", [*promote, "--reason", "the same weights again"])
