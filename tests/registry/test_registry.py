@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from liverseg.core.errors import RegistryError
+from liverseg.registry.champion import alias_version
 from liverseg.registry.lineage import lineage
-from liverseg.registry.promote import _alias, promote, rollback
+from liverseg.registry.promote import promote, rollback
 from liverseg.registry.register import register
 from support.models import constant_state, log_model_run
 from support.net import free_port
@@ -34,7 +35,7 @@ def _check_flow(store_path):
     assert str(mv.version) == "1" and "challenger" in mv.aliases and mv.tags["training_run_id"] == none_run
     assert mv.tags["git_commit"] == "abc123" and mv.tags["dvc_store_md5"] == "d41d8cd9"
     d = promote(store_path, min_dice=0.0)  # first model: the floor alone (Dice 0 >= 0)
-    assert d.promoted and d.reason == "first champion" and d.champion_after == "1"
+    assert d.promoted and d.reason.startswith("rule floor (no champion)") and d.champion_after == "1"
     register(run_id=all_run)
     d = promote(store_path, min_dice=0.99)
     assert not d.promoted and "floor" in d.reason and d.champion_after == "1"
@@ -100,7 +101,7 @@ def test_register_tags_lits_test_dice_and_writes_descriptions(mlflow_uri, store_
     assert d.challenger_dice == pytest.approx(ev.summary["dice"]["mean"]) and "(LiTS)" in d.line()
     served = client.get_model_version("liver-unet", d.champion_after)
     assert served.tags["test_dice"] == f"{d.challenger_dice:.6f}"
-    assert "**Promotion**: promoted by " in served.description and "first champion" in served.description
+    assert "**Promotion**: promoted by " in served.description and "rule floor" in served.description
     assert "| v1 | champion |" in client.get_registered_model("liver-unet").description
     assert json.loads((tmp_path / "test-metrics.json").read_text())["resolution"] == "original"
 
@@ -220,9 +221,11 @@ def test_rollback_to_a_deleted_version_is_one_line(mlflow_uri, store_path):
     assert str(client.get_model_version_by_alias("liver-unet", "champion").version) == "2"
 
 
-def test_served_files_are_the_ones_the_gate_scored(mlflow_uri, store_path):
-    """Whoever may edit a candidate (its tags, its artifact files) cannot change what serving loads:
-    a blanked digest tag is refused, and promotion pins the served copy to the bytes the gate scored."""
+def test_served_copy_owns_the_scored_bytes_and_only_the_gates_facts(mlflow_uri, store_path):
+    """Whoever may edit a candidate (its tags, its artifact files) changes nothing of what is served: a
+    blanked digest tag is refused before the gate; the served copy is the scored weights and spec logged
+    anew in `liverseg-served`, tagged only by the promotion, so later swapped candidate files and
+    self-declared tags (a test Dice of 0.999, `promoted_by`, Markdown) never reach the champion."""
     import torch
 
     from liverseg.core.errors import ModelError
@@ -240,19 +243,28 @@ def test_served_files_are_the_ones_the_gate_scored(mlflow_uri, store_path):
         load_model(f"models:/{mv.name}@challenger", "cpu")
     with pytest.raises(ModelError, match=f"no {WEIGHTS_TAG} tag"):
         promote(store_path, min_dice=0.0)  # refused before the gate: no unverified bytes are scored
-    assert _alias(client, "liver-unet", "champion") is None
+    assert alias_version(client, "liver-unet", "champion") is None
 
     folder = Path(client.get_logged_model(uri.split("/")[-1]).artifact_location) / "artifacts" / "m"
-    client.set_model_version_tag(mv.name, mv.version, WEIGHTS_TAG, digests(folder)[WEIGHTS_TAG])
-    assert promote(store_path, min_dice=0.0).champion_after == "1"
-    served = client.get_model_version("liver-unet", "1").tags
-    assert (served[WEIGHTS_TAG], served[SPEC_TAG]) == (digests(folder)[WEIGHTS_TAG], digests(folder)[SPEC_TAG])
-    # then the candidate's files are swapped and its tags made to match them: the champion refuses to load
+    scored = digests(folder)
+    client.set_model_version_tag(mv.name, mv.version, WEIGHTS_TAG, scored[WEIGHTS_TAG])
+    for key, value in {"test_dice": "0.999", "promoted_by": "mallory", "note": "<b>[click](http://x)</b>"}.items():
+        client.set_model_version_tag(mv.name, mv.version, key, value)  # self-declared, before promotion
+    d = promote(store_path, min_dice=0.0)
+    served = client.get_model_version("liver-unet", d.champion_after)
+    assert (served.tags[WEIGHTS_TAG], served.tags[SPEC_TAG]) == (scored[WEIGHTS_TAG], scored[SPEC_TAG])
+    assert served.tags["test_dice_store_grid"] == f"{d.challenger_dice:.6f}" and "test_dice" not in served.tags
+    assert "promoted_by" not in served.tags and "note" not in served.tags and served.tags["decided_by"]
+    assert (
+        client.get_run(served.run_id).info.experiment_id
+        == client.get_experiment_by_name("liverseg-served").experiment_id
+    )
+    assert served.tags["training_run_id"] == rid and "0.999" not in served.description
+    # the candidate's files are swapped and its tags made to match them: the champion still loads its own
     torch.save(constant_state(liver=False), folder / WEIGHTS_FILE)
     client.set_model_version_tag(mv.name, mv.version, WEIGHTS_TAG, digests(folder)[WEIGHTS_TAG])
     assert load_model(f"models:/{mv.name}@challenger", "cpu").sha256 == digests(folder)  # the candidate's own check
-    with pytest.raises(ModelError, match=r"liver-unet v1: weights sha256 .* does not match"):
-        load_model("models:/liver-unet@champion", "cpu")
+    assert load_model("models:/liver-unet@champion", "cpu").sha256[WEIGHTS_TAG] == scored[WEIGHTS_TAG]
 
 
 def test_a_failing_champion_lookup_is_not_read_as_no_champion(mlflow_uri, monkeypatch):
@@ -263,8 +275,8 @@ def test_a_failing_champion_lookup_is_not_read_as_no_champion(mlflow_uri, monkey
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     client = MlflowClient(mlflow_uri)
-    assert _alias(client, "liver-unet", "champion") is None  # no such model
+    assert alias_version(client, "liver-unet", "champion") is None  # no such model
     client.create_registered_model("liver-unet")
-    assert _alias(client, "liver-unet", "champion") is None  # no such alias
+    assert alias_version(client, "liver-unet", "champion") is None  # no such alias
     with pytest.raises(MlflowException):
-        _alias(MlflowClient(f"http://127.0.0.1:{free_port()}"), "liver-unet", "champion")
+        alias_version(MlflowClient(f"http://127.0.0.1:{free_port()}"), "liver-unet", "champion")

@@ -8,7 +8,17 @@ import requests
 
 from liverseg.core.errors import PermissionRefused, TeamError
 from liverseg.registry.register import register
-from liverseg.registry.team import add_user, check_can_change, grants, password_from_stdin, refusal
+from liverseg.registry.team import (
+    LEVEL,
+    add_user,
+    check_can_change,
+    check_username,
+    grants,
+    parse_role_name,
+    password_from_stdin,
+    refusal,
+    role_name,
+)
 from liverseg.tracking.tags import candidate_model
 from support.cli import run_liverseg
 from support.models import constant_state, log_model_run
@@ -20,18 +30,34 @@ def test_roles_split_candidates_from_served():
     assert candidate_model("liver-unet") == "liver-unet-candidates"
     assert grants("scientist", "liver-unet") == [("registered_model", "liver-unet-candidates", "EDIT")]
     assert sorted(grants("release", "liver-unet")) == [
+        ("experiment", "liverseg-served", "EDIT"),  # the served copies' files: only release writes them
         ("registered_model", "liver-unet", "EDIT"),
         ("registered_model", "liver-unet-candidates", "EDIT"),
     ]
     assert grants("reader", "liver-unet") == []  # serving: the server's default READ, nothing more
+    assert grants("monitor", "liver-unet") == [("experiment", "liverseg-shadow", "EDIT")]
     # only release may change what is served; nobody gets MANAGE (deleting the served model)
-    for role in ("reader", "scientist", "release"):
+    for role in ("reader", "monitor", "scientist", "release"):
         served = [p for _, m, p in grants(role, "m") if m == "m"]
         assert served == (["EDIT"] if role == "release" else [])
 
 
+def test_role_names_round_trip_and_order_the_roles():
+    assert role_name("release", "liver-unet") == "liverseg-release@liver-unet"
+    assert parse_role_name("liverseg-release@liver-unet") == ("release", "liver-unet")
+    assert parse_role_name("liverseg-owner@liver-unet") is None and parse_role_name("admins") is None
+    assert LEVEL["reader"] < LEVEL["monitor"] < LEVEL["scientist"] < LEVEL["release"]
+
+
+def test_user_names_basic_auth_cannot_carry_are_refused():
+    for bad, why in (("a:b", "contains ':'"), ("bob\n", "contains '\\n'"), ("", "is empty"), (" al", "blank-padded")):
+        with pytest.raises(TeamError, match=f"user name {re.escape(repr(bad))}: .*{re.escape(why)}"):
+            check_username(bad)
+    check_username("serve-svc@prod.example")
+
+
 def test_unknown_role_lists_the_valid_ones():
-    with pytest.raises(TeamError, match="role 'admin': unknown; valid roles: reader, scientist, release"):
+    with pytest.raises(TeamError, match="role 'admin': unknown; valid roles: reader, monitor, scientist, release"):
         grants("admin", "liver-unet")
 
 
@@ -171,6 +197,6 @@ def test_reader_reads_the_champion_and_changes_nothing(team_stack, store_path, m
         lambda: reader.set_registered_model_alias(candidate_model("liver-unet"), "challenger", "1"),
     )
     for change in changes:
-        with pytest.raises(MlflowException, match="403"):
+        with pytest.raises(MlflowException, match="403|PERMISSION_DENIED"):
             change()
     assert admin.get_model_version_by_alias("liver-unet", "champion").version == version

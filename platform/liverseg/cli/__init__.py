@@ -1,10 +1,10 @@
 """The `liverseg` command (`liverseg.cli:app`, `python -m liverseg.cli`): one Typer app, one module of
-thin sub-commands per room (data, training, registry, serving) registering on it, in the order `--help`
+thin sub-commands per room (data, training, registry and its governance, serving) registering on it, in the order `--help`
 lists them."""
 
 # isort: off
 from liverseg.cli.app import app
-from liverseg.cli import data, training, registry, serving  # noqa: F401  (each registers its commands)
+from liverseg.cli import data, training, registry, governance, serving  # noqa: F401  (each registers its commands)
 
 # isort: on
 

@@ -1,9 +1,8 @@
-"""`liverseg evaluate | score | register | promote | rollback | history | users | lineage`."""
+"""`liverseg evaluate | score | register | lineage` (promotion and accounts: `governance`)."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import typer
@@ -127,86 +126,6 @@ def register(
         else f"without an alias (experiment {experiment}; {env.ALIAS_IN_EXPERIMENTS}=1 to alias)"
     )
     typer.echo(f"registered {mv.name} v{mv.version} (run {mv.run_id}) {where}")
-
-
-ReasonOpt = typer.Option("", "--reason", help="why: recorded in the champion history (`liverseg history`)")
-
-
-@app.command()
-def promote(
-    store: str = typer.Option(..., help="slice store with the test split"),
-    name: str = typer.Option(SERVED_MODEL, help="served registered model (candidates: NAME-candidates)"),
-    min_dice: float = typer.Option(0.9, help="floor on the challenger's mean test Dice"),
-    margin: float = typer.Option(0.0, help="the challenger must beat the champion by more than this"),
-    raw: Path | None = typer.Option(None, help="LiTS NIfTI folder: score on the original grid (the LiTS test Dice)"),
-    reason: str = ReasonOpt,
-    verbose: bool = VerboseOpt,
-) -> None:
-    """Copy NAME-candidates@challenger into NAME as @champion only if it passes the floor and beats the champion."""
-    from liverseg.registry.promote import promote as run_promote
-
-    d = quietly("promote", verbose, lambda con: run_promote(store, name, min_dice, margin, reason=reason, raw=raw))
-    typer.echo(d.line())
-
-
-@app.command()
-def rollback(name: str = typer.Option(SERVED_MODEL, help="registered model name"), reason: str = ReasonOpt) -> None:
-    """Put @champion back on the champion it replaced."""
-    from liverseg.registry.promote import rollback as run_rollback
-
-    old, new = run_rollback(name, reason)
-    typer.echo(f"{name}: champion v{old} -> v{new}")
-
-
-@app.command()
-def history(name: str = typer.Option(SERVED_MODEL, help="served registered model")) -> None:
-    """Every change of @champion (promote, rollback), newest first: when, who, from -> to, scores, reason."""
-    from liverseg.registry.history import history as changes
-    from liverseg.tracking.runs import client
-
-    skipped: list[str] = []
-    found = changes(client(), name, skipped)
-    for key in skipped:
-        typer.echo(f"warning: {name}: tag {key} is not a champion change record; left out", err=True)
-    typer.echo("\n".join(c.line() for c in found) if found else f"{name}: the champion never changed")
-
-
-users_app = typer.Typer(
-    no_args_is_help=True, help="Team accounts on the MLflow server (admin login from the environment)."
-)
-app.add_typer(users_app, name="users")
-
-
-@users_app.command("add")
-def users_add(
-    username: str = typer.Argument(..., help="login name"),
-    role: str = typer.Option(
-        ...,
-        help="reader (read only: serving accounts) | scientist (train, tune, register candidates) "
-        "| release (also promote, roll back)",
-    ),
-    password: str | None = typer.Option(
-        None,
-        help="visible to every local user in the process list (/proc/*/cmdline) and kept in shell history: "
-        "prefer --password-stdin. Default: a generated one, printed once",
-    ),
-    password_stdin: bool = typer.Option(False, "--password-stdin", help="read the password from stdin (a pipe)"),
-    name: str = typer.Option(SERVED_MODEL, help="served registered model the role applies to"),
-) -> None:
-    """Create a user with a role's permissions (needs LIVERSEG_ADMIN_USER / LIVERSEG_ADMIN_PASSWORD)."""
-
-    from liverseg.core.errors import TeamError
-    from liverseg.registry.team import add_user, grants, password_from_stdin
-
-    if password_stdin:
-        if password is not None:
-            raise TeamError("--password and --password-stdin: give one of them")
-        password = password_from_stdin(sys.stdin.read())
-    pw = add_user(username, role, password, name)
-    granted = ", ".join(f"{p} on {m}" for _, m, p in grants(role, name))
-    typer.echo(f"user {username} ({role}): " + (f"{granted}; " if granted else "") + "READ on everything else")
-    if password is None:
-        typer.echo(f"password for {username} (shown once): {pw}")
 
 
 @app.command()

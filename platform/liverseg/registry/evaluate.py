@@ -194,7 +194,8 @@ def model_link_tags(client, uri: str) -> dict[str, str]:
         mv = resolve_version(client, uri)
     except RegistryError:  # runs:/ or a logged-model id: not a registry version
         return {}
-    return {tags.MODEL_NAME: mv.name, tags.MODEL_VERSION: str(mv.version), tags.TRAINING_RUN_ID: str(mv.run_id)}
+    run_id = (mv.tags or {}).get(tags.TRAINING_RUN_ID) or mv.run_id  # served copies: the training run, not the copy's
+    return {tags.MODEL_NAME: mv.name, tags.MODEL_VERSION: str(mv.version), tags.TRAINING_RUN_ID: str(run_id)}
 
 
 def score_files(pred: str | Path, ref: str | Path) -> dict[str, Any]:

@@ -3,10 +3,15 @@ split checked against the digest the run recorded as its input (as trained / cha
 
 from __future__ import annotations
 
+from liverseg.registry.history import printable
 from liverseg.tracking import tags
 from liverseg.tracking.models import resolve_version
 from liverseg.tracking.runs import client as mlflow_client
 from liverseg.tracking.runs import failure, store_datasets
+
+
+def _dice(t: dict[str, str]) -> str:
+    return t.get(tags.TEST_DICE) or "store grid " + t.get(tags.TEST_DICE_STORE_GRID, "-")
 
 
 def lineage(uri: str) -> list[str]:
@@ -18,12 +23,12 @@ def lineage(uri: str) -> list[str]:
     client = mlflow_client()
     mv = resolve_version(client, uri)
     try:
-        run = client.get_run(mv.run_id)
+        run = client.get_run((mv.tags or {}).get(tags.TRAINING_RUN_ID) or mv.run_id)  # a served copy's run holds only files
     except Exception as e:
-        raise failure(e, f"{uri}: its training run {mv.run_id}") from None
+        raise failure(e, f"{uri}: its training run") from None
     t = run.data.tags
     lines = [
-        f"model      {mv.name} v{mv.version} (aliases: {', '.join(mv.aliases) or '-'}) test Dice {mv.tags.get(tags.TEST_DICE) or 'store grid ' + mv.tags.get(tags.TEST_DICE_STORE_GRID, '-')}",
+        f"model      {mv.name} v{mv.version} (aliases: {', '.join(mv.aliases) or '-'}) test Dice {_dice(mv.tags or {})}",
         f"  run      {run.info.run_id} '{run.info.run_name}' val Dice {t.get(tags.BEST_VAL_DICE, '-')} ({run.info.status})",
         f"  parent   {t.get(tags.MLFLOW_PARENT_RUN_ID, '-')} (tuning search)",
         f"  commit   {t.get(tags.GIT_COMMIT, 'unknown')}",
@@ -46,4 +51,4 @@ def lineage(uri: str) -> list[str]:
             lines.append(f"  {split:<8} {len(cases)} cases{check}: {', '.join(cases)}")
     except StoreError as e:
         lines.append(f"  (store not readable here: {e})")
-    return lines
+    return [printable(line) for line in lines]  # tags and names are user text: no control characters reach the terminal

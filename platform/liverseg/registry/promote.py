@@ -1,12 +1,16 @@
-"""Promote: `<name>-candidates@challenger` becomes `<name>@champion` only behind the gate; roll back.
+"""Promote: `<name>-candidates@challenger` becomes `<name>@champion` only behind the paired gate; roll back.
 
 Aliases (`challenger`, `champion`), not the deprecated stages. Versions are registered into
-`<name>-candidates` (alias `challenger`); promotion copies the winner into `<name>`, where `champion`
-lives and serving looks (`models:/<name>@champion`): two registered models so that the tracking
+`<name>-candidates` (alias `challenger`); promotion copies the winner's scored files into `name`
+(`served`), where `champion` lives and serving looks: two registered models so that the tracking
 server's per-model permissions separate who may add candidates from who may change what is served
-(`team`). Every decision is written as tags on the challenger's version; the version that becomes
-champion records the champion it replaced, which is what `rollback` returns to; every champion change
-joins the history (`history`).
+(`team`). Every decision is written as tags on the challenger's version (the gate's numbers as `gate.*`).
+
+A champion change is ordered so that it is recorded exactly once whatever fails when: every value is
+checked against the server's limits first, then the served copy is made, then the history record is
+appended (the server lets one record win per number: a concurrent promotion is refused there), then
+the alias moves, then the champion's tags and the cards follow. A failure after the record leaves a
+half-done change that the next `promote` or `rollback` completes first (`complete_pending`).
 """
 
 from __future__ import annotations
@@ -14,37 +18,27 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from liverseg.core import env
 from liverseg.core.clock import utc_now
+from liverseg.core.config import PromoteSection
 from liverseg.core.errors import RegistryError
-from liverseg.registry.history import Change, record
+from liverseg.core.limits import MAX_REASON
+from liverseg.registry.champion import alias_version, complete_pending, crown, gate_dice
+from liverseg.registry.gate import GateResult, decide, floor_only, paired_differences
+from liverseg.registry.history import check_record_fits
 from liverseg.registry.modelcard import TEST_GRID, update_descriptions
-from liverseg.registry.register import wait_ready
+from liverseg.registry.served import Scored, find_served_copy, lineage_facts, make_served_copy
 from liverseg.registry.team import check_can_change
 from liverseg.tracking import tags
-from liverseg.tracking.models import load_model
+from liverseg.tracking.chain import Record
 from liverseg.tracking.runs import author as who
 from liverseg.tracking.runs import client as mlflow_client
-from liverseg.tracking.runs import failure, not_found, tracking_uri
+from liverseg.tracking.runs import failure, tracking_uri
 from liverseg.tracking.tags import CHALLENGER, CHAMPION, candidate_model
 
-
-def _alias(client, name: str, alias: str):
-    """The version `alias` points at, None when the model or the alias does not exist. Any other failure
-    (timeout, 5xx, 401, 403) is raised, saying what failed: read as "no champion", it would let a
-    challenger in unopposed."""
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except Exception as e:
-        if not_found(e):
-            return None
-        raise failure(e, f"{name}@{alias}") from None
-
-
-def gate_dice(version_tags: dict[str, str]) -> str | None:
-    """The score the gate gave a version: the LiTS test Dice, else a store-grid one (promote without --raw)."""
-    return version_tags.get(tags.TEST_DICE) or version_tags.get(tags.TEST_DICE_STORE_GRID)
+__all__ = ["Decision", "promote", "rollback", "gate_dice"]
 
 
 @dataclass
@@ -58,18 +52,23 @@ class Decision:
     promoted: bool
     reason: str
     grid: str = TEST_GRID
+    gate: GateResult | None = None
+    note: str = ""  # a half-done change completed first
 
     def line(self) -> str:
         champ = f"v{self.champion_before} {self.champion_dice:.4f}" if self.champion_before else "none"
         verdict = "PROMOTED" if self.promoted else "KEPT"
+        note = f" ({self.note})" if self.note else ""
         return (
             f"{verdict}: {self.name} test Dice ({self.grid}): challenger v{self.challenger} "
-            f"{self.challenger_dice:.4f}; champion before: {champ}; champion now: v{self.champion_after}; {self.reason}"
+            f"{self.challenger_dice:.4f}; champion before: {champ}; champion now: v{self.champion_after}; "
+            f"{self.reason}{note}"
         )
 
 
 class _Lock:
-    """An exclusive lock per (tracking store, model name): promotions on one host are serialised."""
+    """An exclusive lock per (tracking store, model name) on this host: promotions from one host queue
+    here; across hosts the tracking server's guard lets one history record win."""
 
     def __init__(self, name: str):
         from filelock import FileLock
@@ -87,130 +86,156 @@ class _Lock:
         self.lock.release()
 
 
+def check_reason(reason: str) -> None:
+    if len(reason) > MAX_REASON:
+        raise RegistryError(f"--reason: {len(reason)} characters, at most {MAX_REASON}")
+
+
+def _settings(settings: PromoteSection | None, **given: Any) -> PromoteSection:
+    s = settings or PromoteSection()
+    return s.model_copy(update={k: v for k, v in given.items() if v is not None})
+
+
+def case_scorer(store_path: str, split: str, raw: str | Path | None):
+    """The default scorer: per-case Dice (`evaluate`, original grid with `raw`) as {case: Dice or None}."""
+    from liverseg.registry.evaluate import evaluate
+
+    return lambda lm: {c["case"]: c["dice"] for c in evaluate(lm.uri, store_path, split, raw, lm=lm).cases}
+
+
 def promote(
     store_path: str,
     name: str = tags.SERVED_MODEL,
-    min_dice: float = 0.9,
-    margin: float = 0.0,
+    min_dice: float | None = None,
+    margin: float | None = None,
     split: str = "test",
     scorer=None,
     reason: str = "",
     raw: str | Path | None = None,
+    rule: str | None = None,
+    settings: PromoteSection | None = None,
+    candidate: str | None = None,
+    request: Any | None = None,
 ) -> Decision:
-    """Evaluate `<name>-candidates@challenger` and `<name>@champion` on the same split; only if the
-    challenger passes the floor and beats the champion by `margin` (strictly), copy it into `name` and
-    move `champion` there. Decision, scores and reason become tags; a champion change joins the history
-    with `reason` (who, when, from, to, scores). A user without EDIT on `name` is refused before the gate.
-
-    `raw`: the LiTS NIfTI folder, so that the gate scores on each volume's original grid (the one test
-    Dice, tagged `test_dice`); without it the store grid, tagged and labelled as such.
-    `scorer(LoadedModel) -> mean test Dice` defaults to `evaluate` on the store (tests may pass a cheaper
-    one). The bytes the gate scored are the bytes served: their sha256 become the served copy's tags,
-    which only release users can write (a candidate's files or tags changed later then refuse to load).
+    """Score `<name>-candidates@challenger` (or candidate version `candidate`) and `<name>@champion` on the
+    same cases; only if the challenger passes the floor and the paired gate (`registry.gate`) does its
+    served copy become champion. `settings` (pipelines/promote.yaml) gives the rule, margin, floor and
+    bootstrap; the keyword arguments override it. `scorer(LoadedModel) -> {case: Dice}` defaults to
+    `evaluate` on the store (on each volume's original grid with `raw`). `request`: the approval request
+    this promotion approves (recorded with it). A user without EDIT on `name` is refused before the gate.
     """
-    from liverseg.registry.evaluate import evaluate
-
-    scorer = scorer or (lambda lm: evaluate(lm.uri, store_path, split, raw, lm=lm).summary["dice"]["mean"])
-    dice_tag, grid = (tags.TEST_DICE, TEST_GRID) if raw else (tags.TEST_DICE_STORE_GRID, "store grid, not LiTS")
+    s = _settings(settings, min_dice=min_dice, margin=margin, rule=rule)
+    check_reason(reason)
     check_can_change(name, f"promote {name}")
+    scorer = scorer or case_scorer(store_path, split, raw)
+    grid = TEST_GRID if raw else "store grid, not LiTS"
     client, cand = mlflow_client(), candidate_model(name)
-    with _Lock(name):  # compare-and-set: nobody moves the champion between our read and our write
-        chal = _alias(client, cand, CHALLENGER)
+    with _Lock(name):
+        note = complete_pending(client, name)
+        chal = _challenger(client, cand, candidate)
+        champ = alias_version(client, name, CHAMPION)
+        if champ is not None and champ.tags.get(tags.CANDIDATE_VERSION) == str(chal.version):
+            dice = float(gate_dice(champ.tags) or "nan")
+            v = str(champ.version)
+            return Decision(
+                name, str(chal.version), v, v, dice, dice, False, "challenger is already champion", grid, None, note
+            )
+        with Scored(client, f"models:/{cand}/{chal.version}") as scored:
+            result, chal_dice, champ_dice = _score(client, name, scored, champ, scorer, s)
+            d = _decide(client, name, chal, champ, scored, result, (chal_dice, champ_dice), reason, grid, request)
+        d.note = note
+        return d
+
+
+def _challenger(client: Any, cand: str, candidate: str | None) -> Any:
+    if candidate is None:
+        chal = alias_version(client, cand, CHALLENGER)
         if chal is None:
             raise RegistryError(f"{cand}: no '{CHALLENGER}' alias; run `liverseg register` first")
-        champ = _alias(client, name, CHAMPION)
-        if champ is not None and champ.tags.get(tags.CANDIDATE_VERSION) == str(chal.version):
-            recorded = tags.number(champ.tags.get(dice_tag))
-            dice = float("nan") if recorded is None else recorded
-            v = str(champ.version)
-            return Decision(name, str(chal.version), v, v, dice, dice, False, "challenger is already champion", grid)
-        scored = load_model(f"models:/{cand}/{chal.version}")
-        chal_dice, pinned = float(scorer(scored)), scored.sha256
-        del scored
-        champ_dice = float(scorer(load_model(f"models:/{name}/{champ.version}"))) if champ else None
-        ok, why = _gate(chal_dice, champ_dice, min_dice, margin)
-        served = _served_copy(client, name, str(chal.version), pinned) if ok else None
-        scores = {dice_tag: f"{chal_dice:.6f}", tags.TEST_DICE_GRID: grid}
-        for k, v in _decision_tags(ok, why, scores, champ_dice, champ).items():  # the served copy carries them
-            client.set_model_version_tag(cand, chal.version, k, v)
-        before = str(champ.version) if champ else None
-        after = before
-        if ok:
-            after = _crown(client, name, str(chal.version), before, pinned, served)
-            change = Change(
-                "promote", name, before, after, who(), utc_now(), reason, chal_dice, champ_dice, str(chal.version)
-            )
-            record(client, change)
-            update_descriptions(client, name, after)
-        update_descriptions(client, cand, str(chal.version))
-        return Decision(name, str(chal.version), before, after, chal_dice, champ_dice, ok, why, grid)
+        return chal
+    try:
+        return client.get_model_version(cand, candidate)
+    except Exception as e:
+        raise RegistryError(f"{cand} v{candidate}: not found ({type(e).__name__})") from None
 
 
-def _decision_tags(ok: bool, why: str, scores: dict[str, str], champ_dice: float | None, champ) -> dict[str, str]:
-    return {
-        tags.PROMOTION_DECISION: "promoted" if ok else "rejected",
-        **scores,
+def _score(client: Any, name: str, scored: Scored, champ: Any, scorer, s: PromoteSection):
+    """(gate result, challenger mean Dice, champion mean Dice or None). The champion's files are scored
+    from the registry (digest-checked); the same files as the challenger's are not scored twice."""
+    import numpy as np
+
+    chal_cases = scorer(scored.lm)
+    chal_dice = float(np.mean([v for v in chal_cases.values() if v is not None] or [np.nan]))
+    if champ is None:
+        result = floor_only(chal_dice, len(chal_cases), s.min_dice, s.seed, s.resamples, s.confidence)
+        return result, chal_dice, None
+    if all(champ.tags.get(k) == v for k, v in scored.pinned.items()):
+        champ_cases = chal_cases  # a model re-registered from the champion's own run: the same bytes
+    else:
+        with Scored(client, f"models:/{name}/{champ.version}") as served:
+            champ_cases = scorer(served.lm)
+    champ_dice = float(np.mean([v for v in champ_cases.values() if v is not None] or [np.nan]))
+    diffs = paired_differences(chal_cases, champ_cases)
+    result = decide(diffs, s.rule, s.margin, s.seed, s.resamples, s.confidence)
+    if not chal_dice >= s.min_dice:
+        result.passed, result.why = False, f"below the floor {s.min_dice} (mean {chal_dice:.4f}); {result.why}"
+    return result, chal_dice, champ_dice
+
+
+def _decide(client, name, chal, champ, scored, result, dice, reason, grid, request) -> Decision:
+    """Record the decision on the candidate; if it passed, make (or reuse) the served copy and crown it."""
+    chal_dice, champ_dice = dice
+    dice_tag = tags.TEST_DICE if grid == TEST_GRID else tags.TEST_DICE_STORE_GRID
+    decision = {
+        tags.PROMOTION_DECISION: "promoted" if result.passed else "rejected",
+        dice_tag: f"{chal_dice:.6f}",
+        tags.TEST_DICE_GRID: grid,
+        tags.TEST_CASES: str(result.n_cases),
         tags.CHAMPION_TEST_DICE: "" if champ_dice is None else f"{champ_dice:.6f}",
-        tags.PROMOTION_REASON: why,
+        tags.PROMOTION_REASON: result.why,
         tags.DECIDED_AT: utc_now(),
         tags.DECIDED_BY: who(),
         tags.COMPARED_WITH: str(champ.version) if champ else "",
+        **result.tags(),
     }
-
-
-def _gate(chal_dice: float, champ_dice: float | None, min_dice: float, margin: float) -> tuple[bool, str]:
-    if chal_dice < min_dice:
-        return False, f"below the floor {min_dice}"
-    if champ_dice is not None and not chal_dice > champ_dice + margin:
-        return False, f"does not beat the champion by more than {margin}"
-    return True, "first champion" if champ_dice is None else f"beats the champion by more than {margin}"
-
-
-def _served_copy(client, name: str, candidate: str, pinned: dict[str, str]):
-    """The version of `name` that candidate `candidate` was copied to before, if any; refused when the
-    files the gate just scored are not the ones that copy is pinned to."""
-    found = [
-        mv
-        for mv in client.search_model_versions(f"name = '{name}'")
-        if mv.tags.get(tags.CANDIDATE_VERSION) == candidate
-    ]
-    if found and any(found[0].tags.get(tag) != digest for tag, digest in pinned.items()):
-        raise RegistryError(
-            f"{candidate_model(name)} v{candidate}: its files differ from those served before as {name} "
-            f"v{found[0].version}; champion kept (register the model again)"
-        )
-    return found[0] if found else None
-
-
-def _crown(client, name: str, candidate: str, before: str | None, pinned: dict[str, str], served) -> str:
-    """Move `champion` onto `served` (the candidate's earlier copy) or onto a new copy of candidate version
-    `candidate` in `name`, pinned to the sha256 of the files the gate scored. Returns the served version."""
-    if served is not None:
-        version = str(served.version)
-    else:
-        version = str(client.copy_model_version(f"models:/{candidate_model(name)}/{candidate}", name).version)
-        wait_ready(client, name, version)
-        for tag, value in {tags.CANDIDATE_VERSION: candidate, **pinned}.items():
-            client.set_model_version_tag(name, version, tag, value)
-    client.set_model_version_tag(name, version, tags.PREVIOUS_CHAMPION, before or "")
-    client.set_registered_model_alias(name, CHAMPION, version)
-    return version
+    before = str(champ.version) if champ else None
+    record = Record(
+        "promote", name, before, None, who(), utc_now(), reason, chal_dice, champ_dice, str(chal.version),
+        result.tags(), scored.pinned[tags.WEIGHTS_SHA256], scored.pinned[tags.SPEC_SHA256],
+        request.id if request else "", request.by if request else "",
+    )  # fmt: skip
+    check_record_fits(record)  # before the first write
+    cand = candidate_model(name)
+    for k, v in decision.items():
+        client.set_model_version_tag(cand, chal.version, k, v)
+    outcome = Decision(name, str(chal.version), before, before, chal_dice, champ_dice, False, result.why, grid, result)
+    if result.passed:
+        served = find_served_copy(client, name, str(chal.version), scored.pinned)
+        facts = {**lineage_facts(client, chal), tags.CANDIDATE_VERSION: str(chal.version), **scored.pinned, **decision}
+        served = served or make_served_copy(client, name, chal, scored, facts)
+        record.to_version = str(served.version)
+        crown(client, name, record)
+        outcome.promoted, outcome.champion_after = True, record.to_version
+    update_descriptions(client, cand, str(chal.version))
+    return outcome
 
 
 def rollback(name: str = tags.SERVED_MODEL, reason: str = "") -> tuple[str, str]:
     """Put `champion` back on the champion it replaced; joins the history with `reason`.
     Returns (from version, to version)."""
+    check_reason(reason)
     check_can_change(name, f"roll back {name}")
     client = mlflow_client()
     with _Lock(name):
-        champ = _alias(client, name, CHAMPION)
+        complete_pending(client, name)
+        champ = alias_version(client, name, CHAMPION)
         if champ is None:
             raise RegistryError(f"{name}: no champion to roll back")
         prev = champ.tags.get(tags.PREVIOUS_CHAMPION, "")
         if not prev:
             raise RegistryError(f"{name}: champion v{champ.version} replaced no earlier champion")
         try:
-            client.get_model_version(name, prev)
+            target = client.get_model_version(name, prev)
         except Exception as e:  # deleted since (RESOURCE_DOES_NOT_EXIST), or the registry went away
             err = failure(e, f"{name} v{prev}")
             if isinstance(err, RegistryError):
@@ -219,12 +244,15 @@ def rollback(name: str = tags.SERVED_MODEL, reason: str = "") -> tuple[str, str]
                     "champion kept"
                 )
             raise err from None
-        client.set_registered_model_alias(name, CHAMPION, prev)
-        client.set_model_version_tag(name, champ.version, tags.ROLLED_BACK_AT, utc_now())
-        dice = {v: gate_dice(client.get_model_version(name, v).tags) for v in (prev, str(champ.version))}
-        score = {v: tags.number(d) for v, d in dice.items()}
-        change = Change(
-            "rollback", name, str(champ.version), prev, who(), utc_now(), reason, score[prev], score[str(champ.version)]
-        )
-        record(client, change)
+        t = target.tags or {}
+        dice = {v: gate_dice(mv.tags) for v, mv in ((prev, target), (str(champ.version), champ))}
+        record = Record(
+            "rollback", name, str(champ.version), prev, who(), utc_now(), reason,
+            float(dice[prev]) if dice[prev] else None,
+            float(dice[str(champ.version)]) if dice[str(champ.version)] else None,
+            t.get(tags.CANDIDATE_VERSION, ""), {k: t[k] for k in tags.GATE_TAGS if k in t},
+            t.get(tags.WEIGHTS_SHA256, ""), t.get(tags.SPEC_SHA256, ""),
+        )  # fmt: skip
+        check_record_fits(record)
+        crown(client, name, record)
         return str(champ.version), prev

@@ -11,6 +11,10 @@ CANDIDATES_SUFFIX = "-candidates"  # <name>-candidates holds every registered ve
 CHAMPION, CHALLENGER = "champion", "challenger"  # the served version | the latest registered candidate
 
 
+SERVED_EXPERIMENT = "liverseg-served"  # runs holding the served copies' files: only release users write there
+SHADOW_EXPERIMENT = "liverseg-shadow"  # evidence runs of replicas shadowing a challenger (role `monitor`)
+
+
 def candidate_model(name: str) -> str:
     """The registered model holding `name`'s candidate versions (alias `challenger`)."""
     return f"{name}{CANDIDATES_SUFFIX}"
@@ -66,6 +70,15 @@ CANDIDATE_VERSION, PREVIOUS_CHAMPION = "candidate_version", "previous_champion" 
 ROLLED_BACK_AT = "rolled_back_at"
 CHAMPION_BY, CHAMPION_AT = "champion_by", "champion_at"
 CHAMPION_FROM, CHAMPION_REASON = "champion_from", "champion_reason"
+HISTORY_SEQ = "liverseg.history_seq"  # on a version made champion: the history record that did it
+# the paired gate's decision (registry.gate), on the candidate and on the served copy it became
+GATE_RULE, GATE_MARGIN, GATE_N_CASES = "gate.rule", "gate.margin", "gate.n_cases"
+GATE_DIFF_MEAN, GATE_DIFF_CI_LOW, GATE_DIFF_CI_HIGH = "gate.diff_mean", "gate.diff_ci_low", "gate.diff_ci_high"
+GATE_P_VALUE, GATE_SEED, GATE_RESAMPLES = "gate.p_value", "gate.seed", "gate.resamples"
+GATE_CONFIDENCE = "gate.confidence"
+GATE_TAGS = (GATE_RULE, GATE_MARGIN, GATE_N_CASES, GATE_DIFF_MEAN, GATE_DIFF_CI_LOW, GATE_DIFF_CI_HIGH)
+GATE_TAGS += (GATE_P_VALUE, GATE_SEED, GATE_RESAMPLES, GATE_CONFIDENCE)
 
 # ---------------------------------------------------------------- registered model tags
-HISTORY_PREFIX = "liverseg.history."  # one per champion change: liverseg.history.<UTC time>
+HISTORY_PREFIX = "liverseg.history."  # one per champion change: liverseg.history.<seq>, hash-chained
+REQUEST_PREFIX = "liverseg.request."  # on <name>-candidates: one per approval request, liverseg.request.<seq>
