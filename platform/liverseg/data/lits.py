@@ -11,27 +11,30 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from isal import isal_zlib
 from nibabel.affines import voxel_sizes
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 
 from liverseg.core.errors import InputError, TooLarge
+from liverseg.core.limits import VolumeLimits
+from liverseg.data.nifti import (
+    GZIP_MAGIC,
+    NIFTI2_SIZEOF_HDR,
+    check_header,
+    declared_beyond,
+    decode_budget,
+    gunzip,
+    read_header,
+)
 
 NAME = re.compile(r"^(volume|segmentation)-(\w+)\.nii(\.gz)?$")  # LiTS file naming: kind, case id, .gz
 CASE_ID = re.compile(r"\w+")  # a LiTS case id (NAME's second group): never a path, so cases/<id> stays inside
 SUFFIXES = (".nii", ".nii.gz")
 RAS = axcodes2ornt(("R", "A", "S"))
-NIFTI2_SIZEOF_HDR = ((540).to_bytes(4, "little"), (540).to_bytes(4, "big"))  # NIfTI-1 has 348
-GZIP_MAGIC = b"\x1f\x8b"
-# input fed per call after a file's first gzip member: at each member's end the decompressor copies the
-# input it did not use, so whole-rest feeding would be quadratic for bgzip's thousands of 64 KiB members
-MEMBER_STEP = 1 << 20
 AFFINE_TOL = 1e-3  # mm; scanners write affines with float32 rounding
 
 
@@ -108,66 +111,22 @@ def read_file(path: Path | str) -> bytes:
         raise InputError(f"{Path(path).name}: cannot read ({e.strerror})") from None
 
 
-def gunzip(data: bytes, name: str, limit: int = 0) -> bytes:
-    """Decompress gzip bytes with ISA-L (about 2x zlib), layer after layer (gzip of gzip ...); other
-    bytes pass through. Each layer may hold several members (bgzip/BGZF, `cat a.gz b.gz`), as gzip
-    allows; bytes after the last member that are not gzip are an error, never silently dropped.
-
-    limit: refuse when every layer and member together decompress to more than this many bytes (0: no
-    limit), so neither a gzip bomb, a nested one nor one of many members grows past it in memory.
-    """
-    budget = [limit]  # shared by every layer and member: what may still be decompressed
-    while data[:2] == GZIP_MAGIC:
-        data = _gunzip_layer(data, name, budget, limit)
-    return data
-
-
-def _gunzip_layer(data: bytes, name: str, budget: list[int], limit: int) -> bytes:
-    """One gzip layer: every member in turn, all within what is left of `budget`."""
-    mv = memoryview(data)
-    out, pos = _gunzip_member(mv, 0, len(mv), name, budget, limit)  # usually the only one: no join, no copy
-    parts = [out]
-    while pos < len(mv):
-        if bytes(mv[pos : pos + 2]) != GZIP_MAGIC:
-            raise InputError(f"{name}: cannot decode ({len(mv) - pos} bytes of trailing garbage after the gzip data)")
-        out, pos = _gunzip_member(mv, pos, MEMBER_STEP, name, budget, limit)
-        parts.append(out)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
-def _gunzip_member(mv: memoryview, pos: int, step: int, name: str, budget: list[int], limit: int) -> tuple[bytes, int]:
-    """(the member starting at `pos`, decompressed; where the next begins), fed `step` bytes at a time.
-
-    budget: a one-item list, what may still be decompressed, charged here (used only when `limit`)."""
-    d = isal_zlib.decompressobj(wbits=31)
-    pieces = []
-    while not d.eof:
-        if pos >= len(mv):
-            raise InputError(f"{name}: cannot decode (truncated gzip stream)")
-        chunk = mv[pos : pos + step]
-        pos += len(chunk)
-        try:  # one byte past the budget tells "too large" from "exactly the budget"
-            out = d.decompress(chunk, budget[0] + 1) if limit else d.decompress(chunk)
-        except (isal_zlib.error, zlib.error) as e:
-            raise InputError(f"{name}: cannot decode (gzip: {e})") from None
-        if limit and len(out) > budget[0]:
-            raise TooLarge(f"{name}: decompresses to more than {limit} bytes (too large)")
-        budget[0] -= len(out)
-        pieces.append(out)
-    return (pieces[0] if len(pieces) == 1 else b"".join(pieces)), pos - len(d.unused_data)
-
-
-def load_nifti(path: Path | str, data: bytes | None = None) -> nib.Nifti1Image:
+def load_nifti(path: Path | str, data: bytes | None = None, limits: VolumeLimits | None = None) -> nib.Nifti1Image:
     """Open a NIfTI-1/2 file (or its bytes, gzipped or not) as a usable 3-D image, squeezing trailing 1s.
 
-    The whole file is read and decompressed in memory: one pass over the disk, and voxels are then
-    viewed in place (`_array`) instead of being streamed through Python's gzip.
+    The header is read first and checked against `limits` (default: core.limits' numbers), so a volume
+    too large in any dimension is refused (TooLarge, naming the limit) before a voxel is decompressed;
+    the file then decompresses within what its header declares. The whole file is read and decompressed
+    in memory: one pass over the disk, and voxels are then viewed in place (`_array`) instead of being
+    streamed through Python's gzip.
     """
     name = Path(path).name
     data = read_file(path) if data is None else data
     if not data:
         raise InputError(f"{name}: empty file")
-    raw = gunzip(data, name)
+    hdr, limits = read_header(data, name), limits or VolumeLimits()
+    stored = None if data[:2] == GZIP_MAGIC else len(data)
+    raw = gunzip(data, name, *decode_budget(check_header(hdr, name, limits, stored), limits))
     try:
         klass = nib.Nifti2Image if raw[:4] in NIFTI2_SIZEOF_HDR else nib.Nifti1Image
         img = klass.from_bytes(raw)
@@ -200,10 +159,8 @@ def _array(img: nib.Nifti1Image, name: str, integer_dtype: bool) -> np.ndarray:
     buf = proxy.file_like.getbuffer()
     count = math.prod(int(s) for s in proxy.shape)  # Python ints: a NIfTI-2 shape can overflow int64
     if proxy.offset + count * proxy.dtype.itemsize > len(buf):
-        raise InputError(
-            f"{name}: declared shape {tuple(int(s) for s in proxy.shape)} of {proxy.dtype} exceeds the data "
-            f"({count * proxy.dtype.itemsize} bytes declared, {max(len(buf) - int(proxy.offset), 0)} present)"
-        )
+        shape = tuple(int(s) for s in proxy.shape)
+        raise declared_beyond(name, shape, proxy.dtype, count * proxy.dtype.itemsize, len(buf) - int(proxy.offset))
     raw = np.frombuffer(buf, proxy.dtype, count=count, offset=proxy.offset)
     arr = raw.reshape(proxy.shape, order=proxy.order)
     arr = arr.reshape(arr.shape[:3], order="F")
@@ -239,11 +196,12 @@ def to_hu_int16(arr: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(arr), -32768, 32767).astype(np.int16)
 
 
-def read_volume(path: Path | str, data: bytes | None = None) -> CTVolume:
-    """Read one CT volume (file or bytes, read once: decoded and hashed) into canonical int16 HU."""
+def read_volume(path: Path | str, data: bytes | None = None, limits: VolumeLimits | None = None) -> CTVolume:
+    """Read one CT volume (file or bytes, read once: decoded and hashed) into canonical int16 HU, within
+    `limits` (see `load_nifti`)."""
     path = Path(path)
     data = read_file(path) if data is None else data
-    img = load_nifti(path, data)
+    img = load_nifti(path, data, limits)
     arr = _array(img, path.name, integer_dtype=True)
     affine = img.affine.astype(np.float64)
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
@@ -265,7 +223,7 @@ def check_slices(image_zyx: np.ndarray, name: str, max_slices: int) -> None:
     """Refuse a volume with more than `max_slices` axial slices before any is resized: each becomes a
     model-size float32 slice, so a few bytes declaring (1, 1, 4e6) voxels would ask for 61 GiB."""
     if image_zyx.shape[0] > max_slices:
-        raise TooLarge(f"{name}: {image_zyx.shape[0]} axial slices exceed the limit of {max_slices}")
+        raise TooLarge(f"{name}: {image_zyx.shape[0]} axial slices exceed the limit of {max_slices}", "max_slices")
 
 
 def _labels_ok(seg: np.ndarray) -> bool:

@@ -56,5 +56,13 @@ ROLLED_BACK_AT = "rolled_back_at"
 CHAMPION_BY, CHAMPION_AT = "champion_by", "champion_at"
 CHAMPION_FROM, CHAMPION_REASON = "champion_from", "champion_reason"
 
+# ---------------------------------------------------------------- shadow evidence (serving)
+# runs of a serving replica's shadow: a challenger version compared with the champion on real requests, one
+# run per replica session; the `monitor` role (serving accounts that shadow) may EDIT this experiment only
+SHADOW_EXPERIMENT = "liverseg-shadow"
+SHADOW_KIND = "shadow"  # their KIND; MODEL_NAME / MODEL_VERSION name the challenger, COMPARED_WITH the champion
+SHADOW_REPLICA = "shadow_replica"  # the replica that compared (host:port)
+SHADOW_SINCE = "shadow_since"  # UTC time of its first comparison in this session
+
 # ---------------------------------------------------------------- registered model tags
 HISTORY_PREFIX = "liverseg.history."  # one per champion change: liverseg.history.<UTC time>
