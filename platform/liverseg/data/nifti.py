@@ -15,7 +15,9 @@ from nibabel.orientations import io_orientation
 from liverseg.core.errors import InputError, TooLarge
 from liverseg.core.limits import DECODED_SLACK, VolumeLimits
 
-NIFTI2_SIZEOF_HDR = ((540).to_bytes(4, "little"), (540).to_bytes(4, "big"))  # NIfTI-1 has 348
+NIFTI1_SIZEOF_HDR = ((348).to_bytes(4, "little"), (348).to_bytes(4, "big"))
+NIFTI2_SIZEOF_HDR = ((540).to_bytes(4, "little"), (540).to_bytes(4, "big"))
+NIFTI1_MAGIC, NIFTI2_MAGIC = b"n+1\0", b"n+2\0\r\n\x1a\n"  # single-file magics (a .hdr/.img pair has no voxels here)
 GZIP_MAGIC = b"\x1f\x8b"
 # input fed per call after a file's first gzip member: at each member's end the decompressor copies the
 # input it did not use, so whole-rest feeding would be quadratic for bgzip's thousands of 64 KiB members
@@ -114,12 +116,17 @@ def _prefix(mv: memoryview, name: str, n: int) -> bytes:
 
 
 def read_header(data: bytes, name: str) -> nib.Nifti1Header:
-    """The NIfTI-1 or NIfTI-2 header at the start of `data` (gzipped or not), read before any voxel."""
+    """The single-file NIfTI-1 or NIfTI-2 header at the start of `data` (gzipped or not), read before any
+    voxel; its size field and magic are checked here (nibabel would log a "fix" for each and go on)."""
     block = head(data, name)
+    nifti2 = block[:4] in NIFTI2_SIZEOF_HDR
+    if not (
+        nifti2 and block[4:12] == NIFTI2_MAGIC or block[:4] in NIFTI1_SIZEOF_HDR and block[344:348] == NIFTI1_MAGIC
+    ):
+        raise InputError(f"{name}: not a NIfTI file (no single-file NIfTI-1 or NIfTI-2 header)")
     try:
-        klass = nib.Nifti2Header if block[:4] in NIFTI2_SIZEOF_HDR else nib.Nifti1Header
-        return klass.from_fileobj(io.BytesIO(block))
-    except Exception as e:  # nibabel raises several types for non-NIfTI input
+        return (nib.Nifti2Header if nifti2 else nib.Nifti1Header).from_fileobj(io.BytesIO(block), check=False)
+    except Exception as e:  # nibabel raises several types for a broken header
         raise InputError(
             f"{name}: not a NIfTI file ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
         ) from None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import threading
@@ -32,6 +33,7 @@ def serve(
     """
     import uvicorn
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars in the log
     cfg, metrics = cfg or ServeSection(), Metrics()
     holder = ModelHolder(uri, device, "champion", metrics, retry_max_s=cfg.retry_max_s)
     shadow = _shadow(cfg, device, metrics, f"{socket.gethostname()}:{port}") if cfg.shadow else None
