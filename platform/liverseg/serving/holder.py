@@ -126,10 +126,9 @@ class ModelHolder:
         self.failure: Failure | None = None
         try:
             self.current = self._load(None)
-        except Exception as e:
+        except Exception:  # recorded in self.failure by _load
             if required:
                 raise
-            self._failed(None, e)
 
     def serves(self, name: str, alias: str) -> bool:
         """Whether an alias event for (name, alias) concerns this holder's model URI."""

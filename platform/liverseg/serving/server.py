@@ -60,6 +60,9 @@ def serve(
     )
     quiet = OncePerMinute()
     logging.getLogger("uvicorn.error").addFilter(quiet)  # uvicorn's logger for refused and invalid requests
+    # uvicorn shuts down gracefully on SIGTERM, then raises it again with the handler it found: make that
+    # handler an exit through `finally` (the shadow's last evidence), not the default instant death
+    signal.signal(signal.SIGTERM, _exit)
     try:
         asyncio.run(_serve_quietly(uvicorn.Server(config), quiet))
     finally:
@@ -82,6 +85,10 @@ def _shadow(cfg: ServeSection, device: str, metrics: Metrics, replica: str) -> S
     holder.follow(cfg.poll_s)
     shadow.start()
     return shadow
+
+
+def _exit(signum, frame) -> None:
+    raise SystemExit(0)
 
 
 def _reload(holder: ModelHolder) -> None:

@@ -205,11 +205,12 @@ class Shadow:
         self.metrics.shadow_compared(dice, diff, time.perf_counter() - t0)
 
     def flush(self, final: bool = False) -> None:
-        """Write the summaries that changed since the last write (registry versions only)."""
+        """Write the summaries that changed since the last write (registry versions only); `final`: every
+        one, ending its run."""
         if self.write is None:
             return
         with self._lock:
-            due = {key: self.series[key].summary() for key in self.dirty}
+            due = {key: self.series[key].summary() for key in (self.series if final else self.dirty)}
             self.dirty.clear()
         for key, summary in sorted(due.items()):
             if summary.compared == 0 or not summary.version.isdigit():
