@@ -23,7 +23,8 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from helpers import constant_state, log_model_run, start_mlflow_server, start_serve, stop  # noqa: E402
+from support.models import constant_state, log_model_run  # noqa: E402
+from support.servers import start_mlflow_server, start_serve, stop  # noqa: E402
 
 SECRET = secrets.token_urlsafe(24)  # generated per run: no secret is committed
 
@@ -57,11 +58,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         env = {"MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true"}
-        server, uri = start_mlflow_server(root, {**env, "MLFLOW_WEBHOOK_CACHE_TTL": "1"})
-        os.environ["MLFLOW_TRACKING_URI"] = uri
-        procs = [server]
+        server = start_mlflow_server(root, env={**env, "MLFLOW_WEBHOOK_CACHE_TTL": "1"})
+        os.environ["MLFLOW_TRACKING_URI"] = server.uri
+        procs = [server.proc]
         try:
-            client = MlflowClient(uri)
+            client = MlflowClient(server.uri)
             cands = [register(run_id=log_model_run(constant_state(v))[0], name=name) for v in (0, 1)]
             # served versions are copies in `name`, as promote makes them
             versions = [str(client.copy_model_version(f"models:/{c.name}/{c.version}", name).version) for c in cands]
