@@ -187,10 +187,7 @@ class Shadow:
     def _compare(self, job: Job) -> None:
         from liverseg.model.inference import segment_canonical
 
-        served = self.holder.current  # the version that compares is the one that loaded last
-        if served is None:
-            self.metrics.shadow_requests.labels("no_model").inc()
-            return
+        served = self.holder.current  # the version loaded last (never None once a request was queued)
         t0 = time.perf_counter()
         try:
             mask = segment_canonical(served.lm, job.image)
