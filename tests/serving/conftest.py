@@ -3,9 +3,7 @@ no-liver model shared by a module's tests (one start, not one per test)."""
 
 import pytest
 
-from support.servers import serve_champion
-
-WEBHOOK_SECRET = "test-webhook-secret"  # a test's own secret, handed to the replica through its environment
+from support.servers import WEBHOOK_HMAC, serve_champion
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +19,7 @@ def module_mlflow(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(module_mlflow, store_path):
     """A replica with a 1 MiB upload limit and a 3 s body deadline, polling its alias every second and
-    retrying a failed version after 1, 2, 4, 4 ... s; webhooks signed with WEBHOOK_SECRET."""
+    retrying a failed version after 1, 2, 4, 4 ... s; webhooks signed with support.servers.WEBHOOK_HMAC."""
     sets = ("serve.poll_s=1", "serve.retry_max_s=4")
-    env = {"LIVERSEG_WEBHOOK_SECRET": WEBHOOK_SECRET}
+    env = {"LIVERSEG_WEBHOOK_SECRET": WEBHOOK_HMAC}
     yield from serve_champion(store_path, module_mlflow, 1, 3, *sets, env=env)

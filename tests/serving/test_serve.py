@@ -20,9 +20,7 @@ from support.models import constant_state, log_model_run
 from support.net import free_port
 from support.nifti import nifti2_declaring
 from support.prom import delta, scrape, value
-from support.servers import RELOAD_TOKEN
-
-WEBHOOK_SECRET = "test-webhook-secret"  # conftest.py hands the same one to the replica
+from support.servers import RELOAD_TOKEN, WEBHOOK_HMAC
 
 
 def _nii_bytes(arr, affine=None, gz=True):
@@ -217,7 +215,7 @@ def test_signed_webhook_bodies_are_checked_for_depth_and_size(server):
 
     def signed(body: str, delivery: str) -> dict:
         stamp = str(int(time.time()))
-        sig = _generate_hmac_signature(WEBHOOK_SECRET, delivery, stamp, body)
+        sig = _generate_hmac_signature(WEBHOOK_HMAC, delivery, stamp, body)
         return {"X-MLflow-Delivery-Id": delivery, "X-MLflow-Timestamp": stamp, "X-MLflow-Signature": sig}
 
     deep = "[" * 30_000 + "]" * 30_000

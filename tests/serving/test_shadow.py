@@ -16,10 +16,9 @@ from mlflow.webhooks.delivery import _generate_hmac_signature
 from liverseg.tracking.shadow import read_evidence
 from support.models import constant_state, log_model_run
 from support.prom import delta, scrape, value
-from support.servers import serve_champion, start_mlflow_server, stop
+from support.servers import WEBHOOK_HMAC, serve_champion, start_mlflow_server, stop
 
 SHADOW = "models:/liver-unet-candidates@shadowed"
-SECRET = "test-shadow-webhook-secret"
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +43,7 @@ def shadowed(tracking, store_path):
         "serve.shadow_queue=1",
         f"serve.shadow={SHADOW}",
     )
-    yield from serve_champion(store_path, tracking[0], 1, 30, *sets, env={"LIVERSEG_WEBHOOK_SECRET": SECRET})
+    yield from serve_champion(store_path, tracking[0], 1, 30, *sets, env={"LIVERSEG_WEBHOOK_SECRET": WEBHOOK_HMAC})
 
 
 def _ml(real_ct) -> float:
@@ -110,7 +109,7 @@ def test_the_shadow_follows_its_alias_and_never_answers(shadowed, real_ct, store
     )
     stamp = str(int(time.time()))
     headers = {"X-MLflow-Delivery-Id": "s-1", "X-MLflow-Timestamp": stamp}
-    headers["X-MLflow-Signature"] = _generate_hmac_signature(SECRET, "s-1", stamp, body)
+    headers["X-MLflow-Signature"] = _generate_hmac_signature(WEBHOOK_HMAC, "s-1", stamp, body)
     woke = httpx.post(base + "/webhook", content=body, headers=headers).json()
     assert woke == {"action": "reloading", "version": str(v2), "role": ["shadow"]}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from support.net import free_port, wait_http
 # the GenAI job runner (huey workers) is nothing liverseg uses: without it a server is 2 processes, not 10
 LEAN_MLFLOW = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 RELOAD_TOKEN = "test-reload-token"  # a test's own secret, handed to the replica through its environment
+WEBHOOK_HMAC = secrets.token_urlsafe(24)  # the replicas' webhook secret in tests, generated per run
 
 
 @dataclass
