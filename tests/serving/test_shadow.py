@@ -73,6 +73,32 @@ def _wait(what, timeout_s: float = 90):
     raise AssertionError(f"not within {timeout_s} s: {what.__doc__}")
 
 
+def test_agreement_of_two_masks_and_its_summary():
+    from liverseg.serving.shadow import KEPT_DICE, Agreement, agreement
+
+    a, b = np.zeros((4, 8, 8), np.uint8), np.zeros((4, 8, 8), np.uint8)
+    assert agreement(a, b, 0.5) == (1.0, 0.0)  # both empty: they agree
+    a[0, :4] = 1  # 32 voxels
+    b[0, :2] = 1  # 16 of them
+    assert agreement(a, b, 0.5) == (pytest.approx(2 * 16 / 48), 8.0)
+    series = Agreement("liver-unet-candidates", "7", "3", "serve-0:8080")
+    for dice in np.linspace(0, 1, 101):
+        series.add(float(dice), float(dice) * 10)
+    s = series.summary()
+    assert (s.compared, s.dice_mean, s.dice_p05, s.volume_diff_ml_max) == (
+        101,
+        pytest.approx(0.5),
+        pytest.approx(0.05),
+        10.0,
+    )
+    assert s.against == ("3",) and s.replicas == ("serve-0:8080",) and s.since <= s.updated
+    for _ in range(KEPT_DICE):  # past the kept sample: the mean stays exact, the sample stays bounded
+        series.add(1.0, 0.0)
+    assert len(series.kept) == KEPT_DICE and series.summary().dice_mean == pytest.approx(
+        (50.5 + KEPT_DICE) / (101 + KEPT_DICE)
+    )
+
+
 def test_a_shadow_that_cannot_load_leaves_the_champion_serving(shadowed, real_ct):
     base = shadowed.base
     assert httpx.get(base + "/health").json() == {"status": "ok", "version": "1"}

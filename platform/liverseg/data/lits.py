@@ -165,9 +165,10 @@ def _array(img: nib.Nifti1Image, name: str, integer_dtype: bool) -> np.ndarray:
     arr = raw.reshape(proxy.shape, order=proxy.order)
     arr = arr.reshape(arr.shape[:3], order="F")
     if not (integer_dtype and slope == 1 and inter == 0 and arr.dtype.kind in "iu"):
-        arr = arr.astype(np.float32)
+        arr = arr.astype(np.float32)  # a copy of its own: scaled in place, no second volume-sized temporary
         if slope != 1 or inter != 0:
-            arr = arr * np.float32(slope) + np.float32(inter)
+            arr *= np.float32(slope)
+            arr += np.float32(inter)
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise InputError(f"{name}: {int((~np.isfinite(arr)).sum())} non-finite voxels (NaN/inf)")
     return arr
@@ -190,10 +191,19 @@ def from_canonical(arr_zyx: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return np.asfortranarray(apply_orientation(arr_zyx.transpose(2, 1, 0), t))
 
 
-def to_hu_int16(arr: np.ndarray) -> np.ndarray:
+def to_hu_int16(arr: np.ndarray, scratch: bool = False) -> np.ndarray:
+    """HU as int16: rounded and clipped to int16's range. `scratch`: a float `arr` may be overwritten on
+    the way (a 1 GiB float32 volume then needs no two more of its size); integers are clipped as they are."""
     if arr.dtype == np.int16:
         return arr
-    return np.clip(np.rint(arr), -32768, 32767).astype(np.int16)
+    if arr.dtype.kind in "iu":
+        info = np.iinfo(arr.dtype)
+        return np.clip(arr, max(-32768, info.min), min(32767, info.max)).astype(np.int16)
+    if not scratch:
+        return np.clip(np.rint(arr), -32768, 32767).astype(np.int16)
+    np.rint(arr, out=arr)
+    np.clip(arr, -32768, 32767, out=arr)
+    return arr.astype(np.int16)
 
 
 def read_volume(path: Path | str, data: bytes | None = None, limits: VolumeLimits | None = None) -> CTVolume:
@@ -206,7 +216,7 @@ def read_volume(path: Path | str, data: bytes | None = None, limits: VolumeLimit
     affine = img.affine.astype(np.float64)
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise InputError(f"{path.name}: affine is singular or not finite")
-    image, canon_affine = to_canonical(to_hu_int16(arr), affine)
+    image, canon_affine = to_canonical(to_hu_int16(arr, scratch=arr.dtype.kind == "f"), affine)  # _array's copy
     spacing = tuple(float(s) for s in voxel_sizes(canon_affine))
     return CTVolume(
         image,

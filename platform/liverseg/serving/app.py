@@ -57,8 +57,8 @@ def create_app(
 
     cfg, metrics = cfg or ServeSection(), metrics or Metrics()
     max_bytes = cfg.max_upload_mb << 20
-    budget = BodyBudget(cfg.max_bodies * max_bytes, cfg.max_client_bodies * max_bytes, cfg.max_client_uploads)
-    budget.observe = metrics.buffered.set
+    per_client = cfg.max_client_bodies * max_bytes
+    budget = BodyBudget(cfg.max_bodies * max_bytes, per_client, cfg.max_client_uploads, metrics.buffered.set)
     slots = Slots(MODEL_SLOTS, cfg.max_queued, cfg.queue_timeout_s, metrics.slots)
     pace = Pace(cfg.upload_timeout_s, cfg.body_idle_s, cfg.min_upload_kib_s * 1024)
     limits = cfg.volume_limits()
