@@ -200,7 +200,10 @@ def trickle_part(root: Path, server_path: str | None, seconds: float) -> dict:
             "answers": {str(c): codes.count(c) for c in sorted(set(codes))},
             "p50_s": _pct(ok, 50) if ok else None,
         },
-        "tricklers": [{"status": t.status, "seconds": round(t.seconds, 1)} for t in tricklers],
+        "tricklers": [
+            {"status": t.status, "seconds": round(t.seconds, 1), "bytes_sent": t.sent, "error": t.error}
+            for t in tricklers
+        ],
     }
 
 

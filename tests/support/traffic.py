@@ -47,13 +47,20 @@ class Trickler(threading.Thread):
     def __init__(self, base: str, source: str = "127.0.0.1", declared: int = 512 << 20, every_s: float = 0.5):
         super().__init__(daemon=True)
         self.base, self.source, self.declared, self.every_s = base, source, declared, every_s
-        self.answer, self.seconds, self.sent = b"", 0.0, 0
+        self.answer, self.seconds, self.sent, self.error = b"", 0.0, 0, ""
 
     def run(self) -> None:
+        t0 = time.monotonic()
+        try:
+            self._trickle(t0)
+        except OSError as e:  # refused or reset before a byte of body went: say so
+            self.error = f"{type(e).__name__}: {e}"
+        self.seconds = time.monotonic() - t0
+
+    def _trickle(self, t0: float) -> None:
         import socket
 
         host, port = self.base.removeprefix("http://").split(":")
-        t0 = time.monotonic()
         with socket.create_connection((host, int(port)), timeout=60, source_address=(self.source, 0)) as sock:
             head = f"POST /segment HTTP/1.1\r\nHost: {host}\r\nContent-Length: {self.declared}\r\n\r\n"
             sock.sendall(head.encode())
@@ -73,7 +80,6 @@ class Trickler(threading.Thread):
                 if not part:
                     break
                 self.answer += part
-        self.seconds = time.monotonic() - t0
 
     @property
     def status(self) -> int | None:
