@@ -58,12 +58,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         env = {"MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true"}
-        server = start_mlflow_server(root, env={**env, "MLFLOW_WEBHOOK_CACHE_TTL": "1"})  # lean: no job runner
-        uri = server.uri
-        os.environ["MLFLOW_TRACKING_URI"] = uri
+        server = start_mlflow_server(root, env={**env, "MLFLOW_WEBHOOK_CACHE_TTL": "1"})
+        os.environ["MLFLOW_TRACKING_URI"] = server.uri
         procs = [server.proc]
         try:
-            client = MlflowClient(uri)
+            client = MlflowClient(server.uri)
             cands = [register(run_id=log_model_run(constant_state(bool(v)))[0], name=name) for v in (0, 1)]
             # served versions are copies in `name`, as promote makes them
             versions = [str(client.copy_model_version(f"models:/{c.name}/{c.version}", name).version) for c in cands]

@@ -14,7 +14,7 @@ from liverseg.core.config import ServeSection
 
 @pytest.mark.slow
 def test_load_500_requests(server, phantom_dir, tmp_path):  # noqa: F811
-    base, _ = server
+    base = server.base
     good = phantom_dir / "volume-1.nii.gz"
     client = textwrap.dedent(f"""
         import json, time, gzip, concurrent.futures as cf
@@ -35,11 +35,7 @@ def test_load_500_requests(server, phantom_dir, tmp_path):  # noqa: F811
             out = [r for r in pool.map(one, jobs) if time.time() < deadline]
         print(json.dumps(out))
     """)
-    server_proc = next(
-        p
-        for p in psutil.process_iter(["cmdline"])
-        if p.info["cmdline"] and "serve" in p.info["cmdline"] and base.rsplit(":", 1)[1] in p.info["cmdline"]
-    )
+    server_proc = psutil.Process(server.proc.pid)
     proc = subprocess.Popen([sys.executable, "-c", client], stdout=subprocess.PIPE, text=True)
     peak = 0
     while proc.poll() is None:
@@ -59,7 +55,7 @@ def test_load_500_requests(server, phantom_dir, tmp_path):  # noqa: F811
 def big_server(mlflow_uri, store_path, tmp_path):
     from support.servers import serve_champion
 
-    yield from serve_champion(store_path, tmp_path, max_mb=MAX_MB, upload_timeout=120)
+    yield from serve_champion(store_path, tmp_path, MAX_MB, 120)
 
 
 MAX_MB = 32
@@ -68,36 +64,35 @@ CLIENTS = 24  # three times what serve.max_bodies lets buffer at once
 
 @pytest.mark.slow
 def test_concurrent_maximal_uploads_stay_bounded(big_server, tmp_path):  # noqa: F811
-    """CLIENTS at once, each a maximal upload (an uncompressed NIfTI of random HU just under the limit)
-    and a nested gzip bomb (decoding to 20x the limit): peak server RSS stays within what the limits
-    allow (at most serve.max_bodies bodies buffered, the rest refused with 503; decoding only in the two
-    model slots), and is printed for the docs. Once every client's body was buffered (300 held-open
+    """CLIENTS at once (each from its own loopback address), each a maximal upload (an uncompressed NIfTI
+    of random HU just under the limit) and a nested gzip bomb (a small volume's header, then 20x the limit
+    of zeros): peak server RSS stays within what the limits allow (at most serve.max_bodies bodies held,
+    the rest refused with 503; decoding only in the two model slots, and only as far as a header
+    declares), and is printed for the docs. Once every client's body was buffered (300 held-open
     uploads: +1 GB)."""
     import gzip
 
     import nibabel as nib
     import numpy as np
 
-    base, _ = big_server
+    base = big_server.base
     limit = MAX_MB * 2**20
     z = (limit - 352) // (512 * 512 * 2)
     vol = np.random.default_rng(0).integers(-1000, 1000, (512, 512, z), dtype=np.int16)
     (tmp_path / "max.nii").write_bytes(nib.Nifti1Image(vol, np.eye(4)).to_bytes())
-    (tmp_path / "bomb.gz").write_bytes(gzip.compress(gzip.compress(bytes(20 * limit))))
+    small = nib.Nifti1Image(np.zeros((8, 8, 4), np.int16), np.eye(4)).to_bytes()
+    (tmp_path / "bomb.gz").write_bytes(gzip.compress(gzip.compress(small + bytes(20 * limit))))
     client = textwrap.dedent(f"""
         import json, concurrent.futures as cf, httpx
         bodies = [open({str(tmp_path / "max.nii")!r}, "rb").read(), open({str(tmp_path / "bomb.gz")!r}, "rb").read()]
         def one(i):
-            return httpx.post({base!r} + "/segment", content=bodies[i % 2], timeout=300).status_code
+            transport = httpx.HTTPTransport(local_address=f"127.0.1.{{i // 2 + 1}}")  # one client per pair
+            with httpx.Client(transport=transport, timeout=300) as c:
+                return c.post({base!r} + "/segment", content=bodies[i % 2]).status_code
         with cf.ThreadPoolExecutor({CLIENTS}) as pool:
             print(json.dumps(list(pool.map(one, range(2 * {CLIENTS})))))
     """)
-    port = base.rsplit(":", 1)[1]
-    server_proc = next(
-        p
-        for p in psutil.process_iter(["cmdline"])
-        if p.info["cmdline"] and "serve" in p.info["cmdline"] and port in p.info["cmdline"]
-    )
+    server_proc = psutil.Process(big_server.proc.pid)
     idle = server_proc.memory_info().rss
     proc = subprocess.Popen([sys.executable, "-c", client], stdout=subprocess.PIPE, text=True)
     peak = idle

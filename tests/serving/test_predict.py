@@ -95,6 +95,11 @@ def test_folder_run_continues_past_any_failure(tmp_path, phantom_dir):
     shutil.copy(phantom_dir / "volume-2.nii.gz", src / "volume-8.nii.gz")
     # 4 kB declaring 4000 slices: each would be resized to the model size before any check
     nib.save(nib.Nifti1Image(np.zeros((1, 1, 4000), np.uint8), np.eye(4)), str(src / "volume-9.nii"))
+    # 16000 x 16000 x 1 voxels declared by a header of 352 bytes: refused before anything is decoded
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((16000, 16000, 1))
+    hdr.set_data_dtype(np.uint8)
+    (src / "volume-4.nii.gz").write_bytes(gzip.compress(hdr.binaryblock + bytes(4)))
     raw = gzip.decompress((phantom_dir / "volume-3.nii.gz").read_bytes())  # bgzip-like: two gzip members
     (src / "volume-3.nii.gz").write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]))
     jobs = plan(src, out, overwrite=True)
@@ -102,9 +107,12 @@ def test_folder_run_continues_past_any_failure(tmp_path, phantom_dir):
     report = predict_jobs(lm, jobs, overwrite=True)
     written = ["segmentation-0.nii.gz", "segmentation-1.nii.gz", "segmentation-3.nii.gz"]
     assert sorted(p.name for p in report.written) == written
-    assert set(report.failed) == {str(src / f"volume-{n}.nii{'.gz' if n in '78' else ''}") for n in "56789"}
-    assert "volume-9.nii: 4000 axial slices exceed the limit of 2048" == report.failed[str(src / "volume-9.nii")]
+    assert set(report.failed) == {str(src / f"volume-{n}.nii{'.gz' if n in '478' else ''}") for n in "456789"}
     msgs = report.failed
+    assert msgs[str(src / "volume-9.nii")] == "volume-9.nii: 4000 axial slices exceed the limit of 2048 (max_slices)"
+    assert msgs[str(src / "volume-4.nii.gz")] == (
+        "volume-4.nii.gz: in-plane size 16000 x 16000 exceeds the limit of 2048 per axis (max_inplane)"
+    )
     assert "voxel type RGB is not a real scalar" in msgs[str(src / "volume-5.nii")]
     assert "voxel type complex64 is not a real scalar" in msgs[str(src / "volume-6.nii")]
     assert all("\n" not in m for m in msgs.values())

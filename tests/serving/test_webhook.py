@@ -68,6 +68,23 @@ def test_verifier_accepts_mlflow_signature_and_refuses_forgeries():
     assert v.verify(h6, other.encode(), time.time()) is None  # authentic, but not an alias event
 
 
+def test_signed_bodies_are_parsed_only_within_depth_and_size():
+    """A signed body of 30,000 nested brackets raised RecursionError in json.loads: a 500."""
+    from liverseg.serving.webhook import json_depth, parse_event
+
+    assert json_depth(b'{"a": [1, {"b": "]]]}}}[[[[\\""}]}') == 3  # brackets in strings do not count
+    for body, why in (
+        (b"[" * 30_000 + b"]" * 30_000, "nests deeper than 16 levels"),
+        (b'{"x": "' + b"y" * 70_000 + b'"}', "exceeds the limit of 65536"),
+        (b'{"entity": "model_version_alias", "action": "created", "data": [[]]}', "not an MLflow webhook payload"),
+    ):
+        with pytest.raises(WebhookRejected, match=why) as e:
+            parse_event("d", body)
+        assert e.value.status == 400
+    nested = json.dumps({"entity": "x", "data": [[[[{"a": 1}]]]]}).encode()
+    assert parse_event("d", nested) is None  # authentic, of another kind, within the depth
+
+
 @pytest.fixture
 def webhook_mlflow(tmp_path, monkeypatch):
     """A tracking server that may deliver webhooks over http to 127.0.0.1 (as a cluster's would to pods)."""

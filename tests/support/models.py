@@ -52,9 +52,10 @@ def spec(size=(64, 64), in_channels: int = 1):
 
 
 def log_model_run(
-    state: dict, experiment: str = "liverseg", val_dice: float = 0.5, store_path: str = ""
+    state: dict, experiment: str = "liverseg", val_dice: float = 0.5, store_path: str = "", size=(64, 64)
 ) -> tuple[str, str]:
-    """One finished MLflow run holding the model as the pyfunc training logs; returns (run id, model uri)."""
+    """One finished MLflow run holding the model as the pyfunc training logs (model input `size`);
+    returns (run id, model uri)."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -75,7 +76,7 @@ def log_model_run(
     )
     rid = run.info.run_id
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=rid):
-        save_local(Path(tmp) / "m", state, spec())
+        save_local(Path(tmp) / "m", state, spec(size))
         info = log_model(Path(tmp) / "m")
     client.set_tag(rid, "model_uri", info.model_uri)
     client.set_tag(rid, "best_val_dice", str(val_dice))

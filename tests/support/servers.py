@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from support.net import free_port, wait_http
 # the GenAI job runner (huey workers) is nothing liverseg uses: without it a server is 2 processes, not 10
 LEAN_MLFLOW = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 RELOAD_TOKEN = "test-reload-token"  # a test's own secret, handed to the replica through its environment
+WEBHOOK_HMAC = secrets.token_urlsafe(24)  # the replicas' webhook secret in tests, generated per run
 
 
 @dataclass
@@ -185,20 +187,45 @@ def stop(proc, timeout_s: float = 30) -> None:
             proc.wait()
 
 
-def serve_champion(store_path, tmp_path, max_mb: int, upload_timeout: float, *sets: str, preexec_fn=None):
-    """Register and promote a no-liver model, start `liverseg serve` on a free port; yields (base URL, store).
+@dataclass
+class Replica:
+    """A `liverseg serve` process the test started: its base URL and its log (stdout and stderr)."""
 
-    sets: more `--set` overrides of the serve config."""
+    proc: subprocess.Popen
+    base: str
+    log: Path
+
+    def log_lines(self) -> list[str]:
+        return self.log.read_text().splitlines()
+
+
+def promote_champion(store_path: str, liver: bool = False) -> None:
+    """Register a constant model (every voxel liver, or none) as liver-unet-candidates' challenger and
+    promote it to liver-unet@champion, in the current MLFLOW_TRACKING_URI."""
     from liverseg.registry.promote import promote
     from liverseg.registry.register import register
     from support.models import constant_state, log_model_run
 
-    run, _ = log_model_run(constant_state(liver=False), store_path=store_path)
+    run, _ = log_model_run(constant_state(liver=liver), store_path=store_path)
     register(run_id=run)
     promote(store_path, min_dice=0.0)
+
+
+def serve_champion(
+    store_path, root: Path, max_mb: int, upload_timeout: float, *sets: str, env: dict | None = None, preexec_fn=None
+):
+    """Promote a no-liver model (unless there is a champion already), start `liverseg serve` of
+    liver-unet@champion on a free port; yields its Replica, stops it after. sets: more `--set` overrides
+    of the serve config; env: more variables."""
+    from liverseg.tracking.runs import client
+
+    try:
+        client().get_model_version_by_alias("liver-unet", "champion")
+    except Exception:  # none yet
+        promote_champion(store_path)
     opts = ["--max-mb", str(max_mb), "--set", f"serve.upload_timeout_s={upload_timeout}"]
     opts += [a for kv in sets for a in ("--set", kv)]
-    env = {"LIVERSEG_RELOAD_TOKEN": RELOAD_TOKEN}
-    proc, base = start_serve(tmp_path, "models:/liver-unet@champion", env, *opts, preexec_fn=preexec_fn)
-    yield base, store_path
+    env = {"LIVERSEG_RELOAD_TOKEN": RELOAD_TOKEN, **(env or {})}
+    proc, base = start_serve(root, "models:/liver-unet@champion", env, *opts, preexec_fn=preexec_fn)
+    yield Replica(proc, base, root / f"serve-{base.rsplit(':', 1)[1]}.log")
     stop(proc)

@@ -46,20 +46,31 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="bind address; 0.0.0.0 only behind a proxy you trust"),
     port: int = typer.Option(8080, help="TCP port"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    max_mb: int = typer.Option(512, help="largest accepted upload (MiB)"),
+    max_mb: int | None = typer.Option(
+        None, help="largest accepted upload (MiB); the same as --set serve.max_upload_mb=N"
+    ),
+    shadow: str | None = typer.Option(
+        None,
+        help="a challenger that segments every request too, unseen (models:/NAME-candidates@challenger); serve.shadow",
+    ),
     config: Path | None = typer.Option(None, "--config", "-c", help="serve YAML (pipelines/serve.yaml)"),
     set_: list[str] | None = SetOpt,
 ) -> None:
-    """Serve the model over REST: POST /segment, GET /health, GET /model, POST /reload, POST /webhook.
+    """Serve the model over REST: POST /segment, GET /health, GET /model, GET /metrics, POST /reload,
+    POST /webhook.
 
     Follows the alias of --model: on MLflow's signed webhook (secret in LIVERSEG_WEBHOOK_SECRET) and by
     polling every serve.poll_s seconds. POST /reload needs Authorization: Bearer $LIVERSEG_RELOAD_TOKEN.
+    With --shadow, only the champion answers; the shadow's agreement with it goes to /metrics and to
+    MLflow (experiment liverseg-shadow; the replica's account needs the monitor role).
     """
     from liverseg.core.config import ServeConfig
     from liverseg.serving.server import serve as run_serve
 
-    cfg = load_stage(ServeConfig, config, set_, None, "serve")
-    run_serve(model, host, port, device, max_mb * 1024 * 1024, cfg.serve)
+    extra = [f"serve.max_upload_mb={max_mb}"] if max_mb is not None else []
+    extra += [f"serve.shadow={shadow}"] if shadow else []
+    cfg = load_stage(ServeConfig, config, [*(set_ or []), *extra], None, "serve")
+    run_serve(model, host, port, device, cfg.serve)
 
 
 webhook_app = typer.Typer(no_args_is_help=True, help="MLflow registry webhooks that tell replicas of new aliases")

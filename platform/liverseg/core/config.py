@@ -9,7 +9,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from liverseg.core.limits import MAX_SLICES
+from liverseg.core.limits import (
+    MAX_DECODED_BYTES,
+    MAX_INPLANE,
+    MAX_SLICES,
+    MAX_UPLOAD_BYTES,
+    MAX_VOXELS,
+    VolumeLimits,
+)
 
 
 class Strict(BaseModel):
@@ -163,17 +170,55 @@ class ServeSection(Strict):
     poll_s: float = Field(
         30.0, ge=0, description="alias check interval, the fallback when a webhook is lost; 0 = webhook only"
     )
+    retry_max_s: float = Field(
+        600.0,
+        gt=0,
+        description="longest wait between loads of a version that failed (doubling from poll_s): no re-download every poll",
+    )
     webhook_max_age_s: float = Field(
         300.0, gt=0, description="older signed deliveries are refused as replays (Standard Webhooks' 5 min)"
     )
-    upload_timeout_s: float = Field(
-        120.0, gt=0, description="a whole upload must arrive within this (512 MiB at ~5 MB/s); else 408"
+    max_upload_mb: int = Field(
+        MAX_UPLOAD_BYTES >> 20,
+        ge=1,
+        description="largest request body (MiB): a 512x512x1000 int16 NIfTI, uncompressed; more: 413",
+    )
+    max_decoded_mb: int = Field(
+        MAX_DECODED_BYTES >> 20,
+        ge=1,
+        description="decompressed NIfTI per request (MiB), from its header: float32 512x512x1000; more: 413",
     )
     max_slices: int = Field(
         MAX_SLICES, ge=1, description="axial slices per volume; each is resized to the model size, more: 413"
     )
+    max_inplane: int = Field(
+        MAX_INPLANE, ge=8, description="pixels per in-plane axis (CT is 512, some 1024), from the header; more: 413"
+    )
+    max_voxels: int = Field(
+        MAX_VOXELS, ge=1, description="voxels per volume (~13 bytes each while segmented), from the header; more: 413"
+    )
+    upload_timeout_s: float = Field(
+        120.0, gt=0, description="a whole upload must arrive within this (512 MiB at ~5 MB/s); else 408"
+    )
+    body_idle_s: float = Field(
+        10.0, gt=0, description="longest pause in a body, and the grace before min_upload_kib_s applies; else 408"
+    )
+    min_upload_kib_s: float = Field(
+        64.0, ge=0, description="average body rate after body_idle_s (a trickle holds a socket); 0 = none; else 408"
+    )
     max_bodies: int = Field(
-        8, ge=1, description="upload-limit-sized bodies buffered at once over all requests (memory); more: 503"
+        8, ge=1, description="upload-limit-sized bodies received and held at once over all requests (memory); more: 503"
+    )
+    max_client_bodies: int = Field(
+        4,
+        ge=1,
+        description="upload-limit-sized bodies one client may hold at once: half the budget stays for others; more: 429",
+    )
+    max_client_uploads: int = Field(
+        16, ge=1, description="requests one client may have sending or holding a body at once; more: 429"
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list, description="addresses (or CIDRs) whose X-Forwarded-For names the client; none: the peer"
     )
     max_queued: int = Field(8, ge=0, description="requests waiting for the 2 model slots; more get 503 at once")
     queue_timeout_s: float = Field(
@@ -185,6 +230,29 @@ class ServeSection(Strict):
     header_timeout_s: float = Field(
         10.0, gt=0, description="a connection must send its request headers within this, else it is closed"
     )
+    access_log: bool = Field(
+        True, description="one JSON line per request on stdout (no volume content, no credentials)"
+    )
+    shadow: str | None = Field(
+        None,
+        description="a model URI (models:/NAME-candidates@challenger) that segments each request too, unseen; None: off",
+    )
+    shadow_queue: int = Field(
+        4, ge=1, description="requests waiting for the shadow; more are answered but not shadowed (counted)"
+    )
+    shadow_queue_mb: int = Field(
+        1024,
+        ge=1,
+        description="volume and champion mask held for the shadow at once (MiB; 3 bytes a voxel); more: not shadowed",
+    )
+    evidence_s: float = Field(
+        300.0, gt=0, description="how often the shadow's agreement is written to MLflow (and at shutdown)"
+    )
+
+    def volume_limits(self) -> VolumeLimits:
+        """The per-volume limits, named as serve.* keys in refusals."""
+        mib = self.max_decoded_mb << 20
+        return VolumeLimits(self.max_slices, self.max_inplane, self.max_voxels, mib, prefix="serve.")
 
 
 class ServeConfig(Strict):

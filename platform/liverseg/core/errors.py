@@ -22,7 +22,11 @@ class InputError(LiversegError, ValueError):
 
 class TooLarge(InputError):
     """An input whose decoding or processing would pass a size limit (decompressed bytes, slices); the
-    server answers 413 to it, other `InputError`s are 400."""
+    server answers 413 to it, other `InputError`s are 400. `limit` names the limit (`max_slices`, ...)."""
+
+    def __init__(self, msg: str, limit: str = ""):
+        super().__init__(msg)
+        self.limit = limit
 
 
 class PredictError(LiversegError, ValueError):

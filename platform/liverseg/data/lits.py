@@ -21,14 +21,21 @@ from nibabel.affines import voxel_sizes
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 
 from liverseg.core.errors import InputError, TooLarge, one_line
-from liverseg.core.limits import MAX_FILE_BYTES, MAX_VOXELS
-from liverseg.data.decompress import gunzip
+from liverseg.core.limits import MAX_DECODED_BYTES, VolumeLimits
+from liverseg.data.nifti import (
+    GZIP_MAGIC,
+    NIFTI2_SIZEOF_HDR,
+    check_header,
+    declared_beyond,
+    decode_budget,
+    gunzip,
+    read_header,
+)
 
 NAME = re.compile(r"^(volume|segmentation)-(\w+)\.nii(\.gz)?$")  # LiTS file naming: kind, case id, .gz
 CASE_ID = re.compile(r"\w+")  # a LiTS case id (NAME's second group): never a path, so cases/<id> stays inside
 SUFFIXES = (".nii", ".nii.gz")
 RAS = axcodes2ornt(("R", "A", "S"))
-NIFTI2_SIZEOF_HDR = ((540).to_bytes(4, "little"), (540).to_bytes(4, "big"))  # NIfTI-1 has 348
 AFFINE_TOL = 1e-3  # mm; scanners write affines with float32 rounding
 
 
@@ -99,8 +106,8 @@ def segmentation_name(volume_name: str) -> str:
 
 
 def read_file(path: Path | str, limit: int | None = None) -> bytes:
-    """A file's bytes; TooLarge when it holds more than `limit` (MAX_FILE_BYTES), checked before reading."""
-    limit = MAX_FILE_BYTES if limit is None else limit
+    """A file's bytes; TooLarge when it holds more than `limit` (MAX_DECODED_BYTES), checked before reading."""
+    limit = MAX_DECODED_BYTES if limit is None else limit
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -111,18 +118,22 @@ def read_file(path: Path | str, limit: int | None = None) -> bytes:
         raise InputError(f"{Path(path).name}: cannot read ({e.strerror or one_line(e)})") from None
 
 
-def load_nifti(path: Path | str, data: bytes | None = None) -> nib.Nifti1Image:
+def load_nifti(path: Path | str, data: bytes | None = None, limits: VolumeLimits | None = None) -> nib.Nifti1Image:
     """Open a NIfTI-1/2 file (or its bytes, gzipped or not) as a usable 3-D image, squeezing trailing 1s.
 
-    The whole file is read and decompressed in memory: one pass over the disk, and voxels are then
-    viewed in place (`_array`, which refuses more than MAX_VOXELS) instead of being streamed through
-    Python's gzip. A file decoding to more than MAX_FILE_BYTES is TooLarge, whatever its header says.
+    The header is read first and checked against `limits` (default: core.limits' numbers), so a volume
+    too large in any dimension is refused (TooLarge, naming the limit) before a voxel is decompressed;
+    the file then decompresses within what its header declares. The whole file is read and decompressed
+    in memory: one pass over the disk, and voxels are then viewed in place (`_array`) instead of being
+    streamed through Python's gzip.
     """
     name = Path(path).name
     data = read_file(path) if data is None else data
     if not data:
         raise InputError(f"{name}: empty file")
-    raw = gunzip(data, name, limit=MAX_FILE_BYTES)
+    hdr, limits = read_header(data, name), limits or VolumeLimits()
+    stored = None if data[:2] == GZIP_MAGIC else len(data)
+    raw = gunzip(data, name, *decode_budget(check_header(hdr, name, limits, stored), limits))
     try:
         klass = nib.Nifti2Image if raw[:4] in NIFTI2_SIZEOF_HDR else nib.Nifti1Image
         img = klass.from_bytes(raw)
@@ -155,19 +166,16 @@ def _array(img: nib.Nifti1Image, name: str, integer_dtype: bool) -> np.ndarray:
     buf = proxy.file_like.getbuffer()
     count = math.prod(int(s) for s in proxy.shape)  # Python ints: a NIfTI-2 shape can overflow int64
     if proxy.offset + count * proxy.dtype.itemsize > len(buf):
-        raise InputError(
-            f"{name}: declared shape {tuple(int(s) for s in proxy.shape)} of {proxy.dtype} exceeds the data "
-            f"({count * proxy.dtype.itemsize} bytes declared, {max(len(buf) - int(proxy.offset), 0)} present)"
-        )
-    if count > MAX_VOXELS:  # present, but more than any reader may turn into arrays
-        raise TooLarge(f"{name}: {count} voxels {tuple(int(s) for s in proxy.shape)} exceed the limit of {MAX_VOXELS}")
+        shape = tuple(int(s) for s in proxy.shape)
+        raise declared_beyond(name, shape, proxy.dtype, count * proxy.dtype.itemsize, len(buf) - int(proxy.offset))
     raw = np.frombuffer(buf, proxy.dtype, count=count, offset=proxy.offset)
     arr = raw.reshape(proxy.shape, order=proxy.order)
     arr = arr.reshape(arr.shape[:3], order="F")
     if not (integer_dtype and slope == 1 and inter == 0 and arr.dtype.kind in "iu"):
-        arr = arr.astype(np.float32)
+        arr = arr.astype(np.float32)  # a copy of its own: scaled in place, no second volume-sized temporary
         if slope != 1 or inter != 0:
-            arr = arr * np.float32(slope) + np.float32(inter)
+            arr *= np.float32(slope)
+            arr += np.float32(inter)
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise InputError(f"{name}: {int((~np.isfinite(arr)).sum())} non-finite voxels (NaN/inf)")
     return arr
@@ -190,22 +198,32 @@ def from_canonical(arr_zyx: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return np.asfortranarray(apply_orientation(arr_zyx.transpose(2, 1, 0), t))
 
 
-def to_hu_int16(arr: np.ndarray) -> np.ndarray:
+def to_hu_int16(arr: np.ndarray, scratch: bool = False) -> np.ndarray:
+    """HU as int16: rounded and clipped to int16's range. `scratch`: a float `arr` may be overwritten on
+    the way (a 1 GiB float32 volume then needs no two more of its size); integers are clipped as they are."""
     if arr.dtype == np.int16:
         return arr
-    return np.clip(np.rint(arr), -32768, 32767).astype(np.int16)
+    if arr.dtype.kind in "iu":
+        info = np.iinfo(arr.dtype)
+        return np.clip(arr, max(-32768, info.min), min(32767, info.max)).astype(np.int16)
+    if not scratch:
+        return np.clip(np.rint(arr), -32768, 32767).astype(np.int16)
+    np.rint(arr, out=arr)
+    np.clip(arr, -32768, 32767, out=arr)
+    return arr.astype(np.int16)
 
 
-def read_volume(path: Path | str, data: bytes | None = None) -> CTVolume:
-    """Read one CT volume (file or bytes, read once: decoded and hashed) into canonical int16 HU."""
+def read_volume(path: Path | str, data: bytes | None = None, limits: VolumeLimits | None = None) -> CTVolume:
+    """Read one CT volume (file or bytes, read once: decoded and hashed) into canonical int16 HU, within
+    `limits` (see `load_nifti`)."""
     path = Path(path)
     data = read_file(path) if data is None else data
-    img = load_nifti(path, data)
+    img = load_nifti(path, data, limits)
     arr = _array(img, path.name, integer_dtype=True)
     affine = img.affine.astype(np.float64)
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise InputError(f"{path.name}: affine is singular or not finite")
-    image, canon_affine = to_canonical(to_hu_int16(arr), affine)
+    image, canon_affine = to_canonical(to_hu_int16(arr, scratch=arr.dtype.kind == "f"), affine)  # _array's copy
     spacing = tuple(float(s) for s in voxel_sizes(canon_affine))
     return CTVolume(
         image,
@@ -222,12 +240,12 @@ def check_slices(image_zyx: np.ndarray, name: str, max_slices: int) -> None:
     """Refuse a volume with more than `max_slices` axial slices before any is resized: each becomes a
     model-size float32 slice, so a few bytes declaring (1, 1, 4e6) voxels would ask for 61 GiB."""
     if image_zyx.shape[0] > max_slices:
-        raise TooLarge(f"{name}: {image_zyx.shape[0]} axial slices exceed the limit of {max_slices}")
+        raise TooLarge(f"{name}: {image_zyx.shape[0]} axial slices exceed the limit of {max_slices}", "max_slices")
 
 
 def read_labels(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
     """A label mask of any tool (a prediction to score, a reference): (voxels (X, Y, Z) as stored, affine
-    4x4 mm), read with ingest's checks and limits (NIfTI, 3-D, within MAX_FILE_BYTES and MAX_VOXELS,
+    4x4 mm), read with ingest's checks and limits (NIfTI, 3-D, within core.limits' VolumeLimits,
     declared shape present, real scalar voxels, finite after scaling) and whole non-negative labels."""
     name = Path(path).name
     img = load_nifti(path)

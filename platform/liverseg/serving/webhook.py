@@ -22,6 +22,7 @@ from typing import Any
 
 from liverseg.core import env
 from liverseg.core.errors import ConfigError, TrackingError
+from liverseg.core.limits import WEBHOOK_MAX_BYTES, WEBHOOK_MAX_DEPTH
 from liverseg.tracking.runs import client as mlflow_client
 
 SECRET_ENV = env.WEBHOOK_SECRET
@@ -32,7 +33,7 @@ DELIVERY_HEADER = "x-mlflow-delivery-id"
 
 
 class WebhookRejected(ValueError):
-    """A delivery that must not be acted on; `status` is the HTTP answer (401 or 403)."""
+    """A delivery that must not be acted on; `status` is the HTTP answer (400, 401 or 403)."""
 
     def __init__(self, status: int, msg: str):
         super().__init__(msg)
@@ -87,15 +88,38 @@ class Verifier:
         return parse_event(delivery, body)
 
 
+def json_depth(body: bytes) -> int:
+    """How deeply arrays and objects nest in a JSON text, counted without parsing it (brackets inside
+    strings do not count): the standard library's parser recurses once per level and has no limit."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in body:
+        if in_string:
+            escaped, in_string = (not escaped and byte == 0x5C), (escaped or byte != 0x22)
+        elif byte == 0x22:  # "
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return deepest
+
+
 def parse_event(delivery_id: str, body: bytes) -> AliasEvent | None:
-    """The alias event in an (authentic) body, None for other events; WebhookRejected(400) if malformed."""
+    """The alias event in an (authentic) body, None for other events; WebhookRejected(400) if malformed,
+    larger than WEBHOOK_MAX_BYTES or nested deeper than WEBHOOK_MAX_DEPTH (checked before parsing)."""
+    if len(body) > WEBHOOK_MAX_BYTES:
+        raise WebhookRejected(400, f"signed body of {len(body)} bytes exceeds the limit of {WEBHOOK_MAX_BYTES}")
+    if json_depth(body) > WEBHOOK_MAX_DEPTH:
+        raise WebhookRejected(400, f"signed body nests deeper than {WEBHOOK_MAX_DEPTH} levels; not an MLflow payload")
     try:
         doc = json.loads(body)
         if (doc.get("entity"), doc.get("action")) != ("model_version_alias", "created"):
             return None
         data = doc["data"]
         return AliasEvent(delivery_id, str(data["name"]), str(data["alias"]), str(data["version"]))
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise WebhookRejected(400, "signed body is not an MLflow webhook payload") from None
 
 

@@ -79,6 +79,14 @@ GATE_CONFIDENCE = "gate.confidence"
 GATE_TAGS = (GATE_RULE, GATE_MARGIN, GATE_N_CASES, GATE_DIFF_MEAN, GATE_DIFF_CI_LOW, GATE_DIFF_CI_HIGH)
 GATE_TAGS += (GATE_P_VALUE, GATE_SEED, GATE_RESAMPLES, GATE_CONFIDENCE)
 
+# ---------------------------------------------------------------- shadow evidence (serving)
+# runs of a serving replica's shadow: a challenger version compared with the champion on real requests, one
+# run per replica session; the `monitor` role (serving accounts that shadow) may EDIT this experiment only
+SHADOW_EXPERIMENT = "liverseg-shadow"
+SHADOW_KIND = "shadow"  # their KIND; MODEL_NAME / MODEL_VERSION name the challenger, COMPARED_WITH the champion
+SHADOW_REPLICA = "shadow_replica"  # the replica that compared (host:port)
+SHADOW_SINCE = "shadow_since"  # UTC time of its first comparison in this session
+
 # ---------------------------------------------------------------- registered model tags
 HISTORY_PREFIX = "liverseg.history."  # one per champion change: liverseg.history.<seq>, hash-chained
 REQUEST_PREFIX = "liverseg.request."  # on <name>-candidates: one per approval request, liverseg.request.<seq>
