@@ -17,7 +17,7 @@ RAY = str(Path(sys.executable).parent / "ray")
 
 @pytest.fixture
 def two_node_ray(tmp_path):
-    from liverseg.training.runtime import FORWARDED_ENV
+    from liverseg.training.credentials import FORWARDED_ENV
 
     port = free_port()
     # the nodes know neither the tracking server nor the object store: jobs bring them (runtime_env)

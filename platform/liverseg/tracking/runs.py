@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,45 @@ def author() -> str:
     import getpass
 
     return os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser()
+
+
+@dataclass(frozen=True)
+class Login:
+    """Who the tracking server says the caller is."""
+
+    name: str
+    is_admin: bool = False
+    verified: bool = False  # the server checked the password; False: a local store or a server without auth
+
+
+def login(uri: str | None = None, timeout_s: float = 10.0) -> Login:
+    """The caller as the tracking server sees them: MLflow basic-auth's `GET /api/2.0/mlflow/users/current`
+    with MLFLOW_TRACKING_USERNAME/PASSWORD (or MLFLOW_TRACKING_TOKEN). A refused login is a TrackingError;
+    a local store, or a server without the auth app, gives the unverified `author()`."""
+    import requests
+
+    uri = uri or tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return Login(author())
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    try:
+        res = requests.get(
+            uri.rstrip("/") + "/api/2.0/mlflow/users/current",
+            auth=(user, password) if user and password else None,
+            headers={"Authorization": f"Bearer {token}"} if token else None,
+            timeout=timeout_s,
+        )
+    except requests.RequestException as e:
+        raise TrackingError(f"MLflow tracking server {uri} is not reachable: {type(e).__name__}") from None
+    if res.status_code in (401, 403):
+        raise TrackingError(f"MLflow tracking server {uri} refused the login {user or '(none)'}: wrong password?")
+    if res.status_code == 404:  # no basic-auth app: anyone may write any name
+        return Login(author())
+    if res.status_code != 200:
+        raise TrackingError(f"MLflow tracking server {uri}: users/current answered {res.status_code}")
+    body = res.json().get("user", {})
+    return Login(str(body.get("username")), bool(body.get("is_admin")), True)
 
 
 def check_tracking(uri: str, timeout_s: float = 10.0) -> None:

@@ -283,8 +283,8 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
             state = {k: v.detach().cpu().clone() for k, v in unwrap(w.model).state_dict().items()}
             best = Best(metrics["val_dice"], epoch, state)
         report(w, epoch, metrics, best, lc.cfg.model_dump(mode="json"))
-        if logger:
-            logger.log(metrics, step=epoch)
+        if logger:  # the best so far too: a trial ASHA stops early still ranks by it in MLflow's views
+            logger.log({**metrics, tags.BEST_VAL_DICE: best.dice}, step=epoch)
     if logger:
         logger.flush()
     if monitor:
