@@ -135,6 +135,9 @@ say "ray: two nodes"
 # one node; with 1 per node, two searches' drivers on both nodes leave no whole CPU anywhere (deadlock).
 RAY_CPUS=${LIVERSEG_RAY_CPUS:-2}
 export RAY_USAGE_STATS_ENABLED=0
+# Submitted jobs (`liverseg tune --submit`) start `python -m liverseg...` on the head: the nodes' PATH
+# must lead to this Python, as the image's does on Kubernetes. The dashboard (Jobs API) is on DASH_PORT.
+export PATH="$BIN:$PATH"
 # Token auth with this stack's own token (not ~/.ray/auth_token, which every local cluster shares).
 export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$DIR/ray-token
 [ -s "$RAY_AUTH_TOKEN_PATH" ] || "$PY" -c 'import secrets; print(secrets.token_hex(32))' >"$RAY_AUTH_TOKEN_PATH"

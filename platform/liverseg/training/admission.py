@@ -51,23 +51,23 @@ class Slots:
             del self.leases[key]
 
     def _running(self, user: str) -> int:
-        return sum(1 for lease in self.leases.values() if lease.user == user and lease.granted)
+        return sum(1 for lease in self.leases.values() if lease.user == user and lease.granted is not None)
 
     def ask(self, key: str, user: str, job: str, need: dict, cap: int, available: dict, now: float) -> bool:
         """Register or refresh `key`'s request; True once it holds a slot."""
         self._expire(now)
         lease = self.leases.setdefault(key, Lease(key, user, job, dict(need), cap, now, now))
         lease.seen = now
-        if lease.granted:
+        if lease.granted is not None:
             return True
-        settling = [x for x in self.leases.values() if x.granted and now - x.granted < SETTLE_S]
+        settling = [x for x in self.leases.values() if x.granted is not None and now - x.granted < SETTLE_S]
         free = dict(available)
         for x in settling:  # granted a moment ago: Ray may not count their workers yet
             for k, v in x.need.items():
                 free[k] = free.get(k, 0.0) - v
         running: dict[str, int] = {}
         for x in sorted(self.leases.values(), key=lambda x: x.since):  # the queue, oldest first
-            if x.granted:
+            if x.granted is not None:
                 continue
             done = running.setdefault(x.user, self._running(x.user))
             if done >= x.cap:
@@ -99,7 +99,7 @@ class Slots:
         """{"running": n, "waiting": m, "why": the first waiting lease's reason}."""
         self._expire(now)
         mine = sorted((x for x in self.leases.values() if x.job == job), key=lambda x: x.since)
-        waiting = [x for x in mine if not x.granted]
+        waiting = [x for x in mine if x.granted is None]
         return {"running": len(mine) - len(waiting), "waiting": len(waiting), "why": waiting[0].why if waiting else ""}
 
 

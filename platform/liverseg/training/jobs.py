@@ -38,10 +38,12 @@ class JobRow:
     duration_s: float
     trials_done: int | None
     trials: int
+    trials_running: int  # now, on the cluster (a search's)
+    trials_waiting: int  # now, for a slot (see admission)
     best_val_dice: float | None
     mlflow_run_id: str
     mlflow_url: str | None
-    waiting_for: str = ""  # why a PENDING job waits
+    waiting_for: str = ""  # why it (or some of its trials) waits
     resumable: bool = False  # ended before its search finished: `liverseg jobs resume ID`
     message: str = ""  # Ray's word on a failed job, first line
 
@@ -67,7 +69,8 @@ def _row(job, spec: JobSpec, run, now_ms: int) -> JobRow:
     metrics = run.data.metrics if run else {}
     state = run.data.tags.get(tags.JOB_STATE, "") if run else ""
     status = str(job.status)
-    waiting = state.removeprefix("waiting: ") if status == "RUNNING" and state.startswith("waiting") else ""
+    live = status == "RUNNING"
+    waiting = state.split("waiting: ", 1)[1] if live and "waiting: " in state else ""
     end = job.end_time or now_ms
     best = metrics.get(tags.BEST_VAL_DICE)
     done = metrics.get(tags.TRIALS_DONE)
@@ -75,12 +78,14 @@ def _row(job, spec: JobSpec, run, now_ms: int) -> JobRow:
         id=job.submission_id,
         owner=spec.owner,
         kind=spec.kind,
-        status="PENDING" if waiting or status == "PENDING" else status,
+        status="PENDING" if (live and state.startswith("waiting")) or status == "PENDING" else status,
         experiment=spec.config.get("run", {}).get("experiment", ""),
         submitted_at=_utc(job.start_time),
         duration_s=round(max(end - (job.start_time or end), 0) / 1000, 1),
         trials_done=int(done) if done is not None else None,
         trials=spec.trials,
+        trials_running=int(metrics.get(tags.TRIALS_RUNNING, 0)) if live else 0,
+        trials_waiting=int(metrics.get(tags.TRIALS_WAITING, 0)) if live else 0,
         best_val_dice=None if best is None or math.isnan(best) else round(best, 6),
         mlflow_run_id=spec.run_id,
         mlflow_url=run_url(spec.run_id, spec.experiment_id),

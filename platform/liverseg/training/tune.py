@@ -134,11 +134,11 @@ def tune_search(
         param_space = {"setup": setup, "sampled": space}
         tuner = _new_tuner(trainable, cfg, make_search(cfg, space), param_space, root, make_scheduler(cfg))
     exp = client.get_run(parent).info.experiment_id
-    WATCHING.append(Watch(view, client, parent, cfg.tune.name, exp, cfg.train.epochs, slots))
+    WATCHING.append(Watch(view, client, parent, cfg.tune.name, exp, cfg.train.epochs, slots).start())
     try:
         grid = _fit(tuner, client, parent, slots)
     finally:
-        WATCHING.pop()
+        WATCHING.pop().close()  # its last MLflow writes land before the summary's
     if slots:  # every trial released its own; a trial that died unseen would hold one for a minute
         from liverseg.training.admission import slots_actor
 
