@@ -6,6 +6,7 @@ retried or resumed trial continues its own run: no duplicates); the results go t
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -137,8 +138,8 @@ def tune_search(
     WATCHING.append(Watch(view, client, parent, cfg.tune.name, exp, cfg.train.epochs, slots).start())
     try:
         grid = _fit(tuner, client, parent, slots)
-    finally:
-        WATCHING.pop().close()  # its last MLflow writes land before the summary's
+    finally:  # its last MLflow writes land before the summary's; a stopped search waits on none
+        WATCHING.pop().close(timeout_s=5 if sys.exc_info()[0] else 60)
     if slots:  # every trial released its own; a trial that died unseen would hold one for a minute
         from liverseg.training.admission import slots_actor
 
