@@ -27,7 +27,15 @@ from support.stack import add_team
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3000)]
 SEARCH = [*TINY, "train.steps_per_epoch=2", "train.epochs=2", "tune.search=grid", "tune.num_samples=1"]
 SPACE = "space={train.lr: {grid: [0.003, 1.0e-9]}}"  # two trials; ASHA stops the one that cannot learn
-LONG = [*TINY, "train.steps_per_epoch=2", "train.epochs=6", "tune.search=grid", "tune.num_samples=1", SPACE]
+LONG = [  # two trials that both learn and are never pruned: they hold 3 of the cluster's 4 CPUs for minutes
+    *TINY,
+    "train.steps_per_epoch=2",
+    "train.epochs=12",
+    "tune.search=grid",
+    "tune.num_samples=1",
+    "tune.scheduler=none",
+    "space={train.lr: {grid: [0.003, 0.002]}}",
+]
 
 
 @dataclass
@@ -94,7 +102,7 @@ def _stop_and_wait(day: Day, tmp: Path) -> None:
     bucket = day.stack.env["LIVERSEG_BUCKET_URL"]
     long = _sets("alice", "alice-long", [*LONG, "tune.max_concurrent=2", "scaling.cpus_per_worker=1.5"], bucket)
     day.ids["long"], day.outputs["submit-long"], _ = submit(day.stack, "alice", "tune", day.store, long, tmp / "alice")
-    wait_for_line(day.stack, "alice", day.ids["long"], r"epoch 1/6", 600)
+    wait_for_line(day.stack, "alice", day.ids["long"], r"epoch 1/12", 600)
     train = [
         *TINY,
         "train.steps_per_epoch=2",
@@ -134,7 +142,7 @@ def _resume_twice(day: Day) -> None:
     res = run_liverseg(["jobs", "resume", day.ids["long"]], day.stack.env_for("alice"))
     assert res.returncode == 0, res.stderr[-3000:]
     day.ids["long2"] = res.stdout.split(" as ")[1].split(":")[0]
-    wait_for_line(day.stack, "alice", day.ids["long2"], r"epoch \d/6", 600)
+    wait_for_line(day.stack, "alice", day.ids["long2"], r"epoch \d+/12", 600)
     from ray.job_submission import JobSubmissionClient
 
     os.environ.update({k: day.stack.env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")})

@@ -107,7 +107,7 @@ def tune_search(
 
     from liverseg.data.store import SliceStore
     from liverseg.training.runtime import cluster_address, ensure_ray, lineage_tags, preflight, storage_path
-    from liverseg.training.tune_progress import WATCHING, Watch
+    from liverseg.training.tune_progress import Watch
 
     uri = tracking_uri()
     check_tracking(uri)
@@ -128,22 +128,15 @@ def tune_search(
     tuner = _restore(exp_dir, trainable, client, cfg) if restoring else None
     parent = parent_run_id or open_search_run(client, cfg, resume=restoring, lineage=lineage)
     client.update_run(parent, status="RUNNING")
-    slots = (job or f"local-{parent}") if on_cluster else None
+    slots = (job or f"driver-{parent[:12]}") if on_cluster else None
     if tuner is None:
         base = TrainConfig.model_validate(cfg.model_dump(include=set(TrainConfig.model_fields))).model_dump(mode="json")
         setup = TrialSetup(base, store_path, cfg.tune.name, exp_dir, parent, uri, lineage, author(), slots)
         param_space = {"setup": setup, "sampled": space}
         tuner = _new_tuner(trainable, cfg, make_search(cfg, space), param_space, root, make_scheduler(cfg))
-    exp = client.get_run(parent).info.experiment_id
-    WATCHING.append(Watch(view, client, parent, cfg.tune.name, exp, cfg.train.epochs, slots).start())
-    try:
-        grid = _fit(tuner, client, parent, slots)
-    finally:  # its last MLflow writes land before the summary's; a stopped search waits on none
-        WATCHING.pop().close(timeout_s=5 if sys.exc_info()[0] else 60)
-    if slots:  # every trial released its own; a trial that died unseen would hold one for a minute
-        from liverseg.training.admission import slots_actor
-
-        slots_actor().release_job.remote(slots)
+    watch = Watch(view, client, parent, cfg.tune.name, client.get_run(parent).info.experiment_id, cfg.train.epochs)
+    watch.job = slots
+    grid = _fit(tuner, client, parent, watch)
     summary = _summarise(client, cfg, grid, parent)
     _log_parent(client, parent, summary)
     describe_search(client, summary)
@@ -151,13 +144,16 @@ def tune_search(
     return summary
 
 
-def _fit(tuner, client, parent: str, slots: str | None):
-    """tuner.fit(), with Ctrl-C (or a job's stop) ending the search in seconds: the parent run and its
-    running trials are marked KILLED, the job's slots freed, and the local Ray (with every trial) shut
-    down, before KeyboardInterrupt goes on."""
+def _fit(tuner, client, parent: str, watch):
+    """tuner.fit() with `watch` (tune_progress) reporting, the search's slots freed when it ends, and Ctrl-C
+    (or a job's stop) ending it in seconds: the parent run and its running trials are marked KILLED and
+    the local Ray (with every trial) shut down, before KeyboardInterrupt goes on."""
     import ray
 
+    from liverseg.training.tune_progress import WATCHING
+
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Tune's own handler waits for trials to wind down
+    WATCHING.append(watch.start())
     try:
         return tuner.fit()
     except KeyboardInterrupt:
@@ -168,12 +164,22 @@ def _fit(tuner, client, parent: str, slots: str | None):
         for run in [*running, client.get_run(parent)]:
             client.set_terminated(run.info.run_id, "KILLED")
         client.set_tag(parent, tags.JOB_STATE, "stopped")
-        if slots:
-            from liverseg.training.admission import slots_actor
-
-            slots_actor().release_job.remote(slots)
+        _release(watch.job)
         ray.shutdown()
         raise
+    finally:  # its last MLflow writes land before the summary's; a stopped search waits on none
+        WATCHING.pop().close(timeout_s=5 if sys.exc_info()[0] else 60)
+        _release(watch.job)
+
+
+def _release(slots: str | None) -> None:
+    """Free every slot the search's trials hold (each frees its own; one that died unseen would hold it a minute)."""
+    import ray
+
+    if slots and ray.is_initialized():
+        from liverseg.training.admission import slots_actor
+
+        slots_actor().release_job.remote(slots)
 
 
 def _summarise(client, cfg: TuneConfig, grid, parent: str) -> SearchResults:
