@@ -25,6 +25,15 @@ BIN = Path(sys.executable).parent
 class RayHead:
     dir: Path  # short: Ray's Unix sockets live under it
     env: dict[str, str]  # what a client shell exports: RAY_ADDRESS (the dashboard), the token
+    gcs: str  # HOST:PORT of its GCS: what `ray start --address` and `ray.init(address=...)` take
+
+    def add_node(self, cpus: int, base_env: dict[str, str]) -> None:
+        """One more node on this machine (it shares the head's temp dir, so `stop` ends it too)."""
+        env = {**base_env, **self.env, "PATH": f"{BIN}:{base_env['PATH']}"}
+        env.pop("RAY_ADDRESS")
+        args = ["--address", self.gcs, "--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus)]
+        res = subprocess.run([str(BIN / "ray"), "start", *args], env=env, capture_output=True, text=True, timeout=180)
+        assert res.returncode == 0, res.stderr[-3000:]
 
     def stop(self, timeout_s: float = 30) -> None:
         for sig in ("TERM", "KILL"):
@@ -48,10 +57,11 @@ def start_ray_head(root: Path, cpus: int = 2, base_env: dict[str, str] | None = 
     base = dict(os.environ if base_env is None else base_env)
     env = {**base, **auth, "PATH": f"{BIN}:{base['PATH']}"}
     env.pop("RAY_ADDRESS", None)
-    args = ["--head", "--node-ip-address", "127.0.0.1", "--port", str(free_port()), "--num-cpus", str(cpus)]
+    gcs = f"127.0.0.1:{free_port()}"
+    args = ["--head", "--node-ip-address", "127.0.0.1", "--port", gcs.split(":")[1], "--num-cpus", str(cpus)]
     args += ["--temp-dir", str(root / "ray"), "--include-dashboard", "true", "--dashboard-host", "127.0.0.1"]
     args += ["--dashboard-port", str(dashboard), "--disable-usage-stats"]
-    head = RayHead(root, {**auth, "RAY_ADDRESS": f"http://127.0.0.1:{dashboard}"})
+    head = RayHead(root, {**auth, "RAY_ADDRESS": f"http://127.0.0.1:{dashboard}"}, gcs)
     res = subprocess.run([str(BIN / "ray"), "start", *args], env=env, capture_output=True, text=True, timeout=180)
     if res.returncode != 0:
         head.stop()

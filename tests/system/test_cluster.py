@@ -1,8 +1,9 @@
 """Cluster mode by configuration only: a real two-node Ray cluster on 127.0.0.1 and an MLflow server."""
 
 import os
+import shutil
 import subprocess
-import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,45 +11,23 @@ from mlflow.tracking import MlflowClient
 
 from support.cli import cli_cmd
 from support.models import TINY
-from support.net import free_port
-
-RAY = str(Path(sys.executable).parent / "ray")
 
 
 @pytest.fixture
-def two_node_ray(tmp_path):
+def two_node_ray():
+    """Two nodes of one CPU on 127.0.0.1, with token auth (their own token), stopped by their PIDs."""
     from liverseg.training.credentials import FORWARDED_ENV
+    from support.raycluster import start_ray_head
 
-    port = free_port()
-    # the nodes know neither the tracking server nor the object store: jobs bring them (runtime_env)
-    env = {k: v for k, v in os.environ.items() if k not in FORWARDED_ENV} | {"RAY_USAGE_STATS_ENABLED": "0"}
-    if (Path.home() / ".ray" / "auth_token").exists():
-        env["RAY_AUTH_MODE"] = "token"
-    head = [
-        "--head",
-        "--node-ip-address",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--num-cpus",
-        "1",
-        "--include-dashboard",
-        "true",
-        "--dashboard-port",
-        str(free_port()),
-    ]
-    subprocess.run([RAY, "start", *head], env=env, check=True, capture_output=True, timeout=120)
+    # the nodes know neither the tracking server nor the object store: jobs bring them (sealed, runtime_env)
+    base = {k: v for k, v in os.environ.items() if k not in FORWARDED_ENV}
+    head = start_ray_head(Path(tempfile.mkdtemp(prefix="lsc-", dir="/tmp")), cpus=1, base_env=base)
     try:
-        subprocess.run(
-            [RAY, "start", "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1", "--num-cpus", "1"],
-            env=env,
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-        yield f"127.0.0.1:{port}", env
+        head.add_node(1, base)
+        yield head.gcs, {**base, **head.env}
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        head.stop()
+        shutil.rmtree(head.dir, ignore_errors=True)
 
 
 @pytest.mark.slow
@@ -59,7 +38,7 @@ def test_two_workers_on_two_nodes_read_s3_and_log_to_server(two_node_ray, mlflow
     address, env = two_node_ray
     store = f"{s3}/stores/slices.zarr"
     publish_store(store_path, store)
-    auth = {k: env[k] for k in ("RAY_AUTH_MODE",) if k in env}
+    auth = {k: env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
     env = {**os.environ, **auth, "RAY_ADDRESS": address}  # the submitter's shell: tracking URI and AWS_*
     cmd = cli_cmd(
         "train",

@@ -157,10 +157,20 @@ def _resume_twice(day: Day) -> None:
     wait_for(day.stack, "alice", lambda js: js[day.ids["long3"]]["status"] in TERMINAL, 900)
 
 
-def _listing_time(day: Day) -> None:
-    t0 = time.monotonic()
-    listed = jobs(day.stack, "admin")
-    day.numbers[f"jobs_listing_s ({len(listed)} jobs)"] = round(time.monotonic() - t0, 2)
+def _listing_time(day: Day, tmp: Path) -> None:
+    """Ten jobs on the cluster (bob submits a few more and stops each at once), then `jobs --all` timed."""
+    bucket = day.stack.env["LIVERSEG_BUCKET_URL"]
+    train = [*TINY, "train.epochs=1", "run.experiment=bob-jobs", f"run.storage_path={bucket}/ray"]
+    while len(jobs(day.stack, "admin")) < 10:
+        job, _, _ = submit(day.stack, "bob", "train", day.store, [*train, f"train.seed={time.time_ns()}"], tmp / "bob")
+        stop = run_liverseg(["jobs", "stop", job], day.stack.env_for("bob"), timeout_s=300)
+        assert stop.returncode == 0 and "STOPPED" in stop.stdout, stop.stdout + stop.stderr
+    took = []
+    for _ in range(3):
+        t0 = time.monotonic()
+        listed = jobs(day.stack, "admin")
+        took.append(time.monotonic() - t0)
+    day.numbers[f"jobs_listing_s ({len(listed)} jobs, median of 3, CLI start included)"] = round(sorted(took)[1], 2)
 
 
 def _local_train_beside(day: Day, store_path: str, tmp: Path) -> None:
@@ -189,7 +199,7 @@ def day(team_stack, store_path, tmp_path_factory):
     _searches(day, tmp)
     _stop_and_wait(day, tmp)
     _resume_twice(day)
-    _listing_time(day)
+    _listing_time(day, tmp)
     _local_train_beside(day, store_path, tmp)
     for user in ("alice", "bob", "admin"):
         day.outputs[f"jobs-json-{user}"] = json.dumps(jobs(stack, user))

@@ -198,6 +198,8 @@ def stop_job(address: str | None, job_id: str, me: Login, wait_s: float = 90.0) 
     while str(client.get_job_status(job_id)) not in TERMINAL and time.monotonic() < deadline:
         time.sleep(1.0)
     status = str(client.get_job_status(job_id))
+    if status in ENDED_AS:  # stopped before its driver ran, or its driver could not close it
+        close_run(spec.run_id, ENDED_AS[status])
     run = mlflow_client().get_run(spec.run_id)
     return f"job {job_id} {status}; its MLflow run {spec.run_id} {run.info.status}"
 
