@@ -99,6 +99,12 @@ def check_tracking(uri: str, timeout_s: float = 10.0) -> None:
         raise TrackingError(f"MLflow tracking store {uri} is not usable: {type(e).__name__}: {e}") from None
 
 
+def ui_url(run_id: str, experiment_id: str, uri: str | None = None) -> str | None:
+    """The run's page in the MLflow UI of a tracking server (None for a local store: `mlflow ui`)."""
+    uri = uri or tracking_uri()
+    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}" if uri.startswith("http") else None
+
+
 def experiment_id(client: Any, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:

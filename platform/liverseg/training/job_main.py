@@ -22,9 +22,10 @@ from liverseg.core.console import Console, EpochView, root_cause
 from liverseg.core.errors import LiversegError
 from liverseg.tracking import tags
 from liverseg.tracking.runs import client as mlflow_client
+from liverseg.tracking.runs import ui_url
 from liverseg.training.credentials import open_job_env, redact, redacted_output
 from liverseg.training.runtime import JOB_CONFIG_ENV, stop_on_sigterm
-from liverseg.training.submit import JobSpec, close_run, run_url
+from liverseg.training.submit import JobSpec, close_run
 
 MARK = "liverseg> "  # the progress lines of a job's log (`liverseg jobs logs` shows only these)
 
@@ -48,7 +49,6 @@ def _tune(spec: JobSpec, con: Console, work: Path) -> None:
     from liverseg.training.tune_report import best_line, format_table
 
     cfg = TuneConfig.model_validate(spec.config)
-    con.line(f"search {cfg.tune.name}: {spec.trials} trials x {cfg.train.epochs} epochs on {spec.store}")
     view = EpochView(con, spec.trials * cfg.train.epochs, upper=cfg.tune.scheduler == "asha")
     results = work / "tune-results.json"
     summary = tune_search(
@@ -107,8 +107,8 @@ def _run(spec: JobSpec, con: Console) -> int:
     work = Path(tempfile.mkdtemp(prefix=f"liverseg-{spec.job_id}-"))
     os.chdir(work)  # nothing written relative to the cwd lands in a checkout
     client = mlflow_client()
-    link = run_url(spec.run_id, spec.experiment_id) or f"run {spec.run_id} (mlflow ui)"
-    con.line(f"job {spec.job_id} of {spec.owner}: {spec.kind}; MLflow {link}")
+    link = ui_url(spec.run_id, spec.experiment_id) or f"run {spec.run_id} (mlflow ui)"
+    con.line(f"job {spec.job_id} of {spec.owner}: {spec.kind}; MLflow {link}")  # the search's: its parent run
     client.set_tag(spec.run_id, tags.RAY_VERSION, ray.__version__)  # the cluster's, not the submitter's
     client.set_tag(spec.run_id, tags.TORCH_VERSION, torch.__version__)
     try:

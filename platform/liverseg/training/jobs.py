@@ -16,10 +16,10 @@ from datetime import datetime, timezone
 
 from liverseg.core.errors import PermissionRefused, TrainError
 from liverseg.tracking import tags
-from liverseg.tracking.runs import Login
+from liverseg.tracking.runs import Login, ui_url
 from liverseg.tracking.runs import client as mlflow_client
 from liverseg.training.credentials import redact
-from liverseg.training.submit import JobSpec, Submitted, close_run, jobs_client, run_url, send
+from liverseg.training.submit import JobSpec, Submitted, close_run, jobs_client, send
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 ENDED_AS = {"FAILED": "FAILED", "STOPPED": "KILLED"}  # a job Ray saw end: its open MLflow runs end so
@@ -88,7 +88,7 @@ def _row(job, spec: JobSpec, run, now_ms: int) -> JobRow:
         trials_waiting=int(metrics.get(tags.TRIALS_WAITING, 0)) if live else 0,
         best_val_dice=None if best is None or math.isnan(best) else round(best, 6),
         mlflow_run_id=spec.run_id,
-        mlflow_url=run_url(spec.run_id, spec.experiment_id),
+        mlflow_url=ui_url(spec.run_id, spec.experiment_id),
         waiting_for=waiting,
         resumable=status in ("FAILED", "STOPPED") and bool(run) and run.info.status != "FINISHED",
         message=_last_words(job.message) if status == "FAILED" else "",

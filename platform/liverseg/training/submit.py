@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 from liverseg.core.config import TrainConfig, TuneConfig
 from liverseg.core.errors import ConfigError, TrainError, one_line
 from liverseg.tracking import tags
-from liverseg.tracking.runs import Login, login, tracking_uri
+from liverseg.tracking.runs import Login, login, tracking_uri, ui_url
 from liverseg.tracking.runs import client as mlflow_client
 from liverseg.training.credentials import forwarded, redact
 from liverseg.training.runtime import cluster_address, job_runtime_env
@@ -184,11 +184,6 @@ def close_run(run_id: str, status: str) -> bool:
     return True
 
 
-def run_url(run_id: str, experiment_id: str) -> str | None:
-    uri = tracking_uri()
-    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}" if uri.startswith("http") else None
-
-
 def submit(kind: str, store: str, cfg: TrainConfig, overrides: list[str], source: str, resume: bool) -> Submitted:
     """Submit `liverseg tune|train` with `cfg` as a Ray job to the cluster of run.ray_address / RAY_ADDRESS."""
     from liverseg.data.store import SliceStore
@@ -227,4 +222,4 @@ def send(client, spec: JobSpec) -> Submitted:
     except Exception as e:
         close_run(spec.run_id, "FAILED")
         raise TrainError(f"job {spec.job_id} not submitted: {redact(one_line(e))}") from None
-    return Submitted(spec, run_url(spec.run_id, spec.experiment_id))
+    return Submitted(spec, ui_url(spec.run_id, spec.experiment_id))

@@ -15,9 +15,17 @@ from liverseg.core.console import EpochView, root_cause
 from liverseg.core.errors import TrainError
 from liverseg.tracking import tags
 from liverseg.tracking.results import SearchResults, TrialResult, write_results
-from liverseg.tracking.runs import author, check_tracking, experiment_id, find_run, tracking_uri
+from liverseg.tracking.runs import author, check_tracking, experiment_id, find_run, tracking_uri, ui_url
 from liverseg.tracking.runs import client as mlflow_client
-from liverseg.training.search import TrialSetup, build_space, fit_concurrency, make_scheduler, make_search, trial_fn
+from liverseg.training.search import (
+    TrialSetup,
+    build_space,
+    fit_concurrency,
+    make_scheduler,
+    make_search,
+    trial_count,
+    trial_fn,
+)
 from liverseg.training.tune_report import describe_search
 
 
@@ -134,8 +142,14 @@ def tune_search(
         setup = TrialSetup(base, store_path, cfg.tune.name, exp_dir, parent, uri, lineage, author(), slots)
         param_space = {"setup": setup, "sampled": space}
         tuner = _new_tuner(trainable, cfg, make_search(cfg, space), param_space, root, make_scheduler(cfg))
-    watch = Watch(view, client, parent, cfg.tune.name, client.get_run(parent).info.experiment_id, cfg.train.epochs)
-    watch.job = slots
+    exp = client.get_run(parent).info.experiment_id
+    if view:  # the first line: what runs where, and its page
+        trials = trial_count(cfg.tune.num_samples, cfg.space)
+        link = ui_url(parent, exp, uri) or f"run {parent} (mlflow ui --backend-store-uri {uri})"
+        view.console.line(
+            f"search {cfg.tune.name}: {trials} trials x {cfg.train.epochs} epochs on {store_path}; MLflow {link}"
+        )
+    watch = Watch(view, client, parent, cfg.tune.name, exp, cfg.train.epochs, slots)
     grid = _fit(tuner, client, parent, watch)
     summary = _summarise(client, cfg, grid, parent)
     _log_parent(client, parent, summary)
