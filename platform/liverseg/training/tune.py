@@ -143,12 +143,7 @@ def tune_search(
         param_space = {"setup": setup, "sampled": space}
         tuner = _new_tuner(trainable, cfg, make_search(cfg, space), param_space, root, make_scheduler(cfg))
     exp = client.get_run(parent).info.experiment_id
-    if view:  # the first line: what runs where, and its page
-        trials = trial_count(cfg.tune.num_samples, cfg.space)
-        link = ui_url(parent, exp, uri) or f"run {parent} (mlflow ui --backend-store-uri {uri})"
-        view.console.line(
-            f"search {cfg.tune.name}: {trials} trials x {cfg.train.epochs} epochs on {store_path}; MLflow {link}"
-        )
+    _announce(view, cfg, store_path, ui_url(parent, exp, uri) or f"run {parent} (mlflow ui --backend-store-uri {uri})")
     watch = Watch(view, client, parent, cfg.tune.name, exp, cfg.train.epochs, slots)
     grid = _fit(tuner, client, parent, watch)
     summary = _summarise(client, cfg, grid, parent)
@@ -156,6 +151,15 @@ def tune_search(
     describe_search(client, summary)
     write_results(results_path, summary)
     return summary
+
+
+def _announce(view: EpochView | None, cfg: TuneConfig, store_path: str, link: str) -> None:
+    """The search's first line: what runs on what, and its MLflow page."""
+    if view:
+        trials = trial_count(cfg.tune.num_samples, cfg.space)
+        view.console.line(
+            f"search {cfg.tune.name}: {trials} trials x {cfg.train.epochs} epochs on {store_path}; MLflow {link}"
+        )
 
 
 def _fit(tuner, client, parent: str, watch):
