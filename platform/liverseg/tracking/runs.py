@@ -101,8 +101,14 @@ def check_tracking(uri: str, timeout_s: float = 10.0) -> None:
 
 def ui_url(run_id: str, experiment_id: str, uri: str | None = None) -> str | None:
     """The run's page in the MLflow UI of a tracking server (None for a local store: `mlflow ui`)."""
+    from urllib.parse import urlsplit
+
     uri = uri or tracking_uri()
-    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}" if uri.startswith("http") else None
+    if not uri.startswith(("http://", "https://")):
+        return None
+    parts = urlsplit(uri.rstrip("/"))  # a password written into the URI stays out of the link
+    base = f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}{parts.path}"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def experiment_id(client: Any, name: str) -> str:

@@ -53,15 +53,27 @@ def _utc(ms: int | None) -> str:
 
 
 def _runs(specs: list[JobSpec]) -> dict[str, object]:
-    """The jobs' MLflow runs by id: one search over their experiments."""
+    """The jobs' MLflow runs by id: one search over their experiments (per experiment, skipping those the
+    caller may not read, if the server refuses the one search)."""
     client = mlflow_client()
-    exps = sorted({s.experiment_id for s in specs})
     ids = sorted({s.run_id for s in specs})
     found = {}
-    for i in range(0, len(ids), 100):
-        quoted = ", ".join(f"'{r}'" for r in ids[i : i + 100])
-        for run in client.search_runs(exps, filter_string=f"attributes.run_id IN ({quoted})", max_results=100):
-            found[run.info.run_id] = run
+
+    def search(exps: list[str]) -> None:
+        for i in range(0, len(ids), 100):
+            quoted = ", ".join(f"'{r}'" for r in ids[i : i + 100])
+            for run in client.search_runs(exps, filter_string=f"attributes.run_id IN ({quoted})", max_results=100):
+                found[run.info.run_id] = run
+
+    exps = sorted({s.experiment_id for s in specs})
+    try:
+        search(exps)
+    except Exception:  # e.g. 403 on one experiment: the others still show
+        for exp in exps:
+            try:
+                search([exp])
+            except Exception:
+                continue
     return found
 
 
