@@ -150,3 +150,34 @@ def test_jobs_without_a_cluster_and_submit_with_out_are_refused_in_one_line(tmp_
     assert res.returncode == 2 and "a submitted search leaves its results in MLflow" in res.stderr
     res = run_liverseg(["train", "--submit", "--store", "s"], env, cwd=tmp_path)
     assert res.returncode == 2 and "error: --submit: no Ray cluster" in res.stderr
+
+
+def test_the_listing_says_why_a_job_waits_and_how_to_resume_one():
+    from types import SimpleNamespace as NS
+
+    from liverseg.training.jobs import _row, format_jobs
+
+    config = {"run": {"experiment": "alice-search"}, "tune": {"num_samples": 2}, "space": {}}
+    spec = JobSpec("tune", "tune-1", "alice", True, "s3://b/s", config, {}, "r1", "1")
+    state = "running; 1 waiting: alice runs 2 of 2 trials at once (team.max_trials_per_user)"
+    metrics = {"trials_done": 1, "best_val_dice": 0.8, "trials_running": 2, "trials_waiting": 1}
+    run = NS(data=NS(metrics=metrics, tags={"liverseg.job.state": state}), info=NS(status="RUNNING"))
+    job = NS(submission_id="tune-1", status="RUNNING", start_time=1_700_000_000_000, end_time=None, message=None)
+    row = _row(job, spec, run, now_ms=1_700_000_060_000)
+    assert (row.status, row.trials_running, row.trials_waiting, row.duration_s) == ("RUNNING", 2, 1, 60.0)
+    assert row.waiting_for.startswith("alice runs 2 of 2") and row.best_val_dice == 0.8 and not row.resumable
+    run.data.tags["liverseg.job.state"] = "waiting: cluster full: its workers need CPU 1, free CPU 0.98"
+    assert _row(job, spec, run, now_ms=1_700_000_060_000).status == "PENDING"  # nothing of it runs
+    lost = NS(
+        submission_id="tune-2", status="FAILED", start_time=1, end_time=2, message="exit 1\nliverseg> error: boom"
+    )
+    failed = _row(
+        lost, JobSpec(**{**spec.__dict__, "job_id": "tune-2"}), NS(data=run.data, info=NS(status="FAILED")), 3
+    )
+    assert failed.resumable and failed.message == "error: boom" and failed.waiting_for == ""
+    text = format_jobs([row, failed])
+    assert text.splitlines()[0].split()[:5] == ["job", "owner", "kind", "experiment", "status"]
+    assert (
+        "tune-1 waits: alice runs 2 of 2" in text
+        and "tune-2 ended before its tune finished: liverseg jobs resume tune-2" in text
+    )
