@@ -181,3 +181,18 @@ def test_the_listing_says_why_a_job_waits_and_how_to_resume_one():
         "tune-1 waits: alice runs 2 of 2" in text
         and "tune-2 ended before its tune finished: liverseg jobs resume tune-2" in text
     )
+
+
+def test_two_live_searches_in_one_tune_folder_are_refused():
+    from types import SimpleNamespace as NS
+
+    from liverseg.training.submit import check_place_free
+
+    config = {"run": {"storage_path": "s3://b/ray/"}, "tune": {"name": "liverseg-tune"}}
+    spec = JobSpec("tune", "tune-1", "bob", True, "s3://b/s", config, {}, "r1", "1")
+    client = NS(list_jobs=lambda: [NS(metadata=spec.metadata(), status="RUNNING")])
+    with pytest.raises(TrainError, match="s3://b/ray/liverseg-tune: job tune-1 of bob runs there now"):
+        check_place_free(client, "tune", "s3://b/ray/liverseg-tune")
+    check_place_free(client, "tune", "s3://b/ray/alice-tune")
+    client = NS(list_jobs=lambda: [NS(metadata=spec.metadata(), status="SUCCEEDED")])
+    check_place_free(client, "tune", "s3://b/ray/liverseg-tune")  # an ended search leaves its folder to the next

@@ -19,7 +19,7 @@ from liverseg.tracking import tags
 from liverseg.tracking.runs import Login, ui_url
 from liverseg.tracking.runs import client as mlflow_client
 from liverseg.training.credentials import redact
-from liverseg.training.submit import JobSpec, Submitted, close_run, jobs_client, send
+from liverseg.training.submit import JobSpec, Submitted, check_place_free, close_run, jobs_client, send
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 ENDED_AS = {"FAILED": "FAILED", "STOPPED": "KILLED"}  # a job Ray saw end: its open MLflow runs end so
@@ -224,6 +224,7 @@ def resume_job(address: str | None, job_id: str, me: Login) -> Submitted:
     check_owner(me, spec, "resume")
     if str(job.status) not in ("FAILED", "STOPPED"):
         raise TrainError(f"job {job_id} is {job.status}: only a FAILED or STOPPED job resumes")
+    check_place_free(client, spec.kind, spec.place)  # resumed twice, or its folder taken meanwhile
     new_id = f"{spec.kind}-{secrets.token_hex(4)}"
     mlflow = mlflow_client()
     for k, v in {tags.JOB_ID: new_id, tags.JOB_STATE: "submitted"}.items():

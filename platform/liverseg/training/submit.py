@@ -63,6 +63,13 @@ class JobSpec:
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
     @property
+    def place(self) -> str:
+        """Where Ray keeps the search's state (and a training's checkpoints): storage path / name."""
+        run = self.config.get("run", {})
+        name = self.config.get("tune", {}).get("name") if self.kind == "tune" else run.get("name")
+        return f"{str(run.get('storage_path') or '').rstrip('/')}/{name}"
+
+    @property
     def trials(self) -> int:
         from liverseg.training.search import trial_count
 
@@ -201,6 +208,7 @@ def submit(kind: str, store: str, cfg: TrainConfig, overrides: list[str], source
         from liverseg.training.search import build_space
 
         build_space(cfg.space)  # a bad space fails here, not on the cluster
+        check_place_free(client, kind, f"{cfg.run.storage_path.rstrip('/')}/{cfg.tune.name}")
     lineage = lineage_tags(SliceStore(store), store)  # in the checkout: git commit, dvc.lock
     job_id = f"{kind}-{secrets.token_hex(4)}"
     run_id, exp_id = _open_run(kind, cfg, store, resume, lineage, _job_tags(job_id, who, overrides, source))
@@ -208,6 +216,18 @@ def submit(kind: str, store: str, cfg: TrainConfig, overrides: list[str], source
     config = model.model_validate(cfg.model_dump()).model_dump(mode="json")
     spec = JobSpec(kind, job_id, who.name, who.verified, store, config, lineage, run_id, exp_id, resume)
     return send(client, spec)
+
+
+def check_place_free(client, kind: str, place: str) -> None:
+    """Two live searches in one Tune folder would overwrite each other's state: refused in one line."""
+    for job in client.list_jobs():
+        other = JobSpec.from_metadata(job.metadata)
+        if other and other.kind == kind and str(job.status) in ("PENDING", "RUNNING") and other.place == place:
+            what = "tune.name" if kind == "tune" else "run.name"
+            raise TrainError(
+                f"{place}: job {other.job_id} of {other.owner} runs there now (Ray keeps its state there): "
+                f"choose another {what} or run.storage_path, or wait for it"
+            )
 
 
 def send(client, spec: JobSpec) -> Submitted:
