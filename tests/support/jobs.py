@@ -78,6 +78,18 @@ print("CLUSTER " + json.dumps({"cpu": total.get("CPU", 0), "cpu_free": free.get(
 """
 
 
+def ray_jobs(stack, job_id: str = "") -> object:
+    """Ray's own job info (the Jobs REST API, with the stack's token): one job, or the list of all."""
+    import requests
+
+    token = (stack.dir / "ray-token").read_text().strip()
+    res = requests.get(
+        f"{stack.env['RAY_DASHBOARD_URL']}/api/jobs/{job_id}", headers={"Authorization": f"Bearer {token}"}, timeout=60
+    )
+    res.raise_for_status()
+    return res.json()
+
+
 def cluster(stack) -> dict:
     """What Ray holds now: CPUs (total, free), placement groups, live actors (with PIDs), Ray job ids."""
     res = subprocess.run(

@@ -20,7 +20,18 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from support.cli import cli_cmd, run_liverseg
-from support.jobs import TERMINAL, cluster, files_holding, holdings, jobs, logs, submit, wait_for, wait_for_line
+from support.jobs import (
+    TERMINAL,
+    cluster,
+    files_holding,
+    holdings,
+    jobs,
+    logs,
+    ray_jobs,
+    submit,
+    wait_for,
+    wait_for_line,
+)
 from support.models import TINY
 from support.stack import add_team
 
@@ -43,7 +54,8 @@ class Day:
     """What the scenario saw; each test checks one fact of it."""
 
     stack: object
-    store: str
+    store: str  # the slice store in the bucket
+    store_path: str  # the same on this machine (the local train's)
     ids: dict[str, str] = field(default_factory=dict)  # alice, bob, long, long2, long3, train -> job id
     outputs: dict[str, str] = field(default_factory=dict)  # what each command printed
     samples: list[dict] = field(default_factory=list)  # `jobs --all --json` while the searches ran
@@ -136,17 +148,14 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _resume_twice(day: Day) -> None:
+def _resume_twice(day: Day, tmp: Path) -> None:
     """alice resumes the stopped search; its driver is killed (a lost head's driver); `jobs` says it can be
     resumed; she resumes it again, and it finishes."""
     res = run_liverseg(["jobs", "resume", day.ids["long"]], day.stack.env_for("alice"))
     assert res.returncode == 0, res.stderr[-3000:]
     day.ids["long2"] = res.stdout.split(" as ")[1].split(":")[0]
     wait_for_line(day.stack, "alice", day.ids["long2"], r"epoch \d+/8", 600)
-    from ray.job_submission import JobSubmissionClient
-
-    os.environ.update({k: day.stack.env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")})
-    pid = JobSubmissionClient(day.stack.env["RAY_DASHBOARD_URL"]).get_job_info(day.ids["long2"]).driver_info.pid
+    pid = ray_jobs(day.stack, day.ids["long2"])["driver_info"]["pid"]
     os.kill(int(pid), signal.SIGKILL)
     lost = wait_for(day.stack, "alice", lambda js: js[day.ids["long2"]]["status"] == "FAILED", 120)
     day.outputs["lost-listing"] = run_liverseg(["jobs"], day.stack.env_for("alice")).stdout
@@ -173,12 +182,12 @@ def _listing_time(day: Day, tmp: Path) -> None:
     day.numbers[f"jobs_listing_s ({len(listed)} jobs, median of 3, CLI start included)"] = round(sorted(took)[1], 2)
 
 
-def _local_train_beside(day: Day, store_path: str, tmp: Path) -> None:
+def _local_train_beside(day: Day, tmp: Path) -> None:
     """A local `liverseg train` (its own Ray, SQLite) while the stack's cluster runs on the machine."""
     env = {k: v for k, v in day.stack.env_for("alice").items() if not k.startswith(("RAY_", "MLFLOW_", "AWS_"))}
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'local.db'}"
     cmd = cli_cmd(
-        "train", store_path, *TINY, "train.epochs=2", "train.steps_per_epoch=2", f"run.storage_path={tmp / 'ray'}"
+        "train", day.store_path, *TINY, "train.epochs=2", "train.steps_per_epoch=2", f"run.storage_path={tmp / 'ray'}"
     )
     t0 = time.monotonic()
     day.local_train = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True, timeout=600)
@@ -195,12 +204,13 @@ def day(team_stack, store_path, tmp_path_factory):
     for user in ("alice", "bob"):
         (tmp / user).mkdir()
     (tmp / "alice" / "tune-results.json").write_text('{"a DVC output": true}')
-    day = Day(stack, store, checkout={p.name: p.read_bytes() for p in (tmp / "alice").iterdir()})
-    _searches(day, tmp)
-    _stop_and_wait(day, tmp)
-    _resume_twice(day)
-    _listing_time(day, tmp)
-    _local_train_beside(day, store_path, tmp)
+    day = Day(stack, store, store_path, checkout={p.name: p.read_bytes() for p in (tmp / "alice").iterdir()})
+    for phase in (_searches, _stop_and_wait, _resume_twice, _listing_time, _local_train_beside):
+        t0 = time.monotonic()
+        phase(day, tmp)
+        print(
+            f"\n{phase.__name__}: {time.monotonic() - t0:.0f} s; numbers so far {json.dumps(day.numbers)}", flush=True
+        )
     for user in ("alice", "bob", "admin"):
         day.outputs[f"jobs-json-{user}"] = json.dumps(jobs(stack, user))
     for name, job in day.ids.items():
@@ -210,9 +220,10 @@ def day(team_stack, store_path, tmp_path_factory):
     return day
 
 
-def _client(day: Day, user: str = "admin") -> MlflowClient:
-    for k, v in day.stack.env_for(user).items():
-        os.environ[k] = v
+def _client(day: Day, monkeypatch, user: str = "admin") -> MlflowClient:
+    """An MLflow client as `user` (MLflow reads the login from the environment: this test's only)."""
+    for k in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(k, day.stack.env_for(user)[k])
     return MlflowClient(day.stack.env["MLFLOW_TRACKING_URI"])
 
 
@@ -226,10 +237,10 @@ def test_both_searches_are_listed_with_their_owners(day):
     assert listed["kind"] == "tune" and listed["experiment"] == "alice-jobs"
 
 
-def test_both_searches_succeed_with_runs_by_their_owners(day):
+def test_both_searches_succeed_with_runs_by_their_owners(day, monkeypatch):
     last = day.samples[-1]
     assert last[day.ids["alice"]]["status"] == last[day.ids["bob"]]["status"] == "SUCCEEDED"
-    client = _client(day)
+    client = _client(day, monkeypatch)
     for user in ("alice", "bob"):
         job = last[day.ids[user]]
         parent = client.get_run(job["mlflow_run_id"])
@@ -253,30 +264,33 @@ def test_a_stranger_cannot_stop_a_job(day):
     assert code == "1" and f"refused: bob may not stop job {day.ids['alice']}: it belongs to alice" in "\n".join(text)
 
 
-def test_a_job_waits_while_the_cluster_is_full(day):
+def test_a_job_waits_while_the_cluster_is_full(day, monkeypatch):
     pending = json.loads(day.outputs["train-pending"])
     assert pending["status"] == "PENDING" and "cluster full" in pending["waiting_for"], pending
     final = json.loads(day.outputs["jobs-json-bob"])
     train = next(j for j in final if j["id"] == day.ids["train"])
-    assert train["status"] == "SUCCEEDED" and _client(day).get_run(train["mlflow_run_id"]).info.status == "FINISHED"
+    assert (
+        train["status"] == "SUCCEEDED"
+        and _client(day, monkeypatch).get_run(train["mlflow_run_id"]).info.status == "FINISHED"
+    )
 
 
-def test_a_stopped_search_leaves_no_running_run_and_releases_the_cluster(day):
+def test_a_stopped_search_leaves_no_running_run_and_releases_the_cluster(day, monkeypatch):
     assert day.outputs["alice-stops-long"].startswith("0\n") and "STOPPED" in day.outputs["alice-stops-long"]
     assert day.held["before"]["cpus"] >= 3 and day.held["before"]["pids"]
     assert day.held["after"] == {"cpus": 0, "placement_groups": 0, "pids": []} and day.held["pids_alive_after"] == []
-    client = _client(day)
+    client = _client(day, monkeypatch)
     exp = client.get_experiment_by_name("alice-jobs").experiment_id
     assert client.search_runs([exp], filter_string="attributes.status = 'RUNNING'") == []
 
 
-def test_a_lost_driver_is_resumable_and_resumes(day):
+def test_a_lost_driver_is_resumable_and_resumes(day, monkeypatch):
     lost = json.loads(day.outputs["lost-json"])
     assert lost["status"] == "FAILED" and lost["resumable"], lost
     assert f"liverseg jobs resume {day.ids['long2']}" in day.outputs["lost-listing"]
     final = {j["id"]: j for j in json.loads(day.outputs["jobs-json-alice"])}
     assert final[day.ids["long3"]]["status"] == "SUCCEEDED"
-    client = _client(day)
+    client = _client(day, monkeypatch)
     parent = final[day.ids["long3"]]["mlflow_run_id"]
     assert parent == final[day.ids["long"]]["mlflow_run_id"]  # one search, three jobs
     kids = client.search_runs(
@@ -287,21 +301,19 @@ def test_a_lost_driver_is_resumable_and_resumes(day):
 
 
 def test_no_secret_in_any_log_listing_or_job_info(day):
-    from ray.job_submission import JobSubmissionClient
-
     stack = day.stack
     secrets = {
         "alice's password": stack.passwords["alice"],
         "bob's password": stack.passwords["bob"],
         "the S3 secret key": stack.env["AWS_SECRET_ACCESS_KEY"],
     }
-    os.environ.update({k: stack.env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")})
-    info = [j.dict() for j in JobSubmissionClient(stack.env["RAY_DASHBOARD_URL"]).list_jobs()]
-    texts = {**day.outputs, "ray job info": json.dumps(info, default=str)}
+    info = ray_jobs(stack)  # what `ray job list` shows anyone with the token: runtime_env, metadata, entrypoint
+    texts = {**day.outputs, "ray job info": json.dumps(info)}
     assert [f"{k}: {n}" for k, t in texts.items() for n, s in secrets.items() if s in t] == []
     logs_dir = Path(os.environ["LIVERSEG_LOG_DIR"])
     assert files_holding([stack.dir / "ray", stack.dir / "logs", logs_dir], secrets) == []
-    assert any("sealed" in json.dumps(j.get("runtime_env")) or "LIVERSEG_JOB_SEALED_ENV" in json.dumps(j) for j in info)
+    sealed = [j for j in info if "LIVERSEG_JOB_SEALED_ENV" in json.dumps(j.get("runtime_env"))]
+    assert len(sealed) == len([j for j in info if (j.get("metadata") or {}).get("liverseg.kind")]) > 0
 
 
 def test_results_stay_out_of_the_callers_checkout(day):
