@@ -272,4 +272,6 @@ def job_logs(
     else:
         for line in client.get_job_logs(job_id).splitlines():
             show(line)
-    return job_id, str(client.get_job_status(job_id))
+    info = client.get_job_info(job_id)
+    status = str(info.status)
+    return job_id, f"{status}: {_last_words(info.message)}" if status == "FAILED" else status
