@@ -266,7 +266,10 @@ def ray_env(d: Path) -> dict[str, str]:
     token = d / "ray-token"
     if not token.exists():
         write_private(token, secrets.token_hex(32) + "\n")
-    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0"}
+    # submitted jobs (`liverseg tune --submit`) start `python -m liverseg...` on the head: the nodes' PATH
+    # leads to this Python first, as the image's does on Kubernetes
+    path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0", "PATH": path}
 
 
 def ray_node(st: Stack, head: str | None, cpus: int, dash_port: int = 0) -> subprocess.Popen:

@@ -1,11 +1,13 @@
-"""The console's one line when the tracking server stops answering, and one when it is back (a real HTTP
-server on 127.0.0.1 that answers /health, then goes away, then comes back on the same port)."""
+"""The console: the progress view of long commands (epochs counted from 1, an ETA from the pace since
+the first epoch), and one line when the tracking server stops answering and one when it is back (a real
+HTTP server on 127.0.0.1 that answers /health, then goes away, then comes back on the same port)."""
 
 import http.server
 import io
 import threading
 
-from liverseg.core.console import Console, _Reachability
+from liverseg.core import console
+from liverseg.core.console import Console, EpochView, _Reachability
 from support.net import free_port
 
 
@@ -49,3 +51,16 @@ def test_an_unreachable_tracking_server_is_said_once_and_its_return_once():
 def test_a_local_store_is_never_probed():
     out = io.StringIO()
     assert _Reachability(Console(out), "sqlite:///mlflow.db").check() and out.getvalue() == ""
+
+
+def test_eta_counts_what_is_left_at_the_pace_since_the_first_epoch(monkeypatch):
+    clock = iter([60.0, 70.0, 80.0])  # start-up took a minute, then 10 s per epoch
+    monkeypatch.setattr(console.time, "monotonic", lambda: next(clock))
+    view = EpochView(Console(io.StringIO()), total=10, upper=True, start=0.0)
+    for epoch in range(3):
+        view.epoch("trial a", epoch, 4, {"val_dice": 0.5 + epoch / 10, "train_loss": 1.0})
+    lines = view.console.stream.getvalue().splitlines()
+    assert lines[0].startswith("  trial a epoch 1/4  val_dice 0.5000") and "ETA 9m00s" in lines[0]
+    assert "[3 of at most 10 epochs, 1m20s elapsed, ETA 1m10s]" in lines[2]  # 7 left x 10 s, not x 27 s
+    view.shrink(5)  # a trial stopped early: its epochs leave the estimate
+    assert view.total == 5

@@ -3,7 +3,6 @@
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -12,39 +11,23 @@ from mlflow.tracking import MlflowClient
 
 from support.cli import cli_cmd
 from support.models import TINY
-from support.net import free_port
-from support.servers import ray_pids, stop_tree
-
-RAY = str(Path(sys.executable).parent / "ray")
 
 
 @pytest.fixture
 def two_node_ray():
-    """Two Ray nodes on 127.0.0.1 in a temp dir of their own, stopped by PID (never `ray stop`, which would
-    end every Ray on the machine)."""
-    from liverseg.training.runtime import FORWARDED_ENV
+    """Two nodes of one CPU on 127.0.0.1, with token auth (their own token), stopped by their PIDs."""
+    from liverseg.training.credentials import FORWARDED_ENV
+    from support.raycluster import start_ray_head
 
-    port = free_port()
-    temp = Path(tempfile.mkdtemp(prefix="lsr-", dir="/tmp"))  # short: Ray's Unix sockets live below it
-    # the nodes know neither the tracking server nor the object store: jobs bring them (runtime_env)
-    env = {k: v for k, v in os.environ.items() if k not in FORWARDED_ENV} | {"RAY_USAGE_STATS_ENABLED": "0"}
-    if (Path.home() / ".ray" / "auth_token").exists():
-        env["RAY_AUTH_MODE"] = "token"
-    head = ["--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "1", "--temp-dir", str(temp)]
-    head += ["--include-dashboard", "true", "--dashboard-port", str(free_port())]
+    # the nodes know neither the tracking server nor the object store: jobs bring them (sealed, runtime_env)
+    base = {k: v for k, v in os.environ.items() if k not in FORWARDED_ENV}
+    head = start_ray_head(Path(tempfile.mkdtemp(prefix="lsc-", dir="/tmp")), cpus=1, base_env=base)
     try:
-        subprocess.run([RAY, "start", *head], env=env, check=True, capture_output=True, timeout=120)
-        subprocess.run(
-            [RAY, "start", "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1", "--num-cpus", "1"],
-            env=env,
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-        yield f"127.0.0.1:{port}", env
+        head.add_node(1, base)
+        yield head.gcs, {**base, **head.env}
     finally:
-        stop_tree(ray_pids(temp))
-        shutil.rmtree(temp, ignore_errors=True)
+        head.stop()
+        shutil.rmtree(head.dir, ignore_errors=True)
 
 
 @pytest.mark.slow
@@ -55,7 +38,7 @@ def test_two_workers_on_two_nodes_read_s3_and_log_to_server(two_node_ray, mlflow
     address, env = two_node_ray
     store = f"{s3}/stores/slices.zarr"
     version = publish_store(store_path, store).version
-    auth = {k: env[k] for k in ("RAY_AUTH_MODE",) if k in env}
+    auth = {k: env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
     env = {**os.environ, **auth, "RAY_ADDRESS": address}  # the submitter's shell: tracking URI and AWS_*
     cmd = cli_cmd(
         "train",

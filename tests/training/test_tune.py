@@ -83,11 +83,19 @@ def test_search_four_trials_two_concurrent(ray_local, mlflow_uri, store_path, tm
     assert note.startswith(f"**Best trial** `{summary.best.trial_id}`") and note.count("\n| ") == 1 + 4
     table = json.loads(Path(client.download_artifacts(summary.parent_run_id, "trials.json", str(tmp_path))).read_text())
     assert table["columns"][:4] == ["trial", "status", "epochs", "val_dice"] and "train_lr" in table["columns"]
-    # the terminal's progress view: one line per trial epoch, with the metric, elapsed time and ETA
+    # the terminal's progress view: one line per trial epoch, with the metric, elapsed time and ETA; a line
+    # when a trial starts and when one is stopped early, saying why
     lines = view.console.stream.getvalue().splitlines()
     ran = sum(t.epochs for t in summary.trials)
-    assert len(lines) == ran == view.done and all("val_dice" in ln and "ETA" in ln for ln in lines), lines
+    epochs = [ln for ln in lines if "ETA" in ln]
+    assert len(epochs) == ran == view.done and all("val_dice" in ln for ln in epochs), lines
     assert view.total == ran  # early-stopped trials' epochs left the estimate
+    assert sum(" starts: train.lr " in ln for ln in lines) == 4
+    pruned = [t for t in summary.trials if t.status == "early-stopped"]
+    assert sum("stopped early after epoch" in ln and "ASHA keeps the best 1/2" in ln for ln in lines) == len(pruned)
+    # every trial ranks by its best score in MLflow, the pruned ones too; the parent counts trials done
+    assert all(k.data.metrics.get("best_val_dice") is not None for k in kids)
+    assert parent.data.metrics["trials_done"] == 4
     # what `dvc plots` draws: the search (val_dice against each searched key) and the best trial's curves
     search, curves = write_dvc_plots(client, summary, tmp_path / "plots")
     rows = json.loads(search.read_text())
@@ -273,3 +281,43 @@ def test_ctrl_c_ends_the_run_in_seconds_marked_killed(mlflow_uri, store_path, tm
     assert err.strip().splitlines()[-1].startswith("error: interrupted")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert runs and {r.info.status for r in runs} == {"KILLED"}, [(r.info.run_name, r.info.status) for r in runs]
+
+
+def test_a_search_saved_by_an_older_liverseg_resumes_with_one_line_not_a_traceback(
+    ray_local, mlflow_uri, store_path, tmp_path
+):
+    """liverseg 0.1 kept its scheduler in liverseg.tune_guard (now liverseg.training.tune_guard): Ray's saved
+    search names that module, so unpickling it fails. A search saved with a scheduler of a module that is
+    gone afterwards stands for it."""
+    import types
+
+    from ray import tune
+    from ray.tune.schedulers import FIFOScheduler
+
+    from liverseg.core.errors import TrainError
+
+    old = types.ModuleType("liverseg.tune_guard")
+    old.LastEpochKeptASHA = type("LastEpochKeptASHA", (FIFOScheduler,), {"__module__": "liverseg.tune_guard"})
+    sys.modules["liverseg.tune_guard"] = old
+    try:
+
+        def trainable(config):  # nested: Ray ships it by value
+            tune.report({"val_dice": 0.5, "epoch": 0})
+
+        tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(scheduler=old.LastEpochKeptASHA(), num_samples=1),
+            run_config=tune.RunConfig(name="old-search", storage_path=str(tmp_path / "ray"), verbose=0),
+        ).fit()
+    finally:
+        del sys.modules["liverseg.tune_guard"]
+    cfg = load_config(TuneConfig, None, [*BASE, f"run.storage_path={tmp_path / 'ray'}", "tune.name=old-search"])
+    with pytest.raises(TrainError) as err:
+        tune_search(store_path, cfg, resume=True, results_path=tmp_path / "r.json")
+    msg = str(err.value)
+    assert "saved by an older liverseg (its state names liverseg.tune_guard" in msg and "\n" not in msg
+    assert "git checkout COMMIT && make setup && liverseg tune --resume" in msg and "--set tune.name=NEW" in msg
+    assert (
+        MlflowClient(mlflow_uri).search_runs([e.experiment_id for e in MlflowClient(mlflow_uri).search_experiments()])
+        == []
+    )

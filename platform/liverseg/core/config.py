@@ -128,6 +128,12 @@ class RunSection(Strict):
     )
 
 
+class TeamSection(Strict):
+    max_trials_per_user: int = Field(
+        2, ge=1, description="trials or training runs one person runs at once on a cluster; more wait for a slot"
+    )
+
+
 class TrainConfig(Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -135,6 +141,7 @@ class TrainConfig(Strict):
     loss: LossConfig = Field(default_factory=LossConfig)
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     run: RunSection = Field(default_factory=RunSection)
+    team: TeamSection = Field(default_factory=TeamSection)
 
 
 # ---------------------------------------------------------------- tune

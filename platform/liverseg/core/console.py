@@ -95,36 +95,47 @@ def _clock(seconds: float) -> str:
 
 @dataclass
 class EpochView:
-    """One line per finished epoch: who, epoch k/n, the selection metric, elapsed and ETA.
+    """One line per finished epoch: who, epoch k/n (counted from 1, as everywhere a person reads it), the
+    selection metric, elapsed time and ETA.
 
     `total` is the number of epochs expected over the whole command (trials x epochs for a search;
-    `shrink` lowers it when a scheduler stops a trial early, so the ETA tightens).
+    `shrink` lowers it when a scheduler stops a trial early, so the ETA tightens; `upper`: the total is a
+    bound, shown as such). The ETA is the pace since the first epoch times the epochs left: start-up
+    (Ray, workers, data) is paid once, not once per epoch left.
     """
 
     console: Console
     total: int
     metric: str = "val_dice"
+    upper: bool = False
     done: int = 0
     start: float = field(default_factory=time.monotonic)
+    first: float | None = None  # when the first epoch ended
     best: float | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def _eta(self, now: float) -> str:
+        left = max(self.total - self.done, 0)
+        if self.done > 2:  # epochs of parallel trials may end together: the pace needs a few
+            return _clock((now - self.first) / (self.done - 1) * left)
+        return _clock((now - self.start) / self.done * left)
+
     def epoch(self, who: str, epoch: int, epochs: int, metrics: dict[str, Any]) -> None:
         with self._lock:
+            now = time.monotonic()
             self.done += 1
+            self.first = self.first or now
             value = metrics.get(self.metric)
             if isinstance(value, (int, float)) and (self.best is None or value > self.best):
                 self.best = float(value)
-            elapsed = time.monotonic() - self.start
-            left = max(self.total - self.done, 0)
-            eta = _clock(elapsed / self.done * left) if self.done else "?"
             shown = f"{value:.4f}" if isinstance(value, (int, float)) else "-"
             loss = metrics.get("train_loss")
             extra = f"  train_loss {loss:.4f}" if isinstance(loss, (int, float)) else ""
             best = f" (best {self.best:.4f})" if self.best is not None else ""
+            count = f"{self.done} of at most {self.total}" if self.upper else f"{self.done}/{self.total}"
             self.console.line(
                 f"  {who} epoch {epoch + 1}/{epochs}  {self.metric} {shown}{best}{extra}  "
-                f"[{self.done}/{self.total} epochs, {_clock(elapsed)} elapsed, ETA {eta}]"
+                f"[{count} epochs, {_clock(now - self.start)} elapsed, ETA {self._eta(now)}]"
             )
 
     def shrink(self, epochs_not_run: int) -> None:

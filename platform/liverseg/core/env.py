@@ -17,6 +17,8 @@ RELOAD_TOKEN = "LIVERSEG_RELOAD_TOKEN"  # bearer token of a replica's POST /relo
 ADMIN_USER, ADMIN_PASSWORD = "LIVERSEG_ADMIN_USER", "LIVERSEG_ADMIN_PASSWORD"  # `users add`'s admin login
 GIT_COMMIT = "LIVERSEG_GIT_COMMIT"  # the commit a container image was built from (no .git inside)
 FAIL_AT_EPOCH = "LIVERSEG_TEST_FAIL_AT_EPOCH"  # tests only: rank 0 crashes once in that epoch
+# a cluster job's services and identity, sealed with the Ray cluster's token (liverseg.training.credentials)
+JOB_SEALED_ENV = "LIVERSEG_JOB_SEALED_ENV"
 
 
 def get(name: str) -> str | None:

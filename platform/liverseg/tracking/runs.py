@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,45 @@ def author() -> str:
     return os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser()
 
 
+@dataclass(frozen=True)
+class Login:
+    """Who the tracking server says the caller is."""
+
+    name: str
+    is_admin: bool = False
+    verified: bool = False  # the server checked the password; False: a local store or a server without auth
+
+
+def login(uri: str | None = None, timeout_s: float = 10.0) -> Login:
+    """The caller as the tracking server sees them: MLflow basic-auth's `GET /api/2.0/mlflow/users/current`
+    with MLFLOW_TRACKING_USERNAME/PASSWORD (or MLFLOW_TRACKING_TOKEN). A refused login is a TrackingError;
+    a local store, or a server without the auth app, gives the unverified `author()`."""
+    import requests
+
+    uri = uri or tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return Login(author())
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    try:
+        res = requests.get(
+            uri.rstrip("/") + "/api/2.0/mlflow/users/current",
+            auth=(user, password) if user and password else None,
+            headers={"Authorization": f"Bearer {token}"} if token else None,
+            timeout=timeout_s,
+        )
+    except requests.RequestException as e:
+        raise TrackingError(f"MLflow tracking server {uri} is not reachable: {type(e).__name__}") from None
+    if res.status_code in (401, 403):
+        raise TrackingError(f"MLflow tracking server {uri} refused the login {user or '(none)'}: wrong password?")
+    if res.status_code == 404:  # no basic-auth app: anyone may write any name
+        return Login(author())
+    if res.status_code != 200:
+        raise TrackingError(f"MLflow tracking server {uri}: users/current answered {res.status_code}")
+    body = res.json().get("user", {})
+    return Login(str(body.get("username")), bool(body.get("is_admin")), True)
+
+
 def check_tracking(uri: str, timeout_s: float = 10.0) -> None:
     """Fail in seconds, before any training, when the tracking store is unusable.
 
@@ -153,6 +193,18 @@ def check_tracking(uri: str, timeout_s: float = 10.0) -> None:
         client(uri).search_experiments(max_results=1)
     except Exception as e:
         raise TrackingError(f"MLflow tracking store {uri} is not usable: {type(e).__name__}: {e}") from None
+
+
+def ui_url(run_id: str, experiment_id: str, uri: str | None = None) -> str | None:
+    """The run's page in the MLflow UI of a tracking server (None for a local store: `mlflow ui`)."""
+    from urllib.parse import urlsplit
+
+    uri = uri or tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return None
+    parts = urlsplit(uri.rstrip("/"))  # a password written into the URI stays out of the link
+    base = f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}{parts.path}"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def experiment_id(client: Any, name: str) -> str:

@@ -53,6 +53,13 @@ RAY_WORKER_NODES = "ray_worker_nodes"
 TRIAL_STATUS = "trial_status"  # completed | early-stopped | failed
 BEST_TRIAL_ID, BEST_RUN_ID = "best_trial_id", "best_run_id"  # on a search's parent run
 BEST_PARAM_PREFIX = "best."  # best.<searched key> on a search's parent run
+# a submitted job's run (a search's parent run, a training run): which Ray job, whose, and how it goes
+JOB_ID = "liverseg.job.id"  # the Ray job's submission id
+JOB_OWNER = "liverseg.job.owner"  # the MLflow login that submitted it (checked against the server)
+JOB_STATE = "liverseg.job.state"  # what the driver is doing: running | waiting: <why>
+JOB_OVERRIDES = "liverseg.job.overrides"  # the submitter's --set list, as JSON
+JOB_CONFIG_SOURCE = "liverseg.job.config"  # stage file and profile the config came from
+TRIALS_DONE, TRIALS_RUNNING, TRIALS_WAITING = "trials_done", "trials_running", "trials_waiting"  # parent metrics
 # an evaluation run's link to what it scored
 MODEL_NAME, MODEL_VERSION, TRAINING_RUN_ID = "model_name", "model_version", "training_run_id"
 SPLIT, RESOLUTION = "split", "resolution"

@@ -286,7 +286,9 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
                 best = Best(metrics["val_dice"], epoch, state)
             report(w, epoch, metrics, best, lc.cfg.model_dump(mode="json"))
             if logger:
-                logger.log(metrics, step=epoch)  # queued: a slow or absent tracking server never holds an epoch
+                # queued: a slow or absent tracking server never holds an epoch; the best so far too: a trial
+                # ASHA stops early still ranks by it in MLflow's views
+                logger.log({**metrics, tags.BEST_VAL_DICE: best.dice}, step=epoch)
     except BaseException:
         if logger:  # the epochs that finished keep their metrics; the failure itself propagates
             with contextlib.suppress(Exception):

@@ -15,6 +15,10 @@ from liverseg.core.errors import ModelError, TrainError
 from liverseg.data.store import FORMAT_VERSION, SliceStore
 from liverseg.tracking import tags
 from liverseg.tracking.runs import dvc_hash, git_commit, store_digest
+from liverseg.training.credentials import forwarded, job_env_vars, ray_token
+
+SETUP_HOOK = "liverseg.training.credentials.worker_setup"  # Ray imports it in every worker of the job
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for a submitted job's driver
 
 
 def storage_path(cfg: TrainConfig) -> str:
@@ -23,19 +27,19 @@ def storage_path(cfg: TrainConfig) -> str:
     return p if "://" in p else str(Path(p).expanduser().resolve())
 
 
-# The submitter's services and identity: a shared cluster's workers were started with other variables
-# (or none), so these travel with the job (Ray's runtime_env) and each trial logs as its author.
-FORWARDED_ENV = (
-    "MLFLOW_TRACKING_URI",
-    "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN",
-    "AWS_ENDPOINT_URL",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_DEFAULT_REGION",
-)
+def cluster_address(cfg: TrainConfig) -> str | None:
+    """The Ray cluster a run goes to (run.ray_address, else RAY_ADDRESS, which Ray sets for a submitted
+    job's driver); None: a local Ray this command starts."""
+    return cfg.run.ray_address or os.environ.get("RAY_ADDRESS") or None
+
+
+def workers_need(cfg: TrainConfig) -> dict[str, float]:
+    """What a run's Ray Train workers take together: {"CPU": n, "GPU": n} (GPU only with use_gpu)."""
+    workers = cfg.scaling.num_workers
+    need = {"CPU": workers * cfg.scaling.cpus_per_worker}
+    if cfg.scaling.use_gpu:
+        need["GPU"] = float(workers)
+    return need
 
 
 def preflight(cfg: TrainConfig) -> None:
@@ -61,18 +65,48 @@ def preflight(cfg: TrainConfig) -> None:
             )
 
 
+def job_runtime_env(values: dict[str, str]) -> dict:
+    """The runtime_env of liverseg's Ray jobs: the worker setup hook (pins each worker to its own cluster,
+    opens the sealed variables) and `values` sealed under the cluster's token (see credentials)."""
+    env_vars = job_env_vars(values, ray_token()) if values else {}
+    return {"worker_process_setup_hook": SETUP_HOOK, **({"env_vars": env_vars} if env_vars else {})}
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (what `ray job stop` sends a job's driver) ends the run as Ctrl-C does: its MLflow runs
+    KILLED, its trials and workers shut down (see `tune._fit`, `train.train`)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+def in_submitted_job() -> bool:
+    """This process is the driver of a Ray job submitted through the Jobs API (its runtime_env is set)."""
+    return bool(os.environ.get(JOB_CONFIG_ENV))
+
+
 def ensure_ray(address: str | None) -> None:
-    """Connect to `address` (or RAY_ADDRESS) handing the job FORWARDED_ENV, else start a local Ray."""
+    """Connect to Ray: inside a submitted job, to its cluster with the job's own runtime_env; with `address`
+    (or RAY_ADDRESS), to that cluster handing it this shell's FORWARDED_ENV, sealed; else a local Ray
+    (its workers inherit this process's environment). Every worker runs the setup hook either way."""
     import ray
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
-        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env})
+    if in_submitted_job():
+        ray.init(log_to_driver=True)  # a second runtime_env would conflict with the job's
+        stop_on_sigterm()  # again: ray.init installed its own (sys.exit), which would leave runs RUNNING
+    elif address:
+        ray.init(address=address, log_to_driver=True, runtime_env=job_runtime_env(forwarded()))
     else:
-        ray.init(log_to_driver=True)  # local workers inherit this process's environment
+        ray.init(log_to_driver=True, runtime_env=job_runtime_env({}))
 
 
 def lineage_tags(store: SliceStore, store_path: str) -> dict[str, str]:

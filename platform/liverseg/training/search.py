@@ -30,6 +30,8 @@ class TrialSetup:
     parent_run_id: str  # the search's MLflow parent run
     tracking_uri: str
     lineage: dict[str, str]  # git commit, DVC hash, store digest: read in the project directory
+    owner: str = ""  # who runs the search (the tracking login): whose slots its trials take
+    slots: str | None = None  # on a cluster, the key its trials ask the cluster's slots under (admission)
 
 
 def build_space(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -55,6 +57,14 @@ def build_space(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
         else:
             out[key] = tune.grid_search(list(args))
     return out
+
+
+def trial_count(num_samples: int, space: dict[str, dict[str, Any]]) -> int:
+    """How many trials a search runs: Ray repeats every grid for each of the `num_samples` samples."""
+    for spec in space.values():
+        if isinstance(spec, dict) and isinstance(spec.get("grid"), list):
+            num_samples *= len(spec["grid"])
+    return num_samples
 
 
 def make_search(cfg: TuneConfig, space: dict[str, Any]):
@@ -100,12 +110,11 @@ def fit_concurrency(cfg: TuneConfig) -> TuneConfig:
     than one is a one-line error.
     """
     from liverseg.core.errors import TrainError
+    from liverseg.training.runtime import workers_need
     from liverseg.training.tune_guard import placeable_trials
 
-    workers = cfg.scaling.num_workers
-    need = {"CPU": cfg.tune.cpus_per_trial + workers * cfg.scaling.cpus_per_worker}
-    if cfg.scaling.use_gpu:
-        need["GPU"] = float(workers)
+    need = workers_need(cfg)
+    need["CPU"] += cfg.tune.cpus_per_trial
     fits = placeable_trials(need)
     if fits < 1:
         raise TrainError(f"a trial needs {need} but the Ray cluster has too little: lower scaling.* or add nodes")
@@ -130,6 +139,7 @@ def trial_fn(config: dict[str, Any]) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from liverseg.training.runtime import workers_need
     from liverseg.training.train import train
 
     setup: TrialSetup = config["setup"]
@@ -138,12 +148,22 @@ def trial_fn(config: dict[str, Any]) -> None:
     cfg = trial_config(setup.base, config["sampled"])
     cfg.run.name = f"{setup.name}-{trial_id}"
     cfg.run.storage_path = f"{setup.storage}/trials"
-    train(
-        setup.store,
-        cfg,
-        run_key=f"{setup.name}/{trial_id}",
-        parent_run_id=setup.parent_run_id,
-        callbacks=[TuneReportCallback()],
-        lineage=setup.lineage,
-        check_first=False,  # the search's driver checked; a trial's node may have no GPU of its own
-    )
+    slot = None
+    if setup.slots:  # on a cluster: a slot first, then the workers (see admission)
+        from liverseg.training.admission import wait_for_slot
+
+        key = f"{setup.slots}/{trial_id}"
+        slot = wait_for_slot(key, setup.owner, setup.slots, workers_need(cfg), cfg.team.max_trials_per_user)
+    try:
+        train(
+            setup.store,
+            cfg,
+            run_key=f"{setup.name}/{trial_id}",
+            parent_run_id=setup.parent_run_id,
+            callbacks=[TuneReportCallback()],
+            lineage=setup.lineage,
+            check_first=False,  # the search's driver checked; a trial's node may have no GPU of its own
+        )
+    finally:
+        if slot is not None:
+            slot.release()

@@ -168,13 +168,47 @@ def _finish(client, run_id: str, name: str, result, spec: ModelSpec, store: Slic
         raise TrainError(f"training run {name} reported no checkpoint")
     with result.checkpoint.as_directory() as d:
         best = torch.load(Path(d) / BEST_FILE, map_location="cpu", weights_only=True)
-    client.log_metric(run_id, tags.BEST_VAL_DICE, float(best["val_dice"]), step=int(best["epoch"]))
     model_uri = log_best_model(client, run_id, best, spec, store, cfg)
     client.set_tag(run_id, tags.BEST_VAL_DICE, f"{best['val_dice']:.6f}")
     client.set_tag(run_id, tags.BEST_EPOCH, str(best["epoch"]))
     client.set_tag(run_id, tags.MODEL_URI, model_uri)
     client.set_terminated(run_id, "FINISHED")
     return TrainResult(run_id, name, float(best["val_dice"]), int(best["epoch"]), model_uri)
+
+
+@dataclass
+class OpenedRun:
+    """A training run in MLflow, found by its key or just created (params, lineage tags, datasets)."""
+
+    run: Any
+    existed: bool
+    name: str
+    store_path: str  # absolute, or a URL
+    store: SliceStore
+
+
+def open_training_run(
+    store_path: str,
+    cfg: TrainConfig,
+    run_key: str | None = None,
+    parent_run_id: str | None = None,
+    lineage: dict[str, str] | None = None,
+    extra_tags: dict[str, str] | None = None,
+) -> OpenedRun:
+    """`cfg`'s training run on the store: found by key (`run_key`, else the run name), else created with
+    every config key as a param, the lineage tags (read here unless given) and the store's splits.
+    `liverseg train --submit` opens it on the submitter's machine, where git and dvc.lock are."""
+    store_path, store = _open_store(store_path)
+    chash = config_hash(to_flat_dict(cfg) | {"store": store_path})
+    name = cfg.run.name or f"train-{chash}"
+    client = mlflow_client()
+    run_tags = {**(lineage or lineage_tags(store, store_path)), tags.CONFIG_HASH: chash, **(extra_tags or {})}
+    run, existed = _open_run(client, cfg, run_key or name, name, run_tags, parent_run_id)
+    if not existed:
+        client.log_inputs(
+            run.info.run_id, datasets=store_datasets(store, store_path, {"train": "training", "val": "validation"})
+        )
+    return OpenedRun(run, existed, name, store_path, store)
 
 
 def train(
@@ -200,17 +234,10 @@ def train(
     check_tracking(tracking_uri())
     if check_first:  # before any MLflow run or Ray: what cannot work fails in seconds
         preflight(cfg)
-    store_path, store = _open_store(store_path)
-    chash = config_hash(to_flat_dict(cfg) | {"store": store_path})
-    name = cfg.run.name or f"train-{chash}"
+    opened = open_training_run(store_path, cfg, run_key, parent_run_id, lineage)
+    run, existed, name, store_path, store = opened.run, opened.existed, opened.name, opened.store_path, opened.store
     client = mlflow_client()
-    run_tags = {**(lineage or lineage_tags(store, store_path)), tags.CONFIG_HASH: chash}
-    run, existed = _open_run(client, cfg, run_key or name, name, run_tags, parent_run_id)
     run_id = run.info.run_id
-    if not existed:
-        client.log_inputs(
-            run_id, datasets=store_datasets(store, store_path, {"train": "training", "val": "validation"})
-        )
     t = run.data.tags
     if existed and run.info.status == "FINISHED" and t.get(tags.MODEL_URI):
         return TrainResult(run_id, name, float(t[tags.BEST_VAL_DICE]), int(t[tags.BEST_EPOCH]), t[tags.MODEL_URI], True)

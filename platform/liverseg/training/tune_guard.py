@@ -21,6 +21,7 @@ from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler
 
 NIL_ACTOR = b"\xff"  # ActorID.nil() is all 0xff bytes: the creator was a driver, not an actor
+STOP_REASONS: dict[str, str] = {}  # trial id -> why ASHA stopped it (the driver's progress view reads it)
 
 
 class LastEpochKeptASHA(ASHAScheduler):
@@ -37,7 +38,26 @@ class LastEpochKeptASHA(ASHAScheduler):
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         if result.get(self._time_attr, 0) >= self._last_epoch:
             return self.CONTINUE
-        return super().on_trial_result(tune_controller, trial, result)
+        rung = self._rung(trial, result)
+        action = super().on_trial_result(tune_controller, trial, result)
+        if action == self.STOP and rung and self._metric in result:
+            milestone, cutoff = rung
+            STOP_REASONS[trial.trial_id] = (
+                f"{self._metric} {result[self._metric]:.4f} below the cutoff {cutoff:.4f} of the other trials "
+                f"after epoch {int(milestone)} (ASHA keeps the best 1/{self._reduction_factor:g})"
+            )
+        return action
+
+    def _rung(self, trial, result: dict) -> tuple[float, float] | None:
+        """(milestone, cutoff in the metric's own sign) of the rung this result is judged at, if any."""
+        bracket = self._trial_info.get(trial.trial_id)
+        t = result.get(self._time_attr, 0)
+        for milestone, recorded in bracket._rungs if bracket else ():  # ASHA's own rungs, highest first
+            if t < milestone or trial.trial_id in recorded:
+                continue
+            cutoff = bracket.cutoff(recorded)
+            return (milestone, self._metric_op * cutoff) if cutoff is not None else None
+        return None
 
 
 def orphaned_placement_groups() -> list[str]:
@@ -83,7 +103,7 @@ class ReleaseStoppedTrials(Callback):
         self._last = time.monotonic()
         self.released += release_orphaned_placement_groups()
 
-    def on_step(self, iteration, trials, **info) -> None:
+    def on_step_end(self, iteration, trials, **info) -> None:
         if time.monotonic() - self._last >= self.every_s:  # the controller may die after the trial ends
             self._sweep()
 

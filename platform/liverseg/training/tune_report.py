@@ -92,3 +92,18 @@ def format_table(summary: SearchResults) -> str:
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
     return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def best_line(summary: SearchResults, results: str) -> str:
+    """The search's last line: the best trial that can be registered, where the results went, what next.
+    TrainError when no trial logged a model (the first failure's cause in it)."""
+    from liverseg.core.errors import TrainError
+
+    best = summary.best
+    if not best.model_uri:
+        raise TrainError(f"no trial finished with a model; first failure: {best.error or 'none'}")
+    return (
+        f"best trial {best.trial_id}: val_dice {best.val_dice:.4f}, mlflow run {best.run_id}, "
+        f"checkpoint {best.checkpoint}; results -> {results}; search run {summary.parent_run_id} "
+        f"(liverseg register --best-of-tune-run {summary.parent_run_id})"
+    )
