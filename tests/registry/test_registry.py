@@ -9,6 +9,8 @@ import pytest
 
 from liverseg.core.errors import RegistryError
 from liverseg.registry.champion import alias_version
+from liverseg.registry.history import history
+from liverseg.registry.history import line as history_line
 from liverseg.registry.lineage import lineage
 from liverseg.registry.promote import promote, rollback
 from liverseg.registry.register import register
@@ -51,7 +53,7 @@ def _check_flow(store_path):
     from mlflow.entities import Dataset, DatasetInput
 
     from liverseg.data.store import SliceStore
-    from liverseg.tracking.runs import store_datasets
+    from liverseg.tracking.provenance import store_datasets
 
     train_in, val_in = store_datasets(SliceStore(store_path), store_path, {"train": "training", "val": "validation"})
     d = val_in.dataset  # as if the run had trained on another version of the validation cases
@@ -280,3 +282,32 @@ def test_a_failing_champion_lookup_is_not_read_as_no_champion(mlflow_uri, monkey
     assert alias_version(client, "liver-unet", "champion") is None  # no such alias
     with pytest.raises(MlflowException):
         alias_version(MlflowClient(f"http://127.0.0.1:{free_port()}"), "liver-unet", "champion")
+
+
+def test_promote_prints_and_records_the_shadow_evidence(mlflow_uri, store_path):
+    """The challenger's agreement with the champion on live traffic (written by a shadowing replica) is
+    printed beside the gate's numbers and recorded with the decision; evidence against another champion
+    is not this comparison's."""
+    from liverseg.tracking.runs import client as mlflow_client
+    from liverseg.tracking.shadow import ShadowSummary, write_evidence
+
+    register(run_id=log_model_run(constant_state(liver=False), store_path=store_path)[0])
+    first = promote(store_path, min_dice=0.0)
+    assert first.shadow is None and first.line().endswith(
+        "no shadow evidence for this challenger against this champion"
+    )
+    mv = register(run_id=log_model_run(constant_state(liver=True), store_path=store_path)[0])
+    client = mlflow_client()
+    seen = ShadowSummary(mv.name, str(mv.version), 40, 0.912, 0.801, 35.25, "2026-12-01T10:00:00.000000Z")
+    write_evidence(client, ShadowSummary(**{**seen.to_json(), "against": (first.champion_after,)}))
+    write_evidence(client, ShadowSummary(**{**seen.to_json(), "compared": 9, "against": ("99",), "replicas": ("x",)}))
+    d = promote(store_path, min_dice=0.0)
+    assert d.promoted and d.shadow.compared == 40
+    assert d.line().endswith(
+        "shadow on live traffic: 40 requests compared since 2026-12-01T10:00:00.000000Z, Dice mean 0.9120, "
+        "5th percentile 0.8010, largest volume difference 35.2 ml"
+    )
+    t = client.get_model_version(mv.name, mv.version).tags
+    assert (t["shadow.compared"], t["shadow.dice_mean"], t["shadow.dice_p05"]) == ("40", "0.912000", "0.801000")
+    records, _ = history(client, "liver-unet")
+    assert records[0].gate["shadow.volume_diff_ml_max"] == "35.250" and "shadow 40 requests" in history_line(records[0])

@@ -8,15 +8,11 @@ import os
 import secrets
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from support.net import free_port
-from support.paths import REPO
-
-sys.path.insert(0, str(REPO / "deploy" / "local"))
-from stackpids import stack_pids  # noqa: E402
+from support.servers import ray_pids, stop_tree
 
 BIN = Path(sys.executable).parent
 
@@ -36,14 +32,7 @@ class RayHead:
         assert res.returncode == 0, res.stderr[-3000:]
 
     def stop(self, timeout_s: float = 30) -> None:
-        for sig in ("TERM", "KILL"):
-            pids = stack_pids(str(self.dir / "ray"), [])
-            if not pids:
-                return
-            subprocess.run(["kill", f"-{sig}", *map(str, pids)], capture_output=True)
-            deadline = time.monotonic() + timeout_s
-            while stack_pids(str(self.dir / "ray"), []) and time.monotonic() < deadline:
-                time.sleep(0.5)
+        stop_tree(ray_pids(self.dir / "ray"), timeout_s)
 
 
 def start_ray_head(root: Path, cpus: int = 2, base_env: dict[str, str] | None = None) -> RayHead:

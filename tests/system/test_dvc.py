@@ -75,7 +75,7 @@ def test_dvc_repro_ingest_stage(tmp_path, phantom_dir):
     assert "Data and pipelines are up to date" in _run(["dvc", "status"], repo)
     assert "didn't change" in _run(["dvc", "repro"], repo)  # nothing re-runs
     from liverseg.data.store import SliceStore
-    from liverseg.tracking.runs import dvc_hash
+    from liverseg.tracking.provenance import dvc_hash
 
     assert SliceStore(str(repo / "data" / "store.zarr")).size == (64, 64)  # the demo profile applied
     md5 = dvc_hash(repo / "data" / "store.zarr", repo / "dvc.lock")

@@ -8,7 +8,7 @@ from mlflow.data.schema import TensorDatasetSchema
 from mlflow.tracking import MlflowClient
 
 from liverseg.data.store import SliceStore
-from liverseg.tracking.runs import store_datasets
+from liverseg.tracking.provenance import store_datasets
 
 
 def test_store_datasets_identify_content_not_path(mlflow_uri, store_path, tmp_path):
@@ -42,7 +42,7 @@ def test_store_datasets_identify_content_not_path(mlflow_uri, store_path, tmp_pa
 
 
 def test_git_commit_outside_git_is_the_image_build_argument(tmp_path, monkeypatch):
-    from liverseg.tracking.runs import git_commit
+    from liverseg.tracking.provenance import git_commit
 
     monkeypatch.delenv("LIVERSEG_GIT_COMMIT", raising=False)
     assert git_commit(tmp_path) == "unknown"  # not a repository, nothing recorded

@@ -25,7 +25,7 @@ from zarr.codecs import BloscCodec
 from liverseg import __version__
 from liverseg.core.errors import StoreError, one_line
 from liverseg.data.lits import CASE_ID, case_order
-from liverseg.data.published import missing_objects, resolve
+from liverseg.data.published import missing_objects, resolve, store_name
 
 FORMAT = "liverseg-slices"
 FORMAT_VERSION = 1
@@ -147,6 +147,7 @@ class SliceStore:
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
         self.url, self._options = str(url), storage_options
+        self.name = store_name(self.url)  # `lits.zarr`, also for a pinned version's URL
         try:
             target, self.version, self.pinned_url = resolve(self.url, storage_options)
             options = storage_options if isinstance(target, str) else None

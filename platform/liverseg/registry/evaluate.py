@@ -28,7 +28,8 @@ from liverseg.model.metrics import counts, overlap_scores, score_volume
 from liverseg.model.plots import mask_overlay_png
 from liverseg.tracking import tags
 from liverseg.tracking.models import load_model, resolve_version
-from liverseg.tracking.runs import author, experiment_id, store_datasets
+from liverseg.tracking.provenance import store_datasets
+from liverseg.tracking.runs import author, experiment_id
 from liverseg.tracking.runs import client as mlflow_client
 
 CASE_METRICS = ("dice", "iou", "voe", "rvd", "assd_mm", "msd_mm", "hd95_mm")

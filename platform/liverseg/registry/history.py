@@ -19,9 +19,9 @@ from typing import Any
 from liverseg.core.errors import RegistryError
 from liverseg.core.limits import MLFLOW_TAG_KEY_CHARS, MLFLOW_TAG_VALUE_CHARS
 from liverseg.tracking import tags
-from liverseg.tracking.runs import failure
 from liverseg.tracking.chain import Chain, Record, encode, entry_key, history_records, read_chain
 from liverseg.tracking.gate_marks import served_by_gate
+from liverseg.tracking.runs import failure
 
 TAG_PREFIX = tags.HISTORY_PREFIX
 
@@ -37,12 +37,17 @@ def _dice(x: float | None) -> str:
 
 
 def _gate_text(gate: dict[str, str]) -> str:
+    shadow = (
+        f"; shadow {printable(gate[tags.SHADOW_COMPARED])} requests, Dice mean {printable(gate.get(tags.SHADOW_DICE_MEAN, '-'))}"
+        if gate.get(tags.SHADOW_COMPARED)
+        else ""
+    )
     if not gate.get(tags.GATE_RULE) or not gate.get(tags.GATE_DIFF_MEAN):
-        return f"; gate {gate[tags.GATE_RULE]}" if gate.get(tags.GATE_RULE) else ""
+        return (f"; gate {gate[tags.GATE_RULE]}" if gate.get(tags.GATE_RULE) else "") + shadow
     return (
         f"; gate {gate[tags.GATE_RULE]}: diff {float(gate[tags.GATE_DIFF_MEAN]):+.4f} "
         f"CI [{float(gate[tags.GATE_DIFF_CI_LOW]):+.4f}, {float(gate[tags.GATE_DIFF_CI_HIGH]):+.4f}] "
-        f"n={gate.get(tags.GATE_N_CASES, '-')}"
+        f"n={gate.get(tags.GATE_N_CASES, '-')}{shadow}"
     )
 
 
@@ -85,7 +90,9 @@ def chain_of(client: Any, model: str, prefix: str = TAG_PREFIX) -> Chain:
         model_tags = client.get_registered_model(model).tags
     except Exception as e:
         err = failure(e, model)
-        raise (RegistryError(f"{model}: no such registered model, no history") if isinstance(err, RegistryError) else err) from None
+        raise (
+            RegistryError(f"{model}: no such registered model, no history") if isinstance(err, RegistryError) else err
+        ) from None
     return read_chain(model_tags or {}, prefix)
 
 

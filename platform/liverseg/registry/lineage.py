@@ -6,8 +6,9 @@ from __future__ import annotations
 from liverseg.registry.history import printable
 from liverseg.tracking import tags
 from liverseg.tracking.models import resolve_version
+from liverseg.tracking.provenance import store_datasets
 from liverseg.tracking.runs import client as mlflow_client
-from liverseg.tracking.runs import failure, store_datasets
+from liverseg.tracking.runs import failure
 
 
 def _dice(t: dict[str, str]) -> str:
@@ -23,7 +24,9 @@ def lineage(uri: str) -> list[str]:
     client = mlflow_client()
     mv = resolve_version(client, uri)
     try:
-        run = client.get_run((mv.tags or {}).get(tags.TRAINING_RUN_ID) or mv.run_id)  # a served copy's run holds only files
+        run = client.get_run(
+            (mv.tags or {}).get(tags.TRAINING_RUN_ID) or mv.run_id
+        )  # a served copy's run holds only files
     except Exception as e:
         raise failure(e, f"{uri}: its training run") from None
     t = run.data.tags

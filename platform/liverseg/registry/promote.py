@@ -36,6 +36,7 @@ from liverseg.tracking.chain import Record
 from liverseg.tracking.runs import author as who
 from liverseg.tracking.runs import client as mlflow_client
 from liverseg.tracking.runs import failure, tracking_uri
+from liverseg.tracking.shadow import ShadowSummary, read_evidence
 from liverseg.tracking.tags import CHALLENGER, CHAMPION, candidate_model
 
 __all__ = ["Decision", "promote", "rollback", "gate_dice"]
@@ -54,6 +55,7 @@ class Decision:
     grid: str = TEST_GRID
     gate: GateResult | None = None
     note: str = ""  # a half-done change completed first
+    shadow: ShadowSummary | None = None  # the challenger's agreement with this champion on live traffic
 
     def line(self) -> str:
         champ = f"v{self.champion_before} {self.champion_dice:.4f}" if self.champion_before else "none"
@@ -62,7 +64,8 @@ class Decision:
         return (
             f"{verdict}: {self.name} test Dice ({self.grid}): challenger v{self.challenger} "
             f"{self.challenger_dice:.4f}; champion before: {champ}; champion now: v{self.champion_after}; "
-            f"{self.reason}{note}"
+            f"{self.reason}{note}; "
+            + (self.shadow.line() if self.shadow else "no shadow evidence for this challenger against this champion")
         )
 
 
@@ -198,17 +201,20 @@ def _decide(client, name, chal, champ, scored, result, dice, reason, grid, reque
         tags.COMPARED_WITH: str(champ.version) if champ else "",
         **result.tags(),
     }
-    before = str(champ.version) if champ else None
+    before, cand = str(champ.version) if champ else None, candidate_model(name)
+    shadow = read_evidence(client, cand, str(chal.version), against=before) if before else None
+    decision.update(shadow.decision_tags() if shadow else {})
     record = Record(
         "promote", name, before, None, who(), utc_now(), reason, chal_dice, champ_dice, str(chal.version),
-        result.tags(), scored.pinned[tags.WEIGHTS_SHA256], scored.pinned[tags.SPEC_SHA256],
+        {**result.tags(), **(shadow.decision_tags() if shadow else {})},
+        scored.pinned[tags.WEIGHTS_SHA256], scored.pinned[tags.SPEC_SHA256],
         request.id if request else "", request.by if request else "",
     )  # fmt: skip
     check_record_fits(record)  # before the first write
-    cand = candidate_model(name)
     for k, v in decision.items():
         client.set_model_version_tag(cand, chal.version, k, v)
     outcome = Decision(name, str(chal.version), before, before, chal_dice, champ_dice, False, result.why, grid, result)
+    outcome.shadow = shadow
     if result.passed:
         served = find_served_copy(client, name, str(chal.version), scored.pinned)
         facts = {**lineage_facts(client, chal), tags.CANDIDATE_VERSION: str(chal.version), **scored.pinned, **decision}

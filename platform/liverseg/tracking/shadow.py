@@ -51,6 +51,24 @@ class ShadowSummary:
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def line(self) -> str:
+        """One line for a terminal: requests compared since when, Dice mean and 5th percentile, volume."""
+        return (
+            f"shadow on live traffic: {self.compared} requests compared since {self.since}, Dice mean "
+            f"{self.dice_mean:.4f}, 5th percentile {self.dice_p05:.4f}, largest volume difference "
+            f"{self.volume_diff_ml_max:.1f} ml"
+        )
+
+    def decision_tags(self) -> dict[str, str]:
+        """The figures as tags, recorded with a promotion decision (`tags.SHADOW_*`)."""
+        return {
+            tags.SHADOW_COMPARED: str(self.compared),
+            tags.SHADOW_DICE_MEAN: f"{self.dice_mean:.6f}",
+            tags.SHADOW_DICE_P05: f"{self.dice_p05:.6f}",
+            tags.SHADOW_VOLUME_DIFF_MAX: f"{self.volume_diff_ml_max:.3f}",
+            tags.SHADOW_EVIDENCE_SINCE: self.since,
+        }
+
 
 def _run_key(s: ShadowSummary) -> str:
     return f"shadow/{s.name}/{s.version}/{','.join(s.against)}/{','.join(s.replicas)}/{s.since}"

@@ -89,10 +89,12 @@ GATE_TAGS += (GATE_P_VALUE, GATE_SEED, GATE_RESAMPLES, GATE_CONFIDENCE)
 # ---------------------------------------------------------------- shadow evidence (serving)
 # runs of a serving replica's shadow: a challenger version compared with the champion on real requests, one
 # run per replica session; the `monitor` role (serving accounts that shadow) may EDIT this experiment only
-SHADOW_EXPERIMENT = "liverseg-shadow"
 SHADOW_KIND = "shadow"  # their KIND; MODEL_NAME / MODEL_VERSION name the challenger, COMPARED_WITH the champion
 SHADOW_REPLICA = "shadow_replica"  # the replica that compared (host:port)
 SHADOW_SINCE = "shadow_since"  # UTC time of its first comparison in this session
+# what `liverseg promote` read of that evidence, recorded with its decision (candidate version, history record)
+SHADOW_COMPARED, SHADOW_DICE_MEAN, SHADOW_DICE_P05 = "shadow.compared", "shadow.dice_mean", "shadow.dice_p05"
+SHADOW_VOLUME_DIFF_MAX, SHADOW_EVIDENCE_SINCE = "shadow.volume_diff_ml_max", "shadow.since"
 
 # ---------------------------------------------------------------- registered model tags
 HISTORY_PREFIX = "liverseg.history."  # one per champion change: liverseg.history.<seq>, hash-chained

@@ -285,9 +285,7 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
                 state = {k: v.detach().cpu().clone() for k, v in unwrap(w.model).state_dict().items()}
                 best = Best(metrics["val_dice"], epoch, state)
             report(w, epoch, metrics, best, lc.cfg.model_dump(mode="json"))
-            if logger:
-                # queued: a slow or absent tracking server never holds an epoch; the best so far too: a trial
-                # ASHA stops early still ranks by it in MLflow's views
+            if logger:  # queued, never holding an epoch; with the best so far (ASHA's early stops rank by it)
                 logger.log({**metrics, tags.BEST_VAL_DICE: best.dice}, step=epoch)
     except BaseException:
         if logger:  # the epochs that finished keep their metrics; the failure itself propagates

@@ -14,7 +14,7 @@ from liverseg.core.config import TrainConfig
 from liverseg.core.errors import ModelError, TrainError
 from liverseg.data.store import FORMAT_VERSION, SliceStore
 from liverseg.tracking import tags
-from liverseg.tracking.runs import dvc_hash, git_commit, store_digest
+from liverseg.tracking.provenance import dvc_hash, git_commit, store_digest
 from liverseg.training.credentials import forwarded, job_env_vars, ray_token
 
 SETUP_HOOK = "liverseg.training.credentials.worker_setup"  # Ray imports it in every worker of the job

@@ -27,15 +27,8 @@ from liverseg.model.artifact import ModelSpec, load_local, save_local, spec_for
 from liverseg.model.plots import curves_png, overlay_png
 from liverseg.tracking import tags
 from liverseg.tracking.models import log_model
-from liverseg.tracking.runs import (
-    author,
-    check_tracking,
-    config_hash,
-    experiment_id,
-    find_run,
-    store_datasets,
-    tracking_uri,
-)
+from liverseg.tracking.provenance import config_hash, store_datasets
+from liverseg.tracking.runs import author, check_tracking, experiment_id, find_run, tracking_uri
 from liverseg.tracking.runs import client as mlflow_client
 from liverseg.training.batches import assign_cases, norm_stats
 from liverseg.training.loop import BEST_FILE, LoopConfig, worker_loop

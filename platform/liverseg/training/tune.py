@@ -119,12 +119,10 @@ def tune_search(
 
     uri = tracking_uri()
     check_tracking(uri)
-    if "://" not in store_path:
-        store_path = str(Path(store_path).resolve())
     space = build_space(cfg.space)
     # git commit and DVC hash are read here, in the project directory: trials run in their own; every
     # trial reads the published store's version current now (pinned), whatever is published meanwhile
-    store = SliceStore(store_path)
+    store = SliceStore(store_path if "://" in store_path else str(Path(store_path).resolve()))
     store_path = store.pinned_url
     lineage = lineage or lineage_tags(store, store_path)
     client = mlflow_client(uri)
