@@ -148,23 +148,25 @@ def test_score_checks_both_files_like_ingest(tmp_path):
     assert res.returncode == 1 and res.stderr.count("\n") == 1 and "declared shape" in res.stderr, res.stderr
 
 
-def test_score_refuses_files_past_the_readers_limits(tmp_path, monkeypatch):
-    """The limits every file reader shares (core/limits.py), checked before voxel arrays are made."""
+def test_score_refuses_files_past_the_readers_limits(tmp_path):
+    """The limits every file reader shares (core/limits.py), checked on the header before voxel arrays
+    are made: a header declaring 32767^3 voxels once made `score` raise MemoryError."""
     import gzip
+    import io
+
+    import nibabel as nib
 
     from liverseg.core.errors import TooLarge
-    from liverseg.data import lits
 
-    mask = np.zeros((64, 64, 64), np.uint8)
-    ref = _nii(tmp_path / "ref.nii", mask)
-    with monkeypatch.context() as m:
-        m.setattr(lits, "MAX_VOXELS", 64**3 - 1)
-        with pytest.raises(TooLarge, match=r"ref.nii: 262144 voxels \(64, 64, 64\) exceed the limit of 262143"):
-            score_files(ref, ref)
-    monkeypatch.setattr(lits, "MAX_FILE_BYTES", 200_000)
-    bomb = tmp_path / "bomb.nii.gz"
-    bomb.write_bytes(gzip.compress(ref.read_bytes()))  # 1.3 kB on disk, 262 kB decoded
-    with pytest.raises(TooLarge, match="bomb.nii.gz: decompresses to more than 200000 bytes"):
+    ref = _nii(tmp_path / "ref.nii", np.zeros((64, 64, 64), np.uint8))
+    raw = nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)).to_bytes()
+    hdr = nib.Nifti1Header.from_fileobj(io.BytesIO(raw))
+    hdr.set_data_shape((32767, 32767, 32767))
+    huge = tmp_path / "huge.nii.gz"
+    huge.write_bytes(gzip.compress(hdr.binaryblock + raw[348:352]))
+    with pytest.raises(TooLarge, match=r"huge.nii.gz: .*32767 axial slices exceed the limit of 2048"):
+        score_files(huge, ref)
+    bomb = tmp_path / "bomb.nii.gz"  # 64^3 voxels declared, 3 MB more behind them
+    bomb.write_bytes(gzip.compress(ref.read_bytes() + bytes(3_000_000)))
+    with pytest.raises(TooLarge, match=r"bomb.nii.gz: decompresses to more than \d+ bytes \(its header declares"):
         score_files(ref, bomb)
-    with pytest.raises(TooLarge, match="ref.nii: 262496 bytes, more than the limit of 200000"):
-        score_files(ref, ref)

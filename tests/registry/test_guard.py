@@ -32,10 +32,28 @@ def test_requests_are_read_or_write_as_mlflow_routes_them(method, path, kind, re
     assert request_kind(path, method) == (kind, reads)
 
 
-def test_every_shipped_auth_config_installs_the_guard():
-    """The compose ini, the Kubernetes Secret gen-secrets.sh writes, and the local stack's."""
-    ini = configparser.ConfigParser()
-    ini.read(REPO / "deploy" / "mlflow" / "basic_auth.ini")
-    assert ini["mlflow"]["authorization_function"] == "liverseg.registry.guard:authenticate"
-    for script in ("deploy/gen-secrets.sh", "deploy/local/up.sh"):
-        assert "authorization_function = liverseg.registry.guard:authenticate" in (REPO / script).read_text(), script
+def test_every_shipped_auth_config_installs_the_guard(tmp_path):
+    """The compose ini, the Kubernetes Secret gen-secrets.sh writes and the local stack's, each as
+    rendered from the one template."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    def guard(text: str) -> str:
+        ini = configparser.ConfigParser()
+        ini.read_string(text)
+        return ini["mlflow"]["authorization_function"]
+
+    rendered = {"compose": (REPO / "deploy" / "mlflow" / "basic_auth.ini").read_text()}
+    out = tmp_path / "secrets.yaml"
+    subprocess.run(["bash", str(REPO / "deploy" / "gen-secrets.sh"), "k8s", str(out)], check=True, capture_output=True)
+    docs = [d for d in yaml.safe_load_all(out.read_text()) if d]
+    rendered["k8s"] = next(d for d in docs if d["metadata"]["name"] == "mlflow-auth")["stringData"]["basic_auth.ini"]
+    sys.path.insert(0, str(REPO / "deploy" / "local"))
+    try:
+        import services
+    finally:
+        sys.path.remove(str(REPO / "deploy" / "local"))
+    rendered["local"] = services.auth_ini("postgresql+psycopg://u:p@127.0.0.1:5432/mlflow_auth")
+    assert {k: guard(v) for k, v in rendered.items()} == dict.fromkeys(rendered, "liverseg.registry.guard:authenticate")

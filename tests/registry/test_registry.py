@@ -272,15 +272,16 @@ def test_served_copy_owns_the_scored_bytes_and_only_the_gates_facts(mlflow_uri, 
 def test_a_failing_champion_lookup_is_not_read_as_no_champion(mlflow_uri, monkeypatch):
     """Only "no such model / alias" means no champion; any other error (here an unreachable registry)
     is raised, never taken as a first promotion."""
-    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
+
+    from liverseg.core.errors import TrackingError
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     client = MlflowClient(mlflow_uri)
     assert alias_version(client, "liver-unet", "champion") is None  # no such model
     client.create_registered_model("liver-unet")
     assert alias_version(client, "liver-unet", "champion") is None  # no such alias
-    with pytest.raises(MlflowException):
+    with pytest.raises(TrackingError, match="^liver-unet@champion: tracking server .* not reachable"):
         alias_version(MlflowClient(f"http://127.0.0.1:{free_port()}"), "liver-unet", "champion")
 
 
