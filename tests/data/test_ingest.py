@@ -331,6 +331,7 @@ def test_verify_checks_arrays_against_root_and_splits(tmp_path, phantom_dir):
     assert "store" in SliceStore(str(b)).verify()
 
 
+@pytest.mark.slow
 def test_workers_die_with_a_killed_parent(tmp_path):
     """SIGKILL of the ingest process alone (not its group): no worker keeps running or writing."""
     import os

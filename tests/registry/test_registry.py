@@ -121,6 +121,7 @@ def test_register_needs_a_logged_model(mlflow_uri):
         register()
 
 
+@pytest.mark.slow
 def test_racing_promotions_stay_consistent(mlflow_uri, store_path, tmp_path):
     """Two `liverseg promote` processes at once on the same challenger: one promotes, one sees it done."""
     run, _ = log_model_run(constant_state(liver=True), store_path=store_path)
@@ -138,6 +139,7 @@ def test_racing_promotions_stay_consistent(mlflow_uri, store_path, tmp_path):
     assert vs["1"].tags["previous_champion"] == ""  # never points at itself
 
 
+@pytest.mark.slow
 def test_registry_flow_against_mlflow_server(mlflow_server, store_path):
     _check_flow(store_path)
 
@@ -194,6 +196,7 @@ def _check_register_race(store_path):
     assert printed == [set(per_run[r]) for r in runs]
 
 
+@pytest.mark.slow
 def test_racing_registrations_make_one_version_sqlite(mlflow_uri, store_path):
     _check_register_race(store_path)
 

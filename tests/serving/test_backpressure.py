@@ -179,6 +179,7 @@ def test_model_slots_bound_the_queue_and_the_wait():
     ]
 
 
+@pytest.mark.slow
 def test_connections_are_bounded_and_late_headers_closed(module_mlflow, store_path):
     """Sockets that never finished their request line kept the server unreachable; out of file
     descriptors, asyncio logged `socket.accept() out of system resource` a million times in 70 s."""

@@ -267,6 +267,7 @@ def test_reload_follows_the_alias(server, real_ct, store_path):
     assert value(samples, "liverseg_model_switches_total", role="champion") >= 1
 
 
+@pytest.mark.slow
 def test_a_champion_that_cannot_load_degrades_health_and_backs_off(server, real_ct):
     """A replica that could not load the new champion said "ok" and downloaded the full weights again at
     every poll. Now /health says degraded (with the version and the reason), the old version keeps

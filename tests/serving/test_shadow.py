@@ -99,6 +99,7 @@ def test_agreement_of_two_masks_and_its_summary():
     )
 
 
+@pytest.mark.slow
 def test_a_shadow_that_cannot_load_leaves_the_champion_serving(shadowed, real_ct):
     base = shadowed.base
     assert httpx.get(base + "/health").json() == {"status": "ok", "version": "1"}
@@ -117,6 +118,7 @@ def test_a_shadow_that_cannot_load_leaves_the_champion_serving(shadowed, real_ct
     assert not [k for k in samples if k[0] == "liverseg_shadow_model_info"]
 
 
+@pytest.mark.slow
 def test_the_shadow_follows_its_alias_and_never_answers(shadowed, real_ct, store_path):
     from mlflow.tracking import MlflowClient
 
@@ -172,6 +174,7 @@ def test_the_shadow_follows_its_alias_and_never_answers(shadowed, real_ct, store
     assert agreement["volume_diff_ml_max"] == pytest.approx(ml)
 
 
+@pytest.mark.slow
 def test_a_full_shadow_queue_is_counted_never_waited_for(shadowed, real_ct):
     base, ct = shadowed.base, (real_ct / "volume-0.nii.gz").read_bytes()
     before = scrape(base)
@@ -184,6 +187,7 @@ def test_a_full_shadow_queue_is_counted_never_waited_for(shadowed, real_ct):
     assert full >= 1 and full + queued == 6, (full, queued)  # a queue of one: busy requests are not shadowed
 
 
+@pytest.mark.slow
 def test_evidence_reaches_the_registry_and_ends_at_shutdown(shadowed, real_ct, tracking):
     from mlflow.tracking import MlflowClient
 

@@ -110,6 +110,7 @@ def _new_version(liver: bool, name: str) -> str:
     return str(MlflowClient().copy_model_version(f"models:/{mv.name}/{mv.version}", name).version)
 
 
+@pytest.mark.slow
 def test_replicas_follow_champion_by_webhook_and_by_polling(webhook_mlflow, tmp_path):
     from mlflow.tracking import MlflowClient
 

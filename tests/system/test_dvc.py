@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from support.nifti import copy_case
@@ -42,6 +43,7 @@ def _ingest_repo(tmp_path, phantom_dir) -> Path:
     return repo
 
 
+@pytest.mark.slow
 def test_dvc_exp_run_set_param_takes_effect_over_the_profile(tmp_path, phantom_dir):
     """`dvc exp run -S pipelines/ingest.yaml:size=...` wins over the demo profile's size (stage file over
     profile), and `dvc exp show --json` has each experiment's numbers (metrics committed, not ignored)."""
@@ -63,6 +65,7 @@ def test_dvc_exp_run_set_param_takes_effect_over_the_profile(tmp_path, phantom_d
         assert data["params"]["pipelines/ingest.yaml"]["data"]["size"] == [size, size]
 
 
+@pytest.mark.slow
 def test_dvc_repro_ingest_stage(tmp_path, phantom_dir):
     repo = _ingest_repo(tmp_path, phantom_dir)
     out = _run(["dvc", "repro"], repo)
@@ -108,6 +111,7 @@ def test_repo_data_dvc_matches_the_demo_phantoms(tmp_path):
     assert (ours["md5"], ours["nfiles"], ours["size"]) == (theirs["md5"], theirs["nfiles"], theirs["size"])
 
 
+@pytest.mark.slow
 def test_dvc_push_pull_round_trip_through_s3(tmp_path, phantom_dir, s3):
     """The team remote: `dvc push` to s3://lake/dvc on the shared object store, `dvc pull` into a clone."""
     import boto3

@@ -28,6 +28,7 @@ def _freeze(server, sig) -> None:
         p.send_signal(sig)
 
 
+@pytest.mark.slow
 def test_metrics_are_queued_through_an_outage_and_written_when_the_server_is_back(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the writer's own retries, not MLflow's backoff
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")

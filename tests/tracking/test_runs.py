@@ -4,6 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 from mlflow.data.schema import TensorDatasetSchema
 from mlflow.tracking import MlflowClient
 
@@ -51,6 +52,7 @@ def test_git_commit_outside_git_is_the_image_build_argument(tmp_path, monkeypatc
     assert git_commit(Path(__file__).parent) not in ("unknown", "0123abc")  # a checkout: git's own answer
 
 
+@pytest.mark.slow
 def test_a_stopped_server_is_said_in_seconds_and_an_absent_version_is_not_found(tmp_path, monkeypatch):
     """Before: MLflow's client retried a stopped server for about 4 minutes (7 retries, backoff 2), and
     any failure to resolve a version read "not found in the registry". After: liverseg's retry defaults

@@ -99,6 +99,7 @@ def test_two_workers_end_to_end(ray_local, mlflow_uri, store_path, tmp_path, mon
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
+@pytest.mark.slow
 def test_resume_after_injected_failure(ray_local, mlflow_uri, store_path, tmp_path, monkeypatch):
     from liverseg.core.env import FAIL_AT_EPOCH
 
@@ -138,6 +139,7 @@ def test_local_weights_file(tmp_path):
     assert w_grey.shape[1] == 1 and torch.allclose(w_grey[:, 0], w_rgb.sum(1))
 
 
+@pytest.mark.slow
 def test_learns_liver_above_0_9(ray_local, mlflow_uri, tmp_path):
     """Honest learning check: 12 phantoms, disjoint train/val cases, CPU, a few minutes."""
     from liverseg.data.ingest import ingest
@@ -211,6 +213,7 @@ _HOLD_LOCAL_RAY = (
 _CONNECT = "import sys, ray; ray.init(address=sys.argv[1], log_to_driver=False); print('connected')"
 
 
+@pytest.mark.slow
 def test_local_ray_refuses_a_driver_without_the_token():
     """The Ray that train/tune start locally listens on every interface (Ray's gRPC servers ignore the
     node address): it must run with token auth (Ray >= 2.60's default for a new local cluster, which

@@ -42,6 +42,7 @@ def _project_here(store_path) -> str:
     return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
 
 
+@pytest.mark.slow
 def test_search_four_trials_two_concurrent(ray_local, mlflow_uri, store_path, tmp_path):
     head = _project_here(store_path)  # mlflow_uri made tmp_path the working directory
     cfg = load_config(TuneConfig, None, [*BASE, "tune.max_concurrent=2", f"run.storage_path={tmp_path / 'ray'}"])
