@@ -26,11 +26,13 @@ test: setup
 	$(BIN)/lint-imports
 	$(BIN)/ruff check platform tests benchmarks scripts
 	$(BIN)/ruff format --check platform tests benchmarks scripts
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra -n 2 --dist loadgroup
 
-# The pure-Python rooms (no Ray, no servers): the loop while editing them, about a minute.
+# The default suite runs on two pytest-xdist workers (the tests that start Ray all on one of them): 5 min
+# on the 2-core machine. The slow suites (`-m slow`, .ci/run) run one file at a time, serially.
+# The pure-Python rooms (no Ray, no servers): the loop while editing them, under a minute.
 test-fast: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests/core tests/data tests/model
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 tests/core tests/data tests/model
 
 test-slow: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra -m slow

@@ -19,6 +19,16 @@ os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")  # servers 
 
 from support.paths import REAL_CT, SMALL  # noqa: E402
 
+# Rooms whose tests start Ray (a local one, `liverseg train`/`tune` commands): with pytest-xdist they all run
+# on one worker, one after another, since two Ray instances on one machine interfere (stack-facts.md)
+RAY_ROOMS = ("training", "cli")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if Path(str(item.fspath)).parent.name in RAY_ROOMS or "ray_local" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
 
 @pytest.fixture(scope="session")
 def real_ct() -> Path:

@@ -45,41 +45,6 @@ def test_mask_follows_any_orientation(tmp_path, real_ct):
     assert np.array_equal(b, np.ascontiguousarray(a[::-1].transpose(1, 0, 2)))
 
 
-def test_predict_cli_folder_mode(mlflow_uri, phantom_dir, tmp_path):
-    import shutil
-    import subprocess
-    import sys
-
-    from support.models import log_model_run
-
-    _, uri = log_model_run(constant_state(liver=True))
-    src = tmp_path / "in"
-    src.mkdir()
-    for n in ("0", "1"):
-        shutil.copy(phantom_dir / f"volume-{n}.nii.gz", src)
-    (src / "volume-9.nii.gz").write_bytes(b"broken")
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "liverseg.cli",
-            "predict",
-            str(src),
-            str(tmp_path / "out"),
-            "--model",
-            uri,
-            "--device",
-            "cpu",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert res.returncode == 1 and "2 masks written" in res.stdout and "FAILED volume-9.nii.gz" in res.stderr
-    for n in ("0", "1"):
-        m, v = nib.load(str(tmp_path / "out" / f"segmentation-{n}.nii.gz")), nib.load(str(src / f"volume-{n}.nii.gz"))
-        assert m.shape == v.shape and np.array_equal(m.affine, v.affine)
-
-
 def test_predict_overlay_with_truth(tmp_path, real_ct, all_liver):
     import matplotlib.image as mpimg
 
@@ -94,28 +59,3 @@ def test_predict_overlay_with_truth(tmp_path, real_ct, all_liver):
     img = mpimg.imread(png)[..., :3]
     assert "overlay" in t and img.shape[1] > img.shape[0]
     assert (np.abs(img - [0, 1, 0]).max(-1) < 0.15).sum() > 50  # the reference liver's contour is drawn
-
-
-def test_predict_needs_no_training_stack(tmp_path, real_ct):
-    """Serving images carry torch and nibabel; `liverseg predict` with a model folder must not pull in
-    zarr, Ray, MLflow, nor liverseg's evaluation, registry or training."""
-    import subprocess
-    import sys
-
-    save_local(tmp_path / "m", constant_state(liver=True), spec())
-    args = ["predict", str(real_ct / "volume-0.nii.gz"), str(tmp_path / "mask.nii.gz"), "--model", str(tmp_path / "m")]
-    heavy = (
-        "zarr",
-        "ray",
-        "mlflow",
-        "liverseg.registry.evaluate",
-        "liverseg.registry.promote",
-        "liverseg.training.train",
-    )
-    code = (
-        "import sys; from liverseg.cli import app\n"
-        f"app({args + ['--device', 'cpu']!r}, standalone_mode=False)\n"
-        f"print(sorted(m for m in {heavy!r} if m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip().splitlines()[-1] == "[]" and (tmp_path / "mask.nii.gz").exists()

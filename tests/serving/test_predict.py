@@ -194,3 +194,63 @@ def test_bad_folder_entries_are_failures_among_the_others(tmp_path, phantom_dir)
     assert f"predict: 2 masks written to {out}, 4 failed" in res.stdout
     assert sorted(p.name for p in out.iterdir()) == ["segmentation-0.nii.gz", "segmentation-1.nii.gz"]
     assert not (out / "segmentation-1.nii.gz").is_symlink() and nib.load(str(out / "segmentation-1.nii.gz")).shape
+
+
+def test_predict_cli_folder_mode(mlflow_uri, phantom_dir, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    from support.models import log_model_run
+
+    _, uri = log_model_run(constant_state(liver=True))
+    src = tmp_path / "in"
+    src.mkdir()
+    for n in ("0", "1"):
+        shutil.copy(phantom_dir / f"volume-{n}.nii.gz", src)
+    (src / "volume-9.nii.gz").write_bytes(b"broken")
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "liverseg.cli",
+            "predict",
+            str(src),
+            str(tmp_path / "out"),
+            "--model",
+            uri,
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 1 and "2 masks written" in res.stdout and "FAILED volume-9.nii.gz" in res.stderr
+    for n in ("0", "1"):
+        m, v = nib.load(str(tmp_path / "out" / f"segmentation-{n}.nii.gz")), nib.load(str(src / f"volume-{n}.nii.gz"))
+        assert m.shape == v.shape and np.array_equal(m.affine, v.affine)
+
+
+def test_predict_needs_no_training_stack(tmp_path, real_ct):
+    """Serving images carry torch and nibabel; `liverseg predict` with a model folder must not pull in
+    zarr, Ray, MLflow, nor liverseg's evaluation, registry or training."""
+    import subprocess
+    import sys
+
+    save_local(tmp_path / "m", constant_state(liver=True), spec())
+    args = ["predict", str(real_ct / "volume-0.nii.gz"), str(tmp_path / "mask.nii.gz"), "--model", str(tmp_path / "m")]
+    heavy = (
+        "zarr",
+        "ray",
+        "mlflow",
+        "liverseg.registry.evaluate",
+        "liverseg.registry.promote",
+        "liverseg.training.train",
+    )
+    code = (
+        "import sys; from liverseg.cli import app\n"
+        f"app({args + ['--device', 'cpu']!r}, standalone_mode=False)\n"
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]" and (tmp_path / "mask.nii.gz").exists()
