@@ -60,7 +60,7 @@ def _publish_and_crown(stack: Stack, store_path: str, monkeypatch) -> str:
 
     for k, v in stack.env_for("admin").items():
         monkeypatch.setenv(k, v)
-    stack.passwords["rita"] = add_user("rita", "release")
+    stack.passwords["rita"], _ = add_user("rita", "release")
     env = stack.env_for("rita")
     for k, v in env.items():
         monkeypatch.setenv(k, v)
