@@ -84,7 +84,9 @@ def ray_jobs(stack, job_id: str = "") -> object:
 
     token = (stack.dir / "ray-token").read_text().strip()
     res = requests.get(
-        f"{stack.env['RAY_DASHBOARD_URL']}/api/jobs/{job_id}", headers={"Authorization": f"Bearer {token}"}, timeout=60
+        f"{stack.env['RAY_DASHBOARD_ADDRESS']}/api/jobs/{job_id}",
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=60,
     )
     res.raise_for_status()
     return res.json()

@@ -56,3 +56,15 @@ def test_liverseg_variables_are_read_in_one_module():
         if re.search(r"""["']LIVERSEG_\w+["']""", line)
     ]
     assert offenders == []
+
+
+def test_every_slow_suite_is_one_that_ci_runs():
+    """A test moved out of the default suite is still run: every file with slow tests is in .ci/run's list."""
+    script = (REPO / ".ci" / "run").read_text()
+    listed = set(re.findall(r"^(tests/\S+\.py) \d+ (?:gate|first)$", script, re.M))
+    slow = {
+        f.relative_to(REPO).as_posix()
+        for f in (REPO / "tests").rglob("test_*.py")
+        if re.search(r"pytest\.mark\.slow", f.read_text())
+    }
+    assert slow - listed == set() and listed - slow == set()
