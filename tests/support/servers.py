@@ -133,7 +133,7 @@ def start_serve(root: Path, model: str, env: dict[str, str], *args: str, preexec
 
 def stop_tree(pids: list[int], timeout_s: float = 10) -> None:
     """SIGTERM to these processes, SIGKILL to whatever of them is left after `timeout_s`: what a test
-    started, by PID (never `ray stop --force`, which ends every Ray on the machine, another suite's too)."""
+    started, by PID (never a forced `ray stop`: it ends every Ray on the machine, another suite's too)."""
     import psutil
 
     procs = []
