@@ -68,7 +68,7 @@ def _publish_and_crown(stack: Stack, store_path: str, monkeypatch) -> str:
     publish_store(store_path, url)
     run, _ = log_model_run(constant_state(liver=True), store_path=url)
     register(run_id=run)
-    assert promote(url, min_dice=0.0, scorer=lambda lm: 0.5).promoted
+    assert promote(url, min_dice=0.0, scorer=lambda lm: {"0": 0.5}).promoted  # {case: Dice}
     return url
 
 

@@ -21,6 +21,8 @@ HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",  # a restarting server or a dropped connection is retried
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",  # waits of 0-1 s, then 2-3 s (MLflow adds 0-1 s jitter)
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",  # per request; a 130 MB model upload through the proxy needs ~10 s
+    # and no "View run ... at" lines on stdout when a run ends: stdout is liverseg's (`jobs --json`, results)
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
 
 
