@@ -32,12 +32,13 @@ def promote(
     set_: list[str] | None = SetOpt,
     verbose: bool = VerboseOpt,
 ) -> None:
-    """Copy NAME-candidates@challenger into NAME as @champion only if it passes the floor and the paired gate.
+    """Make NAME-candidates@challenger NAME@champion (a served copy of the scored files) only if it passes the gate.
 
     The gate scores challenger and champion on the same test volumes and decides on the per-case Dice
     differences: a seeded paired bootstrap 95% CI of their mean (and a Wilcoxon p-value for the record).
     --rule superior: the CI's lower bound must be above --margin (default 0); --rule non-inferior
     --margin M: above -M. Every change is one hash-chained history record (`liverseg history --verify`).
+    A shadow's agreement with the champion on live traffic (`serve --shadow`) is printed and recorded too.
     """
     from liverseg.core.config import PromoteConfig
     from liverseg.registry import requests as reqs
