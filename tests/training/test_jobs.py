@@ -197,3 +197,25 @@ def test_two_live_searches_in_one_tune_folder_are_refused():
     check_place_free(client, "tune", "s3://b/ray/alice-tune")
     client = NS(list_jobs=lambda: [NS(metadata=spec.metadata(), status="SUCCEEDED")])
     check_place_free(client, "tune", "s3://b/ray/liverseg-tune")  # an ended search leaves its folder to the next
+
+
+def test_tune_puts_no_credential_in_clear_into_trial_actors(monkeypatch):
+    """Ray Tune copies the driver's AWS keys into each trial actor's runtime_env, which Ray's runtime-env
+    agent logs in clear (found in the stack's Ray logs by test_jobs.py): liverseg's searches leave them out."""
+    from ray.tune.execution import class_cache
+
+    from liverseg.training.tune import _keep_secrets_sealed
+
+    monkeypatch.setattr(class_cache, "ENV_VARS_TO_PROPAGATE", class_cache.ENV_VARS_TO_PROPAGATE)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-s3cr3t")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key-id")
+
+    class Trial:
+        pass
+
+    def runtime_env() -> dict:
+        return class_cache._ActorClassCache().get(Trial)._default_options["runtime_env"]
+
+    assert runtime_env()["env_vars"]["AWS_SECRET_ACCESS_KEY"] == "s3cr3t-s3cr3t"  # Ray's own behaviour
+    _keep_secrets_sealed()
+    assert "s3cr3t-s3cr3t" not in str(runtime_env()) and "key-id" not in str(runtime_env())

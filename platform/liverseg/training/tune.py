@@ -17,6 +17,7 @@ from liverseg.tracking import tags
 from liverseg.tracking.results import SearchResults, TrialResult, write_results
 from liverseg.tracking.runs import author, check_tracking, experiment_id, find_run, tracking_uri, ui_url
 from liverseg.tracking.runs import client as mlflow_client
+from liverseg.training.credentials import SECRET_ENV
 from liverseg.training.search import (
     TrialSetup,
     build_space,
@@ -163,6 +164,15 @@ def _announce(view: EpochView | None, cfg: TuneConfig, store_path: str, link: st
         )
 
 
+def _keep_secrets_sealed() -> None:
+    """Ray Tune copies the driver's AWS_* variables into every trial actor's runtime_env in clear, which
+    Ray's runtime-env agent writes to its log: liverseg's workers get them from the job's sealed variables
+    (setup hook) or, on a local Ray, from the environment they inherit, so Tune's copy is left out."""
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE = class_cache.ENV_VARS_TO_PROPAGATE - {*SECRET_ENV, "AWS_ACCESS_KEY_ID"}
+
+
 def _fit(tuner, client, parent: str, watch):
     """tuner.fit() with `watch` (tune_progress) reporting, the search's slots freed when it ends, and Ctrl-C
     (or a job's stop) ending it in seconds: the parent run and its running trials are marked KILLED and
@@ -172,6 +182,7 @@ def _fit(tuner, client, parent: str, watch):
     from liverseg.training.tune_progress import WATCHING
 
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Tune's own handler waits for trials to wind down
+    _keep_secrets_sealed()
     WATCHING.append(watch.start())
     try:
         return tuner.fit()
