@@ -105,14 +105,14 @@ def segmentation_name(volume_name: str) -> str:
     return stem + ".nii.gz"
 
 
-def read_file(path: Path | str, limit: int | None = None) -> bytes:
-    """A file's bytes; TooLarge when it holds more than `limit` (MAX_DECODED_BYTES), checked before reading."""
-    limit = MAX_DECODED_BYTES if limit is None else limit
+def read_file(path: Path | str) -> bytes:
+    """A file's bytes; TooLarge when it holds more than MAX_DECODED_BYTES (what any NIfTI may decode to),
+    checked before reading."""
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            if size > limit:
-                raise TooLarge(f"{Path(path).name}: {size} bytes, more than the limit of {limit}")
+            if size > MAX_DECODED_BYTES:
+                raise TooLarge(f"{Path(path).name}: {size} bytes, more than the limit of {MAX_DECODED_BYTES}")
             return f.read()
     except OSError as e:
         raise InputError(f"{Path(path).name}: cannot read ({e.strerror or one_line(e)})") from None
