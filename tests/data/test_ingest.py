@@ -170,6 +170,9 @@ def test_interrupted_case_leaves_nothing_half_written(tmp_path, phantom_dir, sig
         time.sleep(0.05)  # kill once the first case is being written
     os.killpg(proc.pid, getattr(signal, sig))
     proc.wait()
+    deadline = time.time() + 30  # its spawned worker too (it held the store's lock): gone, not only signalled
+    while time.time() < deadline and subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True).stdout:
+        time.sleep(0.05)
     for group in (store / "cases").glob("[0-9]*"):  # whatever was renamed into place is complete
         assert (group / "image" / "zarr.json").exists() and (group / "mask" / "zarr.json").exists()
     rep = ingest(raw, store, IngestConfig(workers=1), progress=False)
