@@ -64,17 +64,17 @@ def test_a_stopped_server_is_said_in_seconds_and_an_absent_version_is_not_found(
 
     from liverseg.core.errors import RegistryError, TrackingError
     from liverseg.tracking.models import resolve_version
-    from liverseg.tracking.runs import HTTP_DEFAULTS, client
+    from liverseg.tracking.runs import MLFLOW_DEFAULTS, client
     from support.servers import start_mlflow_server
 
-    for key in HTTP_DEFAULTS:
+    for key in MLFLOW_DEFAULTS:
         monkeypatch.delenv(key, raising=False)
     server = start_mlflow_server(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
     try:
         with pytest.raises(RegistryError, match=f"models:/liver-unet@champion: not found in {server.uri}$"):
             resolve_version(client(), "models:/liver-unet@champion")
-        assert all(os.environ[k] == v for k, v in HTTP_DEFAULTS.items())  # set where the user had set none
+        assert all(os.environ[k] == v for k, v in MLFLOW_DEFAULTS.items())  # set where the user had set none
     finally:
         server.stop()
     t0 = time.monotonic()

@@ -23,7 +23,7 @@ from typing import Any
 
 from liverseg.core import env
 from liverseg.core.errors import PermissionRefused, TeamError
-from liverseg.tracking.runs import failure, http_defaults
+from liverseg.tracking.runs import failure, mlflow_defaults
 from liverseg.tracking.tags import SERVED_EXPERIMENT, SERVED_MODEL, SHADOW_EXPERIMENT, candidate_model
 
 SERVED, CANDIDATES, SERVED_RUNS, SHADOW = "served", "candidates", "served-runs", "shadow"
@@ -121,7 +121,7 @@ class Admin:
         from mlflow.store.tracking.rest_store import RestStore as TrackingStore
         from mlflow.utils.credentials import MlflowHostCreds
 
-        http_defaults()
+        mlflow_defaults()
         self.auth = auth_client(self.uri, self.user, password)
         creds = MlflowHostCreds(self.uri, username=self.user, password=password)
         self.tracking, self.registry = TrackingStore(lambda: creds), RegistryStore(lambda: creds)
@@ -232,7 +232,7 @@ def check_can_change(model: str, action: str) -> None:
     uri, user = os.environ.get("MLFLOW_TRACKING_URI", ""), os.environ.get("MLFLOW_TRACKING_USERNAME", "")
     if not (uri.startswith(("http://", "https://")) and user):
         return  # local SQLite: one user, nothing to enforce
-    http_defaults()  # bounded retries: a server or database that is down fails this in seconds, not minutes
+    mlflow_defaults()  # bounded retries: a server or database that is down fails this in seconds, not minutes
     client = auth_client(uri, user, os.environ.get("MLFLOW_TRACKING_PASSWORD", ""))
     try:
         got = client.get_user_permission(user, "registered_model", model).permission

@@ -17,7 +17,7 @@ from liverseg.tracking.tags import RUN_KEY
 # MLflow's HTTP client retries a failed request 7 times with a backoff factor of 2 and waits 120 s for an
 # answer: a stopped server or database is reported after about 4 minutes. liverseg's defaults (about 3 s
 # with the server down), used where the environment sets none of MLflow's own variables:
-HTTP_DEFAULTS = {
+MLFLOW_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",  # a restarting server or a dropped connection is retried
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",  # waits of 0-1 s, then 2-3 s (MLflow adds 0-1 s jitter)
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",  # per request; a 130 MB model upload through the proxy needs ~10 s
@@ -31,20 +31,21 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
-def http_defaults() -> dict[str, str]:
-    """Put liverseg's retry defaults (HTTP_DEFAULTS) into the environment where the user set none, so that
-    every MLflow call of this process (and of the Ray workers it starts) uses them; returns those in force."""
-    for key, value in HTTP_DEFAULTS.items():
+def mlflow_defaults() -> dict[str, str]:
+    """Put liverseg's MLflow client defaults (MLFLOW_DEFAULTS: bounded retries, a quiet stdout) into the
+    environment where the user set none, so that every MLflow call of this process (and of the Ray workers
+    it starts) uses them; returns those in force."""
+    for key, value in MLFLOW_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    return {key: os.environ[key] for key in HTTP_DEFAULTS}
+    return {key: os.environ[key] for key in MLFLOW_DEFAULTS}
 
 
 def client(uri: str | None = None) -> Any:
     """The one place an MlflowClient is built: for `uri`, else the project's tracking URI, with bounded
-    retries (`http_defaults`)."""
+    retries (`mlflow_defaults`)."""
     from mlflow.tracking import MlflowClient
 
-    http_defaults()
+    mlflow_defaults()
     return MlflowClient(uri or tracking_uri())
 
 
